@@ -1,0 +1,30 @@
+// Philox4x32-10 over arrays of counters and keys (the op fimoda_kernels.philox4x32).
+#include "fimoda/cpu.h"
+#include "fimoda/philox.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fimoda::cpu {
+
+int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+void philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > 4096)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* c = counter + 4 * i;
+    uint32_t w[4];
+    philox4x32_10(uint32_t(c[0]), uint32_t(c[1]), uint32_t(c[2]), uint32_t(c[3]),
+                  uint32_t(key[2 * i]), uint32_t(key[2 * i + 1]), w);
+    for (int q = 0; q < 4; ++q) out[4 * i + q] = w[q];
+  }
+}
+
+}  // namespace fimoda::cpu

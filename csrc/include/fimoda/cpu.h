@@ -1,0 +1,18 @@
+// CPU kernels (csrc/cpu). Plain pointers and sizes; no Python or torch headers.
+#pragma once
+#include <cstdint>
+
+namespace fimoda::cpu {
+
+// out[i, 0..3] = Philox4x32-10(counter[i, 0..3]; key[i, 0..1]) for i < n. Words held in int64.
+void philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n);
+
+// Rows [0, rows) of the projection matrix P[row_offset + r, j] (MATH.md §9) into a row-major
+// [rows, k] buffer. kind: ProjectionKind. T is float or double (the compute type of Gaussian).
+template <typename T>
+void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind, uint64_t row_offset,
+                       double scale);
+
+int num_threads();
+
+}  // namespace fimoda::cpu

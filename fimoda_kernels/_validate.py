@@ -1,0 +1,82 @@
+"""Argument checks shared by every public function.
+
+Each raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came,
+so bad input never turns into silently wrong numbers further down.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int(name: str, value, *, min_value: int | None = None, max_value: int | None = None) -> int:
+    """Return ``value`` as a Python int; bools, floats and non-integral values are rejected."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name}: expected an integer >= {min_value}, got {value}")
+    if max_value is not None and value > max_value:
+        raise ValueError(f"{name}: expected an integer <= {max_value}, got {value}")
+    return value
+
+
+def check_float(name: str, value, *, min_value: float | None = None, positive: bool = False) -> float:
+    """Return ``value`` as a finite Python float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name}: expected a number >= {min_value}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_tensor(name: str, value, *, ndim: int | Iterable[int] | None = None,
+                 dtypes: Iterable[torch.dtype] | None = None, device: torch.device | None = None,
+                 finite: bool = False) -> torch.Tensor:
+    """Check type, rank, dtype, device and (optionally) finiteness of a tensor argument."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"{name}: expected a {want}-D tensor, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    if device is not None and value.device != torch.device(device):
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {value.device}")
+    if finite and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {n: t.device for n, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("expected all tensors on one device, got "
+                         + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    return next(iter(devices.values()))

@@ -1,0 +1,60 @@
+"""Projection matrix P (MATH.md §9) in Triton: one program per [BLOCK_R rows × BLOCK_G column
+groups] tile; each Philox call yields 4 Rademacher or 2 Gaussian columns, interleaved into the
+output tile with tl.join so stores stay contiguous along a row."""
+import torch
+import triton
+import triton.language as tl
+
+from .philox import philox4x32_10
+
+
+@triton.jit
+def _gaussian(wa, wb, scale, DTYPE: tl.constexpr):
+    u1 = (wa.to(DTYPE) + 1.0) * 2.3283064365386963e-10
+    u2 = wb.to(DTYPE) * 2.3283064365386963e-10
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2) * scale
+
+
+@triton.jit
+def _projection_kernel(out, rows, k, k0, k1, row_offset, scale_ptr, GAUSSIAN: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    PER_CALL: tl.constexpr = 2 if GAUSSIAN else 4
+    DTYPE: tl.constexpr = out.dtype.element_ty
+    scale = tl.load(scale_ptr)  # 1/sqrt(k) rounded once on the host, exactly as the other backends
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    index = row_offset + r
+    shape: tl.constexpr = (BLOCK_R, BLOCK_G)
+    c0 = tl.broadcast_to(g[None, :].to(tl.uint32), shape)
+    c1 = tl.broadcast_to((index & 0xFFFFFFFF).to(tl.uint32)[:, None], shape)
+    c2 = tl.broadcast_to((index >> 32).to(tl.uint32)[:, None], shape)
+    c3 = tl.full(shape, 1 if GAUSSIAN else 0, tl.uint32)
+    key0 = tl.full(shape, 0, tl.uint32) + k0.to(tl.uint32)
+    key1 = tl.full(shape, 0, tl.uint32) + k1.to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, key0, key1)
+    if GAUSSIAN:
+        vals = tl.join(_gaussian(w0, w1, scale, DTYPE), _gaussian(w2, w3, scale, DTYPE))
+    else:
+        pos = tl.full(shape, 1.0, DTYPE) * scale
+        # join appends a trailing axis: join(join(w0, w2), join(w1, w3)) flattens to w0 w1 w2 w3.
+        vals = tl.join(tl.join(tl.where((w0 & 1) == 0, pos, -pos), tl.where((w2 & 1) == 0, pos, -pos)),
+                       tl.join(tl.where((w1 & 1) == 0, pos, -pos), tl.where((w3 & 1) == 0, pos, -pos)))
+    vals = tl.reshape(vals, (BLOCK_R, BLOCK_G * PER_CALL))
+    j = tl.program_id(1).to(tl.int64) * (BLOCK_G * PER_CALL) + tl.arange(0, BLOCK_G * PER_CALL)
+    mask = (r[:, None] < rows) & (j[None, :] < k)
+    tl.store(out + r[:, None] * k + j[None, :], vals, mask=mask)
+
+
+def projection_matrix(out: torch.Tensor, seed: int, kind: int, row_offset: int, scale: float) -> None:
+    """Fill the contiguous float32/float64 [rows, k] tensor ``out`` with P[row_offset + r, j]."""
+    rows, k = out.shape
+    if rows == 0 or k == 0:
+        return
+    gaussian = kind == 1
+    per_call = 2 if gaussian else 4
+    block_g = min(64, triton.next_power_of_2(triton.cdiv(k, per_call)))
+    block_r = max(1, min(64, 4096 // block_g))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(triton.cdiv(k, per_call), block_g))
+    scale_t = torch.full((1,), scale, dtype=out.dtype, device=out.device)
+    _projection_kernel[grid](out, rows, k, seed & 0xFFFFFFFF, seed >> 32, row_offset, scale_t,
+                             GAUSSIAN=gaussian, BLOCK_R=block_r, BLOCK_G=block_g)

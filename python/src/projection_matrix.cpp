@@ -1,0 +1,32 @@
+// Bindings of projection_matrix: fills a row-major [rows, k] float32/float64 buffer.
+#include "bindings.h"
+#include "fimoda/cpu.h"
+#ifdef FIMODA_WITH_CUDA
+#include "fimoda/cuda.h"
+#endif
+
+void init_projection_matrix(py::module_& m) {
+  m.def("projection_matrix_cpu", [](std::uintptr_t out, bool is_double, int64_t rows, int64_t k,
+                                    uint64_t seed, int kind, uint64_t row_offset, double scale) {
+    py::gil_scoped_release release;
+    if (is_double) {
+      fimoda::cpu::projection_matrix<double>(ptr<double>(out), rows, k, seed, kind, row_offset, scale);
+    } else {
+      fimoda::cpu::projection_matrix<float>(ptr<float>(out), rows, k, seed, kind, row_offset, scale);
+    }
+  });
+#ifdef FIMODA_WITH_CUDA
+  m.def("projection_matrix_cuda", [](std::uintptr_t out, bool is_double, int64_t rows, int64_t k,
+                                     uint64_t seed, int kind, uint64_t row_offset, double scale,
+                                     std::uintptr_t stream) {
+    py::gil_scoped_release release;
+    if (is_double) {
+      fimoda::cuda::projection_matrix<double>(ptr<double>(out), rows, k, seed, kind, row_offset, scale,
+                                              stream);
+    } else {
+      fimoda::cuda::projection_matrix<float>(ptr<float>(out), rows, k, seed, kind, row_offset, scale,
+                                             stream);
+    }
+  });
+#endif
+}

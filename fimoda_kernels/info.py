@@ -30,7 +30,7 @@ def report() -> str:
     else:
         lines.append("build: no _build_info.json (native module not built)")
     if _C is not None:
-        lines.append(f"cpu kernels: OpenMP threads {_C.cpu_num_threads()}")
+        lines.append(f"cpu kernels: OpenMP threads {_C.cpu_num_threads()}, Philox SIMD {_C.cpu_simd()}")
         if _C.has_cuda:
             lines.append(f"cuda runtime (static): {_C.cuda_runtime_version()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() or (_C is not None and _C.has_cuda) else [])

@@ -28,3 +28,42 @@ void philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_
 }
 
 }  // namespace fimoda::cpu
+
+// ---- run-time choice of the block Philox (philox_simd.h)
+#include <cstdlib>
+#include <cstring>
+
+#include "philox_simd.h"
+
+namespace fimoda::cpu {
+namespace {
+
+struct Choice {
+  PhiloxBlockFn fn;
+  const char* isa;
+};
+
+Choice choose() {
+  const char* force = std::getenv("FIMODA_SIMD");
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+  if (avx512 && (!force || !std::strcmp(force, "avx512"))) return {detail::philox_block_avx512, "avx512"};
+  if (avx2 && (!force || !std::strcmp(force, "avx2") || !std::strcmp(force, "avx512")))
+    return {detail::philox_block_avx2, "avx2"};
+#endif
+  (void)force;
+  return {detail::philox_block_scalar, "scalar"};
+}
+
+const Choice& chosen() {
+  static const Choice c = choose();
+  return c;
+}
+
+}  // namespace
+
+PhiloxBlockFn philox_block_impl() { return chosen().fn; }
+const char* philox_block_isa() { return chosen().isa; }
+
+}  // namespace fimoda::cpu

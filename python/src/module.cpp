@@ -23,6 +23,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.attr("build_info") = kFimodaBuildInfo;  // JSON written by CMake
   m.def("cpu_num_threads", &fimoda::cpu::num_threads, "OpenMP threads the CPU kernels use");
+  m.def("cpu_simd", &fimoda::cpu::philox_block_isa, "instruction set of the CPU Philox kernels");
   init_philox4x32(m);
   init_projection_matrix(m);
 }

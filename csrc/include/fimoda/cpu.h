@@ -15,4 +15,8 @@ void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind,
 
 int num_threads();
 
+// Instruction set of the block Philox the CPU kernels use: "avx512", "avx2" or "scalar"
+// (FIMODA_SIMD=scalar|avx2|avx512 in the environment forces a lower one).
+const char* philox_block_isa();
+
 }  // namespace fimoda::cpu

@@ -1,0 +1,105 @@
+"""The op contract: explicit backends, automatic choice, FIMODA_BACKEND, warnings, info."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fimoda_kernels
+from fimoda_kernels import _dispatch
+from fimoda_kernels._dispatch import FallbackWarning, available_backends, op
+from fimoda_kernels._ext import _C
+
+
+def test_every_op_has_every_backend_and_a_reference():
+    import fimoda_kernels.ops.philox as philox
+    import fimoda_kernels.ops.projection_matrix as pm
+
+    for name in ("philox4x32", "projection_matrix"):
+        assert set(op(name).impls) == set(_dispatch.BACKENDS)
+    assert callable(philox._philox4x32_reference) and callable(pm._projection_matrix_reference)
+
+
+def test_automatic_choice_on_cpu_is_native(monkeypatch):
+    monkeypatch.delenv("FIMODA_BACKEND", raising=False)
+    assert available_backends("projection_matrix", "cpu")[:2] == ["cpu", "torch"]
+    assert op("projection_matrix").select(None, "cpu", torch.float32).backend == "cpu"
+
+
+def test_explicit_backend_that_cannot_run_lists_reasons():
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run projection_matrix on cpu: .*CUDA tensors"):
+        fimoda_kernels.projection_matrix(4, 4, 0, backend="cuda")
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("FIMODA_BACKEND", "torch")
+    assert op("projection_matrix").select(None, "cpu", torch.float32).backend == "torch"
+    monkeypatch.setenv("FIMODA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FIMODA_BACKEND='cuda' cannot run"):
+        fimoda_kernels.projection_matrix(4, 4, 0)
+    monkeypatch.setenv("FIMODA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        fimoda_kernels.projection_matrix(4, 4, 0)
+    # an explicit argument wins over the environment
+    assert fimoda_kernels.projection_matrix(4, 4, 0, backend="cpu").shape == (4, 4)
+
+
+def test_fallback_warns_with_reason(monkeypatch):
+    monkeypatch.delenv("FIMODA_BACKEND", raising=False)
+    real = _dispatch.backend_unavailable_reasons
+
+    def no_native(backend, device):
+        return ["native module not built (test)"] if backend == "cpu" else real(backend, device)
+
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reasons", no_native)
+    with pytest.warns(FallbackWarning, match="using the torch backend because cpu cannot run: native module not built"):
+        out = fimoda_kernels.projection_matrix(5, 3, 1)
+    assert torch.equal(out, fimoda_kernels.projection_matrix(5, 3, 1, backend="torch"))
+
+
+def test_no_warning_on_the_preferred_path(monkeypatch):
+    monkeypatch.delenv("FIMODA_BACKEND", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fimoda_kernels.projection_matrix(5, 3, 1)
+
+
+def test_available_backends_bad_name():
+    with pytest.raises(ValueError, match="op_name: expected one of"):
+        available_backends("nope")
+
+
+@pytest.mark.skipif(_C is None or not _C.has_cuda or torch.cuda.is_available(),
+                    reason="needs a CUDA-enabled build on a machine without a GPU")
+def test_cuda_entry_points_raise_clearly_without_device():
+    count, why = _C.cuda_device_count()
+    assert count == 0 and why
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        _C.projection_matrix_cuda(0, False, 4, 4, 0, 0, 0, 0.5, 0)
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        _C.philox4x32_cuda(0, 0, 0, 1, 0)
+
+
+def test_info_reports_backends():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fimoda_kernels.info"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    assert "cpu    [cpu] available" in out and "torch  [cpu] available" in out
+    assert "triton [cpu] unavailable: triton on CPU tensors needs TRITON_INTERPRET=1" in out or \
+        "triton not importable" in out
+    assert "projection_matrix" in out and "philox4x32" in out
+    if _C.has_cuda and not torch.cuda.is_available():
+        assert "cuda   [cuda] unavailable: compiled, no device" in out
+    interp = subprocess.run([sys.executable, "-m", "fimoda_kernels.info"], capture_output=True, text=True,
+                            env={**env, "TRITON_INTERPRET": "1"}, check=True).stdout
+    if "triton not importable" not in out:
+        assert "triton [cpu] available (interpreter mode" in interp
+
+
+def test_build_info_present():
+    info = fimoda_kernels._ext.build_info()
+    assert {"compiler", "cxx_flags", "openmp", "cuda", "cuda_architectures"} <= set(info)
+    if info["cuda"]:
+        assert info["cuda_architectures"]

@@ -1,0 +1,19 @@
+"""fimoda_kernels: accelerated kernels for final-model-only data attribution (FiMODA).
+
+Public API (see README.md); ops take and return torch tensors and accept ``backend=``
+("cuda", "triton", "cpu", "torch" or None for the fastest that can run).
+"""
+from ._dispatch import BACKENDS, FallbackWarning, available_backends
+from .grads import capture_linear, param_layout, per_sample_grads
+from .ops.philox import philox4x32
+from .ops.projection_matrix import projection_matrix
+from .tasks import CrossEntropyTask, MSETask, Task, get_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "FallbackWarning", "available_backends",
+    "philox4x32", "projection_matrix",
+    "per_sample_grads", "capture_linear", "param_layout",
+    "Task", "MSETask", "CrossEntropyTask", "get_task",
+]

@@ -1,0 +1,403 @@
+"""Model plumbing: per-sample gradients and Linear/Conv2d capture of (a, s) (MATH.md §4).
+
+Conventions shared by everything here:
+
+- The flattened parameter vector θ ∈ R^p is the concatenation of ``p.flatten()`` (row-major) over
+  ``model.named_parameters()`` with ``requires_grad=True``, in that order (:func:`param_layout`).
+- Samples are independent: the model must treat the batch dimension (dim 0) sample by sample.
+  Attribution is done in eval mode — call ``model.eval()`` yourself. Nothing here changes the
+  mode; in train mode BatchNorm sees a batch of one and tries to update its running statistics
+  under ``vmap`` (an error), and dropout draws a different mask per sample.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ._validate import check_choice, check_int, check_same_device, check_tensor
+from .tasks import Task, _is_transformed, get_task
+
+__all__ = ["ParamSlot", "param_layout", "per_sample_grads", "iter_per_sample_grads",
+           "CapturedLayer", "UncoveredParam", "LinearCapture", "capture_linear"]
+
+# Bytes per sample and parameter, in units of the parameter itemsize, assumed by the chunking:
+# vmap's per-parameter gradients, their concatenation, and autograd intermediates of at most one
+# gradient's size. Per-sample activations are not counted.
+_GRAD_COPIES = 3
+
+
+class ParamSlot(NamedTuple):
+    """Where one parameter lives in the flattened per-sample gradient."""
+    name: str
+    offset: int
+    numel: int
+    shape: torch.Size
+
+
+def _check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def param_layout(model: nn.Module) -> list[ParamSlot]:
+    """``(name, offset, numel, shape)`` of every ``requires_grad`` parameter, in
+    ``named_parameters()`` order; offsets index the flattened gradient. Tied parameters appear once."""
+    slots, offset = [], 0
+    for name, p in _check_model(model).named_parameters():
+        if p.requires_grad:
+            slots.append(ParamSlot(name, offset, p.numel(), p.shape))
+            offset += p.numel()
+    return slots
+
+
+def _check_batch(model, task, inputs, targets, wrt) -> tuple[Task, list[ParamSlot]]:
+    """Validation shared by every function that differentiates ``task`` over a batch."""
+    slots = param_layout(model)
+    task = get_task(task)
+    check_tensor("inputs", inputs)
+    check_tensor("targets", targets)
+    if inputs.dim() == 0:
+        raise ValueError("inputs: expected a batch with the sample dimension first, got a 0-D tensor")
+    if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError(f"targets: expected {inputs.shape[0]} samples along dim 0 (inputs.shape[0]), "
+                         f"got shape {tuple(targets.shape)}")
+    check_choice("wrt", wrt, ("loss", "output"))
+    if not slots:
+        raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
+    check_same_device(inputs=inputs, targets=targets, model=next(model.parameters()))
+    return task, slots
+
+
+def _evaluate(task: Task, model_out, targets, wrt: str) -> torch.Tensor:
+    """The per-sample quantity being differentiated, Tensor[n]."""
+    return task.loss(model_out, targets) if wrt == "loss" else task.output(model_out, targets)
+
+
+def _per_sample_chunks(model, task, inputs, targets, wrt, max_memory, param_names
+                       ) -> tuple[list[ParamSlot], torch.dtype, Iterator[tuple[int, torch.Tensor]]]:
+    """Validate eagerly, then return (column slots, dtype, lazy generator of chunks)."""
+    task, slots = _check_batch(model, task, inputs, targets, wrt)
+    max_memory = check_int("max_memory", max_memory, min_value=1)
+    if param_names is not None:
+        known = {s.name for s in slots}
+        wanted = {param_names} if isinstance(param_names, str) else set(param_names)
+        if not wanted or not wanted <= known:
+            raise ValueError(f"param_names: expected a non-empty subset of the trainable parameters "
+                             f"{sorted(known)}, got {sorted(wanted - known) or sorted(wanted)}")
+        slots = [s for s in slots if s.name in wanted]
+    named = dict(model.named_parameters())
+    dtypes = {named[s.name].dtype for s in slots}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"model: expected trainable parameters of one floating dtype, got {dtypes}")
+    dtype = dtypes.pop()
+    theta = {s.name: named[s.name].detach() for s in slots}
+    # frozen parameters and buffers (e.g. BatchNorm running stats) pass through unchanged
+    fixed = {n: t.detach() for n, t in list(named.items()) + list(model.named_buffers())
+             if n not in theta}
+
+    def quantity(theta, x, y):
+        out = functional_call(model, (theta, fixed), (x.unsqueeze(0),))  # a batch of one
+        return _evaluate(task, out, y.unsqueeze(0), wrt).sum()
+
+    per_sample = vmap(grad(quantity), in_dims=(None, 0, 0), randomness="different")
+    p = sum(s.numel for s in slots)
+    chunk = max(1, max_memory // (_GRAD_COPIES * p * dtype.itemsize))
+
+    def chunks():
+        for start in range(0, inputs.shape[0], chunk):
+            g = per_sample(theta, inputs[start:start + chunk], targets[start:start + chunk])
+            yield start, torch.cat([g[s.name].flatten(1) for s in slots], 1)
+
+    return slots, dtype, chunks()
+
+
+def iter_per_sample_grads(model: nn.Module, task: str | Task, inputs: torch.Tensor,
+                          targets: torch.Tensor, wrt: str = "loss", max_memory: int = 2**30,
+                          param_names: Sequence[str] | None = None
+                          ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Per-sample gradients chunk by chunk: yields ``(start, G)`` with ``G[k]`` the flattened
+    gradient of sample ``start + k``, ``Tensor[n_chunk, p]`` in the parameters' dtype.
+
+    Arguments (validated on the call, not on the first ``next``) as in :func:`per_sample_grads`.
+    Nothing of size n × p is held; the peak is about ``3 · n_chunk · p · itemsize`` plus the
+    model's activations for n_chunk samples (not estimated).
+    """
+    return _per_sample_chunks(model, task, inputs, targets, wrt, max_memory, param_names)[2]
+
+
+def per_sample_grads(model: nn.Module, task: str | Task, inputs: torch.Tensor,
+                     targets: torch.Tensor, wrt: str = "loss", max_memory: int = 2**30,
+                     param_names: Sequence[str] | None = None) -> torch.Tensor:
+    """Per-sample gradients ``Tensor[n, p]`` (MATH.md §4), rows ∇_θ ℓ_i (``wrt="loss"``) or
+    ∇_θ f_i (``wrt="output"``, f from ``task.output``), columns as in :func:`param_layout`.
+
+    Computed as ``vmap(grad(functional_call))`` with each sample run as a batch of one, in the
+    model's current mode (call ``model.eval()`` for attribution); buffers and frozen parameters
+    pass through ``functional_call`` unchanged. ``task``: a :class:`Task` or its name.
+    ``param_names``: restrict the columns to these trainable parameters (concatenated in
+    ``named_parameters()`` order), e.g. the ones a :class:`LinearCapture` does not cover.
+    Output dtype: the parameters' (all trainable ones must share it).
+
+    Memory: samples are processed in chunks of ``n_chunk = max(1, max_memory // (3 · p · itemsize))``
+    (per chunk: vmap's gradient block, its concatenation, autograd intermediates); the peak is
+    the returned ``n × p`` matrix plus ``3 · n_chunk · p · itemsize`` plus the activations of
+    ``n_chunk`` samples, which the estimate does not see (lower ``max_memory`` for models with
+    large activations). Use :func:`iter_per_sample_grads` to avoid the n × p matrix.
+    """
+    slots, dtype, chunks = _per_sample_chunks(model, task, inputs, targets, wrt, max_memory,
+                                              param_names)
+    out = torch.empty(inputs.shape[0], sum(s.numel for s in slots), dtype=dtype,
+                      device=inputs.device)
+    for start, g in chunks:
+        out[start:start + g.shape[0]] = g
+    return out
+
+
+# ----------------------------------------------------------------------------- Linear/Conv2d capture
+
+@dataclass(eq=False)
+class CapturedLayer:
+    """One ``nn.Linear`` / ``nn.Conv2d`` seen by a :class:`LinearCapture`.
+
+    - ``a``: inputs with a trailing column of ones when the layer has a bias; ``[n, d_in(+1)]``
+      for a 2-D Linear input (T = 1), else ``[n, T, d_in(+1)]`` (Linear: all middle dims flattened
+      into T; Conv2d: the ``unfold`` patches, T = H_out·W_out, d_in = C_in·kh·kw).
+    - ``s``: output gradients ``[n, d_out]`` / ``[n, T, d_out]`` (Conv2d: ``[n, H_out·W_out, C_out]``).
+    - Per-sample gradient matrix ``G_i = Σ_t s_{i,t} a_{i,t}ᵀ``, ``[d_out, d_in(+1)]``, the bias as its
+      last column. Its flat order (row-major) is *not* the ``named_parameters`` order
+      (``weight.flatten()`` then ``bias``): convert with :meth:`grad_matrix_to_flat`.
+    - ``weight_offset`` / ``bias_offset`` (None without bias): positions in :func:`param_layout`.
+    """
+    name: str
+    module: nn.Module
+    weight_offset: int
+    bias_offset: int | None
+    d_in: int
+    d_out: int
+    a: torch.Tensor | None = None
+    s: torch.Tensor | None = None
+    T: int | None = None
+    _static_reason: str | None = field(default=None, repr=False)
+    _reason: str | None = field(default=None, repr=False)
+    _calls: int = field(default=0, repr=False)
+    _out: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_offset is not None
+
+    @property
+    def numel(self) -> int:
+        return self.d_out * (self.d_in + self.has_bias)
+
+    def _a_from_input(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            pad = m.padding
+            if isinstance(pad, str):  # 'valid' → 0; 'same' (stride 1) may be asymmetric: pad first
+                total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+                if pad == "same":
+                    x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
+                                  total[0] // 2, total[0] - total[0] // 2))
+                pad = 0
+            a = F.unfold(x, m.kernel_size, m.dilation, pad, m.stride).transpose(1, 2)
+        else:
+            a = x if x.dim() == 2 else x.reshape(x.shape[0], -1, self.d_in)
+        return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if self.has_bias else a
+
+    def _s_from_grad(self, g: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.module, nn.Conv2d):
+            return g.flatten(2).transpose(1, 2)
+        return g if g.dim() == 2 else g.reshape(g.shape[0], -1, self.d_out)
+
+    def grad_matrix_to_flat(self, G: torch.Tensor) -> torch.Tensor:
+        """``[..., d_out, d_in(+1)]`` gradient matrices → ``[..., numel]`` in named_parameters order."""
+        w = G[..., :self.d_in].flatten(-2)
+        return torch.cat([w, G[..., self.d_in]], -1) if self.has_bias else w
+
+    def flat_to_grad_matrix(self, v: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`grad_matrix_to_flat`: ``[..., numel]`` → ``[..., d_out, d_in(+1)]``."""
+        nw = self.d_out * self.d_in
+        W = v[..., :nw].unflatten(-1, (self.d_out, self.d_in))
+        return torch.cat([W, v[..., nw:, None]], -1) if self.has_bias else W
+
+    def per_sample_grads(self) -> torch.Tensor:
+        """Materialized per-sample gradients of this layer's parameters, ``[n, numel]``."""
+        if self.a is None or self.s is None:
+            raise RuntimeError(f"layer {self.name!r}: no inputs/output gradients recorded; run the "
+                               "forward and backward inside the capture (or use LinearCapture.run)")
+        a, s = (t if t.dim() == 3 else t.unsqueeze(1) for t in (self.a, self.s))
+        return self.grad_matrix_to_flat(torch.einsum("nto,nti->noi", s, a))
+
+
+class UncoveredParam(NamedTuple):
+    """A trainable parameter whose per-sample gradients must be materialized, and why."""
+    name: str
+    offset: int
+    numel: int
+    reason: str
+
+
+_NOT_A_LAYER = "not a parameter of an nn.Linear/nn.Conv2d"
+
+
+def _is_capturable(m: nn.Module) -> bool:
+    # subclasses only when they keep the stock forward, whose (a, s) algebra we know
+    return any(isinstance(m, c) and type(m).forward is c.forward for c in (nn.Linear, nn.Conv2d))
+
+
+class LinearCapture:
+    """Records ``a`` and ``s`` (see :class:`CapturedLayer`) for every ``nn.Linear``/``nn.Conv2d`` of
+    ``model`` during one forward + backward of a batch; build it with :func:`capture_linear`.
+
+    Either let it run the batch (``param.grad`` is left untouched)::
+
+        cap = capture_linear(model).run(task, inputs, targets, wrt="loss")
+
+    or run it yourself, differentiating the *sum* of the per-sample quantity so that ``s`` is not
+    scaled by 1/n (this accumulates into ``param.grad`` as usual)::
+
+        with capture_linear(model) as cap:
+            task.loss(model(inputs), targets).sum().backward()
+
+    After the capture, ``cap.layers`` lists the captured layers in module registration order and
+    ``cap.uncovered`` the trainable parameters outside them (``UncoveredParam`` with a reason):
+    other module types, grouped or non-zero-padded convolutions, partly frozen layers, parameters
+    shared between modules, modules called more than once in the forward (reused modules,
+    activation checkpointing) or not called at all. A layer whose output did not reach the
+    differentiated quantity gets ``s = 0``. Parameters used directly by functional code (e.g.
+    ``F.linear(x, self.fc.weight)`` outside ``fc``) cannot be detected: avoid them. Linear layers
+    must see the sample dimension first; :meth:`run` checks the leading dimension is n.
+    Hooks are removed on exit, also on exceptions; a second backward overwrites ``s``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = _check_model(model)
+        self._slots = {s.name: s for s in param_layout(model)}
+        owners = collections.Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+        self._records: list[CapturedLayer] = []
+        self._owner: dict[str, CapturedLayer] = {}  # parameter name → the record of its layer
+        for name, m in model.named_modules():
+            if not _is_capturable(m):
+                continue
+            prefix = f"{name}." if name else ""
+            w = self._slots.get(prefix + "weight")
+            b = self._slots.get(prefix + "bias")
+            reason = None
+            if any(owners[id(p)] > 1 for p in m.parameters(recurse=False)):
+                reason = "parameter shared with another module"
+            elif w is None:
+                reason = "weight does not require grad"
+            elif m.bias is not None and b is None:
+                reason = "bias does not require grad while the weight does"
+            elif isinstance(m, nn.Conv2d) and m.groups != 1:
+                reason = f"grouped convolution (groups={m.groups})"
+            elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                reason = f"padding_mode={m.padding_mode!r}"
+            rec = CapturedLayer(name, m, w.offset if w else -1, b.offset if b else None,
+                                d_in=math.prod(m.weight.shape[1:]), d_out=m.weight.shape[0],
+                                _static_reason=reason, _reason=reason)
+            self._records.append(rec)
+            self._owner.update({prefix + n: rec for n, _ in m.named_parameters(recurse=False)})
+        self._handles: list = []
+        self._active = False
+
+    # -- results
+    @staticmethod
+    def _why_not(rec: CapturedLayer) -> str | None:
+        return rec._reason or (None if rec._calls else "module not called in the captured forward")
+
+    @property
+    def layers(self) -> list[CapturedLayer]:
+        return [r for r in self._records if self._why_not(r) is None]
+
+    @property
+    def uncovered(self) -> list[UncoveredParam]:
+        out = []
+        for s in self._slots.values():
+            rec = self._owner.get(s.name)
+            reason = self._why_not(rec) if rec is not None else _NOT_A_LAYER
+            if reason is not None:
+                out.append(UncoveredParam(s.name, s.offset, s.numel, reason))
+        return out
+
+    # -- hooks
+    def _forward_hook(self, rec: CapturedLayer, module, args, kwargs, out):
+        x = args[0] if args else kwargs["input"]
+        if _is_transformed(x):  # e.g. per_sample_grads called inside the capture: not ours
+            return
+        rec._calls += 1
+        if rec._calls > 1:
+            rec._reason = f"module called {rec._calls} times in one forward"
+            rec.a = rec.s = rec._out = None
+            return
+        if x.dim() < (4 if isinstance(module, nn.Conv2d) else 2):
+            rec._reason = f"unbatched input of shape {tuple(x.shape)}"
+            return
+        rec.a = rec._a_from_input(x.detach())
+        rec.T = 1 if rec.a.dim() == 2 else rec.a.shape[1]
+        if out.requires_grad:
+            rec._out = out
+            self._handles.append(out.register_hook(functools.partial(self._grad_hook, rec)))
+
+    @staticmethod
+    def _grad_hook(rec: CapturedLayer, g: torch.Tensor):
+        if rec._reason is None:
+            rec.s = rec._s_from_grad(g.detach())
+
+    def __enter__(self) -> "LinearCapture":
+        if self._active:
+            raise RuntimeError("LinearCapture: already active (run() opens the capture itself)")
+        self._active = True
+        for rec in self._records:
+            rec.a = rec.s = rec.T = rec._out = None
+            rec._calls, rec._reason = 0, rec._static_reason
+            if rec._reason is None:
+                self._handles.append(rec.module.register_forward_hook(
+                    functools.partial(self._forward_hook, rec), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = False
+        layers = self.layers
+        if exc[0] is None and any(r.s is not None for r in layers):
+            for r in layers:  # a backward ran: the layers it did not reach have s = 0
+                if r.s is None:
+                    r.s = r.a.new_zeros(r.a.shape[:-1] + (r.d_out,))
+        for r in self._records:
+            r._out = None  # release the graph
+        return False
+
+    def run(self, task: str | Task, inputs: torch.Tensor, targets: torch.Tensor,
+            wrt: str = "loss") -> "LinearCapture":
+        """Capture one batch: forward ``model(inputs)``, differentiate ``Σ_i ℓ_i`` (``wrt="loss"``)
+        or ``Σ_i f_i`` (``wrt="output"``) with respect to the layer outputs only (``param.grad``
+        is untouched). Returns ``self``."""
+        task, _ = _check_batch(self.model, task, inputs, targets, wrt)
+        with self:
+            total = _evaluate(task, self.model(inputs), targets, wrt).sum()
+            for r in self.layers:
+                if r.a.shape[0] != inputs.shape[0]:
+                    r._reason = (f"layer input has {r.a.shape[0]} rows along dim 0, not the "
+                                 f"{inputs.shape[0]} samples")
+            outs = [r._out for r in self.layers if r._out is not None]
+            if outs and total.requires_grad:
+                torch.autograd.grad(total, outs, allow_unused=True)  # the tensor hooks record s
+        return self
+
+
+def capture_linear(model: nn.Module) -> LinearCapture:
+    """A :class:`LinearCapture` of ``model``: use as a context manager or call ``.run(...)``."""
+    return LinearCapture(model)

@@ -1,0 +1,342 @@
+"""Per-sample gradients and Linear/Conv2d capture (MATH.md §4) against explicit autograd loops."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from fimoda_kernels.grads import capture_linear, iter_per_sample_grads, param_layout, per_sample_grads
+from fimoda_kernels.tasks import CrossEntropyTask, MSETask
+
+D = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def loop_grads(model, task, x, y, wrt="loss"):
+    """The oracle: one autograd call per sample, flattened in named_parameters order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        out = model(x[i:i + 1])
+        val = task.loss(out, y[i:i + 1]) if wrt == "loss" else task.output(out, y[i:i + 1])
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(val.sum(), params)]))
+    return torch.stack(rows)
+
+
+def mlp(d_in=8, hidden=(13, 7), d_out=1, bias=True):
+    dims, layers = (d_in, *hidden), []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        layers += [nn.Linear(a, b, bias=bias), nn.ReLU() if i % 2 == 0 else nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(dims[-1], d_out, bias=bias)).to(D)
+
+
+class ScaledNorm(nn.Module):
+    """Parameters outside Linear layers: a LayerNorm and a standalone scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 9)
+        self.norm = nn.LayerNorm(9)
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+        self.fc2 = nn.Linear(9, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))) * self.scale)
+
+
+class SeqModel(nn.Module):
+    """Linear layers applied over a sequence [n, T, d]; the head sees the mean over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(5, 7)
+        self.mix = nn.Linear(7, 4, bias=False)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(torch.relu(self.proj(x)))).flatten(1, -2).mean(1))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, bias=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(3, 4, (2, 3), padding=(1, 0), dilation=(1, 2), bias=bias)
+        self.conv3 = nn.Conv2d(4, 2, (2, 3), padding="same", bias=bias)  # asymmetric 'same' padding
+        self.fc = nn.Linear(2, 3, bias=bias)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv3(torch.relu(self.conv2(torch.tanh(self.conv1(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+def _ce_data(n, d, classes):
+    return torch.randn(n, d, dtype=D), torch.randint(0, classes, (n,))
+
+
+# ----------------------------------------------------------------------------- per_sample_grads
+
+@pytest.mark.parametrize("wrt", ["loss", "output"])
+def test_mlp_regression_matches_loop(wrt):
+    model, task = mlp(), MSETask()
+    x, y = torch.randn(9, 8, dtype=D), torch.randn(9, dtype=D)
+    G = per_sample_grads(model, task, x, y, wrt=wrt)
+    assert G.dtype == D and G.shape == (9, sum(p.numel() for p in model.parameters()))
+    torch.testing.assert_close(G, loop_grads(model, task, x, y, wrt), **TOL)
+
+
+@pytest.mark.parametrize("wrt", ["loss", "output"])
+def test_classifier_matches_loop(wrt):
+    model = mlp(8, (16,), 10)
+    x, y = _ce_data(7, 8, 10)
+    G = per_sample_grads(model, "cross_entropy", x, y, wrt=wrt)
+    torch.testing.assert_close(G, loop_grads(model, CrossEntropyTask(), x, y, wrt), **TOL)
+
+
+def test_non_linear_parameters_and_frozen_and_buffers():
+    model = ScaledNorm().to(D)
+    model.fc1.bias.requires_grad_(False)  # frozen: absent from the columns
+    x, y = _ce_data(6, 6, 3)
+    G = per_sample_grads(model, "classification_ce", x, y)
+    assert [s.name for s in param_layout(model)] == [  # a module's own parameters come first
+        "scale", "fc1.weight", "norm.weight", "norm.bias", "fc2.weight", "fc2.bias"]
+    torch.testing.assert_close(G, loop_grads(model, CrossEntropyTask(), x, y), **TOL)
+
+    bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).to(D)
+    bn[1].running_mean.normal_(), bn[1].running_var.uniform_(0.5, 2)
+    bn.eval()
+    x, y = torch.randn(5, 4, dtype=D), torch.randn(5, dtype=D)
+    torch.testing.assert_close(per_sample_grads(bn, "mse", x, y), loop_grads(bn, MSETask(), x, y), **TOL)
+
+
+def test_param_layout_offsets():
+    model = ScaledNorm()
+    layout = param_layout(model)
+    offset = 0
+    for (name, p), slot in zip(model.named_parameters(), layout):
+        assert slot == (name, offset, p.numel(), p.shape)
+        offset += p.numel()
+
+
+def test_chunking_gives_identical_results():
+    model, task = mlp(), MSETask()
+    x, y = torch.randn(10, 8, dtype=D), torch.randn(10, dtype=D)
+    full = per_sample_grads(model, task, x, y)
+    p = full.shape[1]
+    for max_memory, chunk in [(1, 1), (3 * 8 * p * 3, 3), (3 * 8 * p * 4 + 7, 4)]:
+        starts = [s for s, _ in iter_per_sample_grads(model, task, x, y, max_memory=max_memory)]
+        assert starts == list(range(0, 10, chunk))
+        torch.testing.assert_close(per_sample_grads(model, task, x, y, max_memory=max_memory), full,
+                                   rtol=1e-14, atol=1e-15)
+
+
+def test_param_names_subset():
+    model = ScaledNorm().to(D)
+    x, y = _ce_data(4, 6, 3)
+    full = per_sample_grads(model, "cross_entropy", x, y)
+    slots = {s.name: s for s in param_layout(model)}
+    names = ["fc2.bias", "norm.weight"]  # columns follow named_parameters order, not this order
+    sub = per_sample_grads(model, "cross_entropy", x, y, param_names=names)
+    expect = torch.cat([full[:, slots[n].offset:slots[n].offset + slots[n].numel]
+                        for n in ("norm.weight", "fc2.bias")], 1)
+    torch.testing.assert_close(sub, expect, **TOL)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(targets=torch.randn(4)), ValueError, r"targets.*5 samples.*\(4,\)"),
+    (dict(wrt="params"), ValueError, "wrt.*'params'"),
+    (dict(max_memory=1.5), TypeError, "max_memory.*float"),
+    (dict(max_memory=0), ValueError, "max_memory.*>= 1.*0"),
+    (dict(max_memory=-3), ValueError, "max_memory"),
+    (dict(model=lambda x: x), TypeError, "model.*Module"),
+    (dict(task="hinge"), ValueError, "task"),
+    (dict(inputs=[[0.0]] * 5), TypeError, "inputs.*list"),
+    (dict(param_names=["nope"]), ValueError, "param_names.*nope"),
+    (dict(targets=torch.randn(5, 3)), ValueError, "targets"),  # MSE shape check inside the task
+])
+def test_bad_inputs_name_the_argument(kwargs, exc, match):
+    args = dict(model=mlp(3, (4,)), task="mse", inputs=torch.randn(5, 3, dtype=D),
+                targets=torch.randn(5, dtype=D))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        per_sample_grads(**args)
+
+
+def test_no_trainable_parameters_rejected():
+    model = mlp(3, (4,)).requires_grad_(False)
+    with pytest.raises(ValueError, match="model.*requires_grad"):
+        per_sample_grads(model, "mse", torch.randn(2, 3, dtype=D), torch.randn(2, dtype=D))
+
+
+# ----------------------------------------------------------------------------- capture
+
+def check_capture(model, task, x, y, wrt="loss", n_layers=None):
+    """Every captured layer's Σ_t s aᵀ equals its block of per_sample_grads; returns the capture."""
+    G = per_sample_grads(model, task, x, y, wrt=wrt)
+    slots = {s.name: s for s in param_layout(model)}
+    grads_before = [p.grad for p in model.parameters()]
+    cap = capture_linear(model).run(task, x, y, wrt=wrt)
+    assert [p.grad for p in model.parameters()] == grads_before  # run() leaves .grad alone
+    if n_layers is not None:
+        assert len(cap.layers) == n_layers
+    for layer in cap.layers:
+        prefix = f"{layer.name}." if layer.name else ""
+        w = slots[prefix + "weight"]
+        assert layer.weight_offset == w.offset and layer.d_out * layer.d_in == w.numel
+        assert layer.has_bias == (layer.bias_offset is not None)
+        if layer.has_bias:
+            assert layer.bias_offset == slots[prefix + "bias"].offset == w.offset + w.numel
+        assert layer.a.shape[:-1] == layer.s.shape[:-1]
+        assert layer.a.shape[-1] == layer.d_in + layer.has_bias and layer.s.shape[-1] == layer.d_out
+        a, s = (t if t.dim() == 3 else t.unsqueeze(1) for t in (layer.a, layer.s))
+        assert a.shape[1] == layer.T
+        mat = torch.einsum("nto,nti->noi", s, a)  # Σ_t s_t a_tᵀ, bias as last column
+        block = G[:, layer.weight_offset:layer.weight_offset + layer.numel]
+        torch.testing.assert_close(layer.grad_matrix_to_flat(mat), block, **TOL)
+        torch.testing.assert_close(layer.per_sample_grads(), block, **TOL)
+        torch.testing.assert_close(layer.flat_to_grad_matrix(block), mat, **TOL)
+        torch.testing.assert_close(mat[..., :layer.d_in].flatten(1),
+                                   G[:, w.offset:w.offset + w.numel], **TOL)
+    return cap
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("wrt", ["loss", "output"])
+def test_capture_mlp(bias, wrt):
+    model = mlp(bias=bias)
+    x, y = torch.randn(6, 8, dtype=D), torch.randn(6, dtype=D)
+    cap = check_capture(model, MSETask(), x, y, wrt, n_layers=3)
+    assert [l.name for l in cap.layers] == ["0", "2", "4"] and all(l.T == 1 for l in cap.layers)
+    assert cap.layers[0].a.shape == (6, 8 + bias) and cap.uncovered == []
+
+
+def test_capture_sequence_linear():
+    model = SeqModel().to(D)
+    x, y = torch.randn(5, 4, 5, dtype=D), torch.randn(5, dtype=D)
+    cap = check_capture(model, "mse", x, y, n_layers=3)
+    proj, mix, head = cap.layers
+    assert proj.a.shape == (5, 4, 6) and proj.s.shape == (5, 4, 7) and proj.T == 4
+    assert not mix.has_bias and mix.a.shape == (5, 4, 7)
+    assert head.a.shape == (5, 5) and head.T == 1
+    x4 = torch.randn(3, 2, 3, 5, dtype=D)  # several middle dims are flattened into T
+    cap = check_capture(model, "mse", x4, torch.randn(3, dtype=D), n_layers=3)
+    assert cap.layers[0].T == 6
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("bias", [True, False])
+def test_capture_conv2d(bias):
+    model = ConvNet(bias).to(D)
+    x, y = _ce_data(4, 2 * 9 * 12, 3)
+    x = x.reshape(4, 2, 9, 12)
+    cap = check_capture(model, "cross_entropy", x, y, n_layers=4)
+    c1 = cap.layers[0]
+    assert c1.d_in == 2 * 9 and c1.T == 5 * 6 and c1.a.shape == (4, 30, 18 + bias)
+    assert c1.s.shape == (4, 30, 3) and cap.layers[2].T == 6 * 2
+
+
+def test_capture_context_manager_matches_run():
+    model, task = mlp(), MSETask()
+    x, y = torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D)
+    ref = capture_linear(model).run(task, x, y)
+    with capture_linear(model) as cap:
+        task.loss(model(x), y).sum().backward()
+    for a, b in zip(cap.layers, ref.layers):
+        torch.testing.assert_close(a.per_sample_grads(), b.per_sample_grads(), rtol=0, atol=0)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_uncovered_lists_exactly_the_rest():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.fc = nn.Linear(4, 6)
+            self.gconv = nn.Conv2d(2, 2, 1, groups=2)
+            self.twice = nn.Linear(6, 6)
+            self.unused = nn.Linear(6, 6)
+            self.frozen = nn.Linear(6, 6)
+            self.frozen.weight.requires_grad_(False)
+            self.scale = nn.Parameter(torch.ones(1))
+            self.tied_a = nn.Linear(6, 3)
+            self.tied_b = nn.Linear(6, 3)
+            self.tied_b.weight = self.tied_a.weight
+            self.head = nn.Linear(3, 1)
+
+        def forward(self, idx):
+            h = self.fc(self.emb(idx))
+            h = h + self.gconv(h.reshape(-1, 2, 3, 1)).reshape(h.shape)
+            h = self.frozen(torch.tanh(self.twice(torch.tanh(self.twice(h)))))
+            return self.head(self.tied_a(h) * self.tied_b(h) * self.scale)
+
+    model = Mixed().to(D)
+    x, y = torch.randint(0, 5, (4,)), torch.randn(4, dtype=D)
+    cap = check_capture(model, "mse", x, y)
+    assert [l.name for l in cap.layers] == ["fc", "head"]
+    slots = {s.name: s for s in param_layout(model)}
+    captured = {f"{l.name}.{k}" for l in cap.layers for k in ("weight", "bias")}
+    unc = {u.name: u for u in cap.uncovered}
+    assert set(unc) == set(slots) - captured
+    assert all((u.offset, u.numel) == slots[u.name][1:3] for u in unc.values())
+    assert [u.name for u in cap.uncovered] == [s for s in slots if s in unc]  # layout order
+    for name, why in [("emb.weight", "not a parameter"), ("gconv.weight", "grouped"),
+                      ("twice.bias", "called 2 times"), ("unused.weight", "not called"),
+                      ("frozen.bias", "weight does not require grad"), ("scale", "not a parameter"),
+                      ("tied_a.weight", "shared"), ("tied_b.bias", "shared")]:
+        assert why in unc[name].reason, (name, unc[name].reason)
+
+
+def test_unreached_layer_gets_zero_s():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.used, self.aux = nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            self.aux_out = self.aux(h)  # computed but not part of the loss
+            return self.used(h)
+
+    model = TwoHeads().to(D)
+    cap = check_capture(model, "mse", torch.randn(3, 3, dtype=D), torch.randn(3, dtype=D), n_layers=3)
+    assert torch.count_nonzero(cap.layers[2].s) == 0
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_hooks_removed_on_exit_and_on_exception():
+    model = mlp()
+    x, y = torch.randn(3, 8, dtype=D), torch.randn(3, dtype=D)
+    cap = capture_linear(model)
+    with cap:
+        assert _hook_count(model) == 3
+        out = model(x)
+    assert _hook_count(model) == 0
+    out.sum().backward()  # tensor hooks are gone too: s stays unrecorded
+    assert all(l.s is None for l in cap.layers)
+    with pytest.raises(RuntimeError, match="no inputs/output gradients"):
+        cap.layers[0].per_sample_grads()
+    with pytest.raises(ZeroDivisionError):
+        with capture_linear(model):
+            1 / 0
+    assert _hook_count(model) == 0
+    with pytest.raises(ValueError, match="targets"):
+        capture_linear(model).run("mse", x, torch.randn(4, dtype=D))
+    with pytest.raises(ValueError, match="model_out.*C >= 2"):  # fails inside run's capture
+        capture_linear(model).run("cross_entropy", x, torch.zeros(3, dtype=torch.long))
+    assert _hook_count(model) == 0
+
+
+@settings(max_examples=20, deadline=None, database=None)
+@given(n=st.integers(1, 5), d_in=st.integers(1, 6),
+       hidden=st.lists(st.integers(1, 6), min_size=1, max_size=2), d_out=st.integers(1, 4),
+       bias=st.booleans(), classify=st.booleans(), seed=st.integers(0, 2**16))
+def test_capture_mlp_random_shapes(n, d_in, hidden, d_out, bias, classify, seed):
+    torch.manual_seed(seed)
+    d_out = max(d_out, 2) if classify else 1
+    model = mlp(d_in, tuple(hidden), d_out, bias)
+    x = torch.randn(n, d_in, dtype=D)
+    y = torch.randint(0, d_out, (n,)) if classify else torch.randn(n, dtype=D)
+    cap = check_capture(model, "cross_entropy" if classify else "mse", x, y, n_layers=len(hidden) + 1)
+    assert cap.uncovered == []

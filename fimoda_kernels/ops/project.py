@@ -1,0 +1,277 @@
+"""Random projection of per-sample gradients (MATH.md §9): φ_i = Pᵀ g_i with P generated on the fly.
+
+Three entry points share one P (``projection_matrix``'s, so they agree to rounding):
+
+- :func:`project`: dense gradients ``grads [n, p]`` → ``[n, k]``;
+- :func:`project_linear`: one Linear/Conv layer from its inputs ``a`` and output gradients ``s``,
+  the per-sample weight gradient Σ_t s_t a_tᵀ never formed whole;
+- ``project_model`` (in ``fimoda_kernels.projection``): a model, capture + materialized leftovers.
+
+Parameter indices of a layer (the rows of P it uses) follow ``model.named_parameters()``:
+weight entry (o, c) → ``row_offset + o·d_in + c`` (row-major), bias entry o →
+``row_offset + d_out·d_in + o``; so projecting a whole model layer by layer equals projecting its
+flattened per-sample gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._dispatch import op
+from .._validate import FLOAT_DTYPES, check_choice, check_int, check_tensor
+from .projection_matrix import _MAX_INDEX, _projection_matrix_reference, projection_matrix
+
+KINDS = ("rademacher", "gaussian")
+LINEAR_KINDS = KINDS + ("kronecker",)
+_TILE_BYTES = 32 * 2**20  # P tile (and gradient block) of the chunked cpu path
+
+_PROJECT = op("project")
+_PROJECT_LINEAR = op("project_linear")
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_common(k, seed, kind, row_offset, p, kinds):
+    k = check_int("k", k, min_value=1, max_value=2**32 - 1)
+    seed = check_int("seed", seed, min_value=0, max_value=2**64 - 1)
+    kind = check_choice("kind", kind, kinds)
+    row_offset = check_int("row_offset", row_offset, min_value=0, max_value=_MAX_INDEX - p)
+    return k, seed, kind, row_offset
+
+
+def _check_finite(out: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{what}: expected finite values, got NaN or Inf (the projection is not finite)")
+    return out
+
+
+# ----------------------------------------------------------------------------- project
+
+def _project_reference(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher",
+                       row_offset: int = 0) -> torch.Tensor:
+    """float64 grads @ P with P from the pure-torch generator, in row blocks of P."""
+    n, p = grads.shape
+    out = torch.zeros(n, k, dtype=torch.float64, device=grads.device)
+    block = max(1, 2**22 // k)
+    for p0 in range(0, p, block):
+        P = _projection_matrix_reference(min(block, p - p0), k, seed, kind, row_offset + p0,
+                                         torch.float64, grads.device)
+        out += grads[:, p0:p0 + P.shape[0]].double() @ P
+    return out
+
+
+def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", row_offset: int = 0,
+            backend: str | None = None) -> torch.Tensor:
+    """Project per-sample gradients: ``grads @ P[row_offset : row_offset + p]`` (MATH.md §9).
+
+    Args:
+        grads: ``[n, p]`` float32, float16, bfloat16 (or float64) gradients, one row per sample.
+        k: projection dimension (any k >= 1). seed: integer in [0, 2^64).
+        kind: "rademacher" or "gaussian" (entries as in :func:`projection_matrix`).
+        row_offset: global parameter index of column 0 of ``grads`` (64-bit).
+        backend: "cuda", "triton", "cpu", "torch" or None.
+
+    Returns:
+        ``[n, k]`` float32 (float64 for float64 grads), accumulated in float32 (float64).
+
+    P is generated tile by tile, never whole: cpu generates ``[≈32 MiB / (4k), k]`` tiles with the
+    native Philox kernel and multiplies them with torch's GEMM (``addmm``), the gradient block
+    converted to float32 as it goes; peak extra memory ≈ n·k·4 + 32 MiB (+ n·32 MiB/(4k)·4 for
+    half inputs). Non-finite results raise ``ValueError``.
+    """
+    check_tensor("grads", grads, ndim=2, dtypes=FLOAT_DTYPES)
+    n, p = grads.shape
+    k, seed, kind, row_offset = _check_common(k, seed, kind, row_offset, p, KINDS)
+    impl = _PROJECT.select(backend, grads.device, grads, k)
+    return _check_finite(impl.fn(grads, k, seed, kind, row_offset), "grads")
+
+
+@_PROJECT.register("torch")
+def _project_torch(grads, k, seed, kind, row_offset):
+    return _project_reference(grads, k, seed, kind, row_offset).to(_out_dtype(grads.dtype))
+
+
+def _chunked(blocks, n, k, seed, kind, dtype, device, backend):
+    """Σ over (row_offset, X) blocks of X @ P[row_offset : row_offset + X.shape[1]] with P tiles from
+    ``projection_matrix`` on ``backend``: the shared engine of the cpu path."""
+    out = torch.zeros(n, k, dtype=dtype, device=device)
+    for offset, X in blocks:
+        P = projection_matrix(X.shape[1], k, seed, kind, offset, dtype=dtype, device=device, backend=backend)
+        out.addmm_(X.to(dtype), P)
+    return out
+
+
+def _tile_rows(k: int) -> int:
+    return max(1, _TILE_BYTES // (4 * k))
+
+
+@_PROJECT.register("cpu")
+def _project_cpu(grads, k, seed, kind, row_offset):
+    n, p = grads.shape
+    step = _tile_rows(k)
+    blocks = ((row_offset + p0, grads[:, p0:p0 + step]) for p0 in range(0, p, step))
+    return _chunked(blocks, n, k, seed, kind, _out_dtype(grads.dtype), grads.device, "cpu")
+
+
+# ----------------------------------------------------------------------------- project_linear
+
+_KRONECKER_OUT_SEED = 0x9E3779B97F4A7C15  # xor-ed into the seed of the output-side factor
+
+
+def kronecker_dims(k: int) -> tuple[int, int]:
+    """(k_out, k_in) of the Kronecker projection: k_out the largest divisor of k with k_out <= √k."""
+    k_out = math.isqrt(k)
+    while k % k_out:
+        k_out -= 1
+    return k_out, k // k_out
+
+
+def _linear_grads_reference(a: torch.Tensor, s: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Materialized per-sample weight(+bias) gradients [n, d_out·d_in (+ d_out)] in float64."""
+    G = torch.einsum("nto,ntc->noc", s.double(), a.double()).flatten(1)
+    return torch.cat([G, s.double().sum(1)], 1) if bias else G
+
+
+def _project_linear_reference(a: torch.Tensor, s: torch.Tensor, k: int, seed: int,
+                              kind: str = "rademacher", row_offset: int = 0,
+                              bias: bool = True) -> torch.Tensor:
+    """Materialize Σ_t s_t a_tᵀ (and Σ_t s_t), then :func:`_project_reference`; a, s are 3-D."""
+    return _project_reference(_linear_grads_reference(a, s, bias), k, seed, kind, row_offset)
+
+
+def _as_3d(name: str, t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def project_linear(a: torch.Tensor, s: torch.Tensor, k: int, seed: int, row_offset: int = 0,
+                   bias: bool = True, kind: str = "rademacher",
+                   backend: str | None = None) -> torch.Tensor:
+    """Project each sample's Linear-layer gradient without forming it (MATH.md §4, §9).
+
+    Args:
+        a: layer inputs ``[n, d_in]`` (T = 1) or ``[n, T, d_in]`` (sequence positions, conv patches),
+            *without* a column of ones for the bias.
+        s: output gradients ``[n, d_out]`` or ``[n, T, d_out]`` (same n, T, dtype and device as ``a``).
+        k, seed: as in :func:`project`. row_offset: parameter index of the weight's entry (0, 0).
+        bias: include the bias gradient Σ_t s_t (parameter indices after the weight's).
+        kind: "rademacher" / "gaussian" — exactly ``project`` of the flattened gradient
+            ``[W.flatten(), b]`` with the same seed and offset; or "kronecker": LoGra-style
+            P = P_out ⊗ P_in (Rademacher factors, (k_out, k_in) = :func:`kronecker_dims`, P_in on
+            rows ``row_offset ..`` with ``seed``, P_out with ``seed ^ 0x9E3779B97F4A7C15``), acting
+            on the ``[d_out, d_in(+1)]`` gradient matrix with the bias as last column:
+            φ_i = vec(Σ_t (P_outᵀ s_t)(P_inᵀ [a_t, 1])ᵀ). A different, much cheaper estimator
+            (O(T(d_in·k_in + d_out·k_out) + T·k) per sample), unbiased for inner products, but not
+            equal to the dense projection.
+        backend: "cuda", "triton", "cpu", "torch" or None.
+
+    Returns:
+        ``[n, k]`` float32 (float64 for float64 inputs).
+
+    The cpu path builds the outer products s_o·a_c for a block of output rows o at a time
+    (≤ 32 MiB) and multiplies by the matching tile of P with torch's GEMM.
+    """
+    check_tensor("a", a, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor("s", s, ndim=(2, 3), dtypes=(a.dtype,), device=a.device)
+    if a.dim() != s.dim() or a.shape[0] != s.shape[0] or (a.dim() == 3 and a.shape[1] != s.shape[1]):
+        raise ValueError(f"a {tuple(a.shape)} and s {tuple(s.shape)}: expected [n, d_in] and [n, d_out] "
+                         "or [n, T, d_in] and [n, T, d_out] with the same n and T")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
+    a3, s3 = _as_3d("a", a), _as_3d("s", s)
+    d_in, d_out = a3.shape[2], s3.shape[2]
+    p = d_out * d_in + (d_out if bias else 0)
+    k, seed, kind, row_offset = _check_common(k, seed, kind, row_offset, p, LINEAR_KINDS)
+    if kind == "kronecker":
+        out = _project_linear_kronecker(a3, s3, k, seed, row_offset, bias, backend)
+    else:
+        impl = _PROJECT_LINEAR.select(backend, a.device, a3, s3, k)
+        out = impl.fn(a3, s3, k, seed, kind, row_offset, bias)
+    return _check_finite(out, "a, s")
+
+
+def _project_linear_kronecker(a3, s3, k, seed, row_offset, bias, backend):
+    dtype = _out_dtype(a3.dtype)
+    k_out, k_in = kronecker_dims(k)
+    if bias:
+        a3 = torch.cat([a3, a3.new_ones(a3.shape[:2] + (1,))], 2)
+    P_in = projection_matrix(a3.shape[2], k_in, seed, "rademacher", row_offset, dtype=dtype,
+                             device=a3.device, backend=backend)
+    P_out = projection_matrix(s3.shape[2], k_out, seed ^ _KRONECKER_OUT_SEED, "rademacher", row_offset,
+                              dtype=dtype, device=a3.device, backend=backend)
+    return torch.einsum("nto,nti->noi", s3.to(dtype) @ P_out, a3.to(dtype) @ P_in).flatten(1)
+
+
+@_PROJECT_LINEAR.register("torch")
+def _project_linear_torch(a3, s3, k, seed, kind, row_offset, bias):
+    return _project_linear_reference(a3, s3, k, seed, kind, row_offset, bias).to(_out_dtype(a3.dtype))
+
+
+@_PROJECT_LINEAR.register("cpu")
+def _project_linear_cpu(a3, s3, k, seed, kind, row_offset, bias):
+    n, _, d_in = a3.shape
+    d_out = s3.shape[2]
+    dtype = _out_dtype(a3.dtype)
+    a3, s3 = a3.to(dtype), s3.to(dtype)
+    rows = max(1, _TILE_BYTES // (4 * d_in * max(k, n)))  # output rows o per block
+
+    def blocks():
+        for o0 in range(0, d_out, rows):
+            X = torch.einsum("nto,ntc->noc", s3[:, :, o0:o0 + rows], a3).reshape(n, -1)
+            yield row_offset + o0 * d_in, X
+        if bias:
+            yield row_offset + d_out * d_in, s3.sum(1)
+
+    return _chunked(blocks(), n, k, seed, kind, dtype, a3.device, "cpu")
+
+
+# ----------------------------------------------------------------------------- GPU backends
+# Kernels: fimoda_kernels/triton/project.py and csrc/cuda/project.cu (bound in python/src/project.cpp).
+# Native kernels take raw pointers, a dtype code and the current stream; they write float32
+# (float64 for float64 inputs) and accumulate in that type.
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_KIND_CODE = {"rademacher": 0, "gaussian": 1}
+
+
+@_PROJECT.register("triton")
+def _project_triton(grads, k, seed, kind, row_offset):
+    from ..triton.project import project as kernel
+
+    return kernel(grads.contiguous(), k, seed, kind, row_offset)
+
+
+@_PROJECT_LINEAR.register("triton")
+def _project_linear_triton(a3, s3, k, seed, kind, row_offset, bias):
+    from ..triton.project import project_linear as kernel
+
+    return kernel(a3.contiguous(), s3.contiguous(), k, seed, kind, row_offset, bias)
+
+
+@_PROJECT.register("cuda")
+def _project_cuda(grads, k, seed, kind, row_offset):
+    from .._dispatch import cuda_stream
+    from .._ext import _C
+
+    g = grads.contiguous()
+    n, p = g.shape
+    out = torch.empty(n, k, dtype=_out_dtype(g.dtype), device=g.device)
+    _C.project_cuda(g.data_ptr(), _DTYPE_CODE[g.dtype], out.data_ptr(), n, p, k, seed, _KIND_CODE[kind],
+                    row_offset, 1.0 / math.sqrt(k), cuda_stream(g.device))
+    return out
+
+
+@_PROJECT_LINEAR.register("cuda")
+def _project_linear_cuda(a3, s3, k, seed, kind, row_offset, bias):
+    from .._dispatch import cuda_stream
+    from .._ext import _C
+
+    a3, s3 = a3.contiguous(), s3.contiguous()
+    n, T, d_in = a3.shape
+    out = torch.empty(n, k, dtype=_out_dtype(a3.dtype), device=a3.device)
+    _C.project_linear_cuda(a3.data_ptr(), s3.data_ptr(), _DTYPE_CODE[a3.dtype], out.data_ptr(), n, T, d_in,
+                           s3.shape[2], bias, k, seed, _KIND_CODE[kind], row_offset, 1.0 / math.sqrt(k),
+                           cuda_stream(a3.device))
+    return out

@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fimoda_kernels.ops.project as pr
+from fimoda_kernels.ops.project import (_project_linear_reference, _project_reference, kronecker_dims,
+                                        project, project_linear)
+
+LOW_PRECISION = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _rel(out, ref):
+    return float((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
+
+
+def _err(out, ref, G):
+    """‖out − ref‖ relative to ‖ref‖, with float32 Gaussian generation error allowed for: each P
+    entry carries ~3e-7/√k absolute error, so ‖out − ref‖ may reach ~3e-7·‖G‖_F however small
+    ‖ref‖ happens to be (e.g. a single near-zero entry)."""
+    diff = float((out.double().cpu() - ref.cpu()).norm())
+    return diff / (float(ref.cpu().norm()) + 0.1 * float(G.double().cpu().norm()))
+
+
+def _tol(backend, dtype):
+    # fp32 accumulation vs the fp64 reference; tensor-core paths may use tf32 on the GPU
+    return 5e-4 if backend in ("cuda", "triton") and torch.cuda.is_available() else 1e-5
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) + 0.1).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("n,p,k", [(1, 1, 1), (7, 300, 33), (33, 129, 512), (64, 1000, 5), (5, 70, 1031)])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_project_matches_reference(backend_device, n, p, k, kind):
+    backend, device = backend_device
+    grads = _randn(n, p, device=device, seed=n + p + k)
+    out = project(grads, k, 1234567, kind, 2**32 - 50, backend=backend)
+    assert out.shape == (n, k) and out.dtype == torch.float32 and out.device.type == device
+    ref = _project_reference(grads.cpu().double(), k, 1234567, kind, 2**32 - 50)
+    assert _err(out, ref, grads) < _tol(backend, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_project_dtypes(backend_device, dtype):
+    backend, device = backend_device
+    grads = _randn(9, 257, dtype=dtype, device=device)
+    out = project(grads, 40, 3, "rademacher", 0, backend=backend)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = _project_reference(grads.cpu(), 40, 3, "rademacher", 0)  # from the rounded inputs
+    assert _rel(out, ref) < (1e-12 if dtype == torch.float64 else 1e-5 if not torch.cuda.is_available() else 5e-3)
+
+
+def test_project_cpu_tiles(monkeypatch):
+    """Many P tiles (chunk boundaries mid-row-range) give the same result as one."""
+    grads = _randn(6, 1001)
+    one = project(grads, 24, 8, "gaussian", 5, backend="cpu")
+    monkeypatch.setattr(pr, "_TILE_BYTES", 4 * 24 * 37)  # 37-row tiles
+    many = project(grads, 24, 8, "gaussian", 5, backend="cpu")
+    assert torch.allclose(one, many, rtol=1e-5, atol=1e-5)
+    assert _rel(many, _project_reference(grads.double(), 24, 8, "gaussian", 5)) < 1e-5
+
+
+def test_project_equals_materialized_matrix():
+    """project == grads @ projection_matrix: one P for every entry point."""
+    from fimoda_kernels import projection_matrix
+
+    grads = _randn(11, 200, dtype=torch.float64)
+    P = projection_matrix(200, 77, 99, "gaussian", 123, dtype=torch.float64)
+    assert torch.allclose(project(grads, 77, 99, "gaussian", 123), grads @ P, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [None, 1, 5])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_project_linear_matches_materialized(backend_device, T, bias, kind):
+    backend, device = backend_device
+    n, d_in, d_out, k = 13, 19, 7, 66
+    a = _randn(n, d_in, seed=1) if T is None else _randn(n, T, d_in, seed=1)
+    s = _randn(n, d_out, seed=2) if T is None else _randn(n, T, d_out, seed=2)
+    out = project_linear(a.to(device), s.to(device), k, 77, row_offset=2**33 + 3, bias=bias, kind=kind,
+                         backend=backend)
+    a3, s3 = (a, s) if T is not None else (a[:, None], s[:, None])
+    G = torch.einsum("nto,ntc->noc", s3.double(), a3.double()).flatten(1)
+    if bias:
+        G = torch.cat([G, s3.double().sum(1)], 1)
+    ref = _project_reference(G, k, 77, kind, 2**33 + 3)
+    assert _err(out, ref, G) < _tol(backend, torch.float32)
+    assert torch.allclose(ref, _project_linear_reference(a3, s3, k, 77, kind, 2**33 + 3, bias))
+
+
+def test_project_linear_cpu_blocks(monkeypatch):
+    a, s = _randn(5, 3, 17), _randn(5, 3, 11, seed=4)
+    one = project_linear(a, s, 10, 1, 0, backend="cpu")
+    monkeypatch.setattr(pr, "_TILE_BYTES", 4 * 17 * 10 * 2)  # 2 output rows per block
+    assert torch.allclose(one, project_linear(a, s, 10, 1, 0, backend="cpu"), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 9), T=st.integers(1, 4), d_in=st.integers(1, 20), d_out=st.integers(1, 9),
+       k=st.integers(1, 70), bias=st.booleans(), seed=st.integers(0, 2**64 - 1))
+def test_project_linear_cpu_hypothesis(n, T, d_in, d_out, k, bias, seed):
+    a, s = _randn(n, T, d_in, seed=seed % 1000), _randn(n, T, d_out, seed=seed % 997)
+    out = project_linear(a, s, k, seed, 11, bias=bias, backend="cpu")
+    assert _rel(out, _project_linear_reference(a, s, k, seed, "rademacher", 11, bias)) < 1e-5
+
+
+def test_kronecker():
+    assert kronecker_dims(64) == (8, 8) and kronecker_dims(2048) == (32, 64) and kronecker_dims(13) == (1, 13)
+    n, T, d_in, d_out, k = 6, 3, 10, 4, 36
+    a, s = _randn(n, T, d_in, dtype=torch.float64), _randn(n, T, d_out, dtype=torch.float64, seed=3)
+    out = project_linear(a, s, k, 5, 100, bias=True, kind="kronecker")
+    # equals the dense projection of the [d_out, d_in + 1] gradient matrix by P_out ⊗ P_in
+    from fimoda_kernels import projection_matrix
+
+    k_out, k_in = kronecker_dims(k)
+    P_in = projection_matrix(d_in + 1, k_in, 5, "rademacher", 100, dtype=torch.float64)
+    P_out = projection_matrix(d_out, k_out, 5 ^ pr._KRONECKER_OUT_SEED, "rademacher", 100, dtype=torch.float64)
+    a1 = torch.cat([a, torch.ones(n, T, 1, dtype=torch.float64)], 2)
+    G = torch.einsum("nto,ntc->noc", s, a1).flatten(1)  # [n, d_out·(d_in+1)], row-major
+    assert torch.allclose(out, G @ torch.kron(P_out, P_in), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "kronecker"])
+def test_jl_property(kind):
+    """Projected inner products are unbiased for the gradient inner products, spread O(1/√k):
+    over 40 seeds the mean relative error of ⟨φ_i, φ_j⟩ is near 0 and its sd near √(1+cos²)/√k."""
+    n, d_in, d_out, k = 2, 30, 20, 256
+    a, s = _randn(n, d_in, dtype=torch.float64, seed=8), _randn(n, d_out, dtype=torch.float64, seed=9)
+    G = torch.einsum("no,nc->noc", s, a).flatten(1)
+    exact = (G[0] @ G[1]).item()
+    scale = (G[0].norm() * G[1].norm()).item()
+    errs = []
+    for seed in range(40):
+        phi = project_linear(a, s, k, seed, 0, bias=False, kind=kind)
+        errs.append(((phi[0] @ phi[1]).item() - exact) / scale)
+    errs = torch.tensor(errs)
+    assert abs(errs.mean().item()) < 3 * 2 / math.sqrt(k) / math.sqrt(40)
+    assert errs.std().item() < 3 / math.sqrt(k)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: project(torch.randn(3, 4), 0, 1), ValueError, "k: expected an integer >= 1"),
+    (lambda: project(torch.randn(3), 4, 1), ValueError, "grads: expected a 2-D tensor"),
+    (lambda: project(torch.randn(3, 4).int(), 4, 1), TypeError, "grads: expected dtype"),
+    (lambda: project(torch.randn(3, 4), 4, -2), ValueError, "seed: expected an integer >= 0"),
+    (lambda: project(torch.randn(3, 4), 4, 1, kind="kronecker"), ValueError, "kind: expected one of"),
+    (lambda: project(torch.tensor([[1.0, float("nan")]]), 4, 1), ValueError, "grads: expected finite"),
+    (lambda: project_linear(torch.randn(3, 4), torch.randn(2, 5), 4, 1), ValueError, "same n and T"),
+    (lambda: project_linear(torch.randn(3, 2, 4), torch.randn(3, 3, 5), 4, 1), ValueError, "same n and T"),
+    (lambda: project_linear(torch.randn(3, 4), torch.randn(3, 5).double(), 4, 1), TypeError, "s: expected dtype"),
+    (lambda: project_linear(torch.randn(3, 4), torch.randn(3, 5), 4, 1, bias=1), TypeError, "bias: expected a bool"),
+    (lambda: project_linear(torch.randn(3, 4), torch.randn(3, 5), 4, 1, kind="sparse"), ValueError, "kind: expected"),
+])
+def test_bad_input(call, err, match):
+    with pytest.raises(err, match=match):
+        call()

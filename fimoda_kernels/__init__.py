@@ -6,14 +6,16 @@ Public API (see README.md); ops take and return torch tensors and accept ``backe
 from ._dispatch import BACKENDS, FallbackWarning, available_backends
 from .grads import capture_linear, param_layout, per_sample_grads
 from .ops.philox import philox4x32
+from .ops.project import kronecker_dims, project, project_linear
 from .ops.projection_matrix import projection_matrix
+from .projection import project_model
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "FallbackWarning", "available_backends",
-    "philox4x32", "projection_matrix",
+    "philox4x32", "projection_matrix", "project", "project_linear", "project_model", "kronecker_dims",
     "per_sample_grads", "capture_linear", "param_layout",
     "Task", "MSETask", "CrossEntropyTask", "get_task",
 ]

@@ -115,7 +115,7 @@ def _per_sample_chunks(model, task, inputs, targets, wrt, max_memory, param_name
     def chunks():
         for start in range(0, inputs.shape[0], chunk):
             g = per_sample(theta, inputs[start:start + chunk], targets[start:start + chunk])
-            yield start, torch.cat([g[s.name].flatten(1) for s in slots], 1)
+            yield start, torch.cat([g[s.name].reshape(g[s.name].shape[0], -1) for s in slots], 1)
 
     return slots, dtype, chunks()
 

@@ -108,6 +108,15 @@ def test_non_linear_parameters_and_frozen_and_buffers():
     torch.testing.assert_close(per_sample_grads(bn, "mse", x, y), loop_grads(bn, MSETask(), x, y), **TOL)
 
 
+def test_zero_dim_parameter():
+    """A 0-D parameter (a scalar scale) is one column, like any other."""
+    model = ScaledNorm().to(D)
+    model.scale = nn.Parameter(torch.tensor(1.5, dtype=D))
+    x, y = _ce_data(4, 6, 3)
+    G = per_sample_grads(model, "classification_ce", x, y)
+    torch.testing.assert_close(G, loop_grads(model, CrossEntropyTask(), x, y), **TOL)
+
+
 def test_param_layout_offsets():
     model = ScaledNorm()
     layout = param_layout(model)

@@ -1,0 +1,78 @@
+"""Projection of a model's per-sample gradients (MATH.md §4, §9) without materializing them.
+
+``project_model`` captures every covered Linear/Conv2d layer's inputs a and output gradients s
+and projects them with :func:`project_linear` at the layer's parameter offset; the parameters the
+capture does not cover (other modules, grouped convs, ...) get materialized per-sample gradients,
+projected with :func:`project` at their own offsets. With the same seed the result equals
+``project(per_sample_grads(model, ...), k, seed)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._validate import check_choice, check_int
+from .grads import _check_batch, capture_linear, per_sample_grads
+from .ops.project import KINDS, LINEAR_KINDS, project, project_linear
+
+
+def _project_layer(layer, k, seed, kind, backend) -> torch.Tensor:
+    a = layer.a[..., :-1] if layer.has_bias else layer.a  # project_linear adds the bias itself
+    d_w = layer.d_out * layer.d_in
+    adjacent = layer.has_bias and layer.bias_offset == layer.weight_offset + d_w
+    out = project_linear(a, layer.s, k, seed, layer.weight_offset, bias=adjacent or kind == "kronecker",
+                         kind=kind, backend=backend)
+    if layer.has_bias and not adjacent and kind != "kronecker":  # bias elsewhere in the parameter order
+        s = layer.s if layer.s.dim() == 2 else layer.s.sum(1)
+        out += project(s, k, seed, kind, layer.bias_offset, backend=backend)
+    return out
+
+
+def _bytes_per_sample(cap) -> int:
+    n = cap.layers[0].a.shape[0] if cap.layers else 1
+    return sum((l.a.numel() + l.s.numel()) * l.a.element_size() for l in cap.layers) // max(1, n)
+
+
+def project_model(model: nn.Module, task, inputs: torch.Tensor, targets: torch.Tensor, k: int, seed: int,
+                  wrt: str = "loss", kind: str = "rademacher", max_memory: int = 2**30,
+                  backend: str | None = None) -> torch.Tensor:
+    """Projected per-sample gradients ``[n, k]`` of ``model`` (rows Pᵀ∇ℓ_i, or Pᵀ∇f_i for
+    ``wrt="output"``), parameters in ``named_parameters()`` order, P as in :func:`projection_matrix`.
+
+    Args:
+        model, task, inputs, targets, wrt: as in :func:`per_sample_grads` (call ``model.eval()``).
+        k, seed: projection dimension and seed. kind: "rademacher", "gaussian" or "kronecker"
+            (per-layer P_out ⊗ P_in, see :func:`project_linear`; parameters outside captured layers
+            then use the Rademacher projection at their offsets).
+        max_memory: bytes for one chunk of samples' captured activations (a, s) and materialized
+            uncovered gradients; samples are processed in chunks that fit.
+        backend: for the projection kernels.
+
+    Peak memory ≈ n·k·4 (output) + max_memory + the model's autograd graph for one chunk.
+    """
+    _check_batch(model, task, inputs, targets, wrt)
+    kind = check_choice("kind", kind, LINEAR_KINDS)
+    max_memory = check_int("max_memory", max_memory, min_value=1)
+    n = inputs.shape[0]
+    cap = capture_linear(model)
+    out, start, chunk = None, 0, min(n, 8)  # a small first chunk measures the per-sample footprint
+    while start < n:
+        x, y = inputs[start:start + chunk], targets[start:start + chunk]
+        cap.run(task, x, y, wrt)
+        unc = cap.uncovered
+        parts = [_project_layer(layer, k, seed, kind, backend) for layer in cap.layers]
+        if unc:
+            G = per_sample_grads(model, task, x, y, wrt, max_memory, param_names=[u.name for u in unc])
+            col = 0
+            for u in unc:
+                parts.append(project(G[:, col:col + u.numel], k, seed, kind if kind in KINDS else "rademacher",
+                                     u.offset, backend=backend))
+                col += u.numel
+        block = torch.stack(parts).sum(0)
+        if out is None:
+            out = torch.empty(n, k, dtype=block.dtype, device=block.device)
+        out[start:start + block.shape[0]] = block
+        start += block.shape[0]
+        per_sample = _bytes_per_sample(cap) + 3 * sum(u.numel for u in unc) * block.element_size()
+        chunk = max(1, max_memory // max(1, per_sample))
+    return out

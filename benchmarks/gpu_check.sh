@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (H200, CUDA 13, torch 2.11, triton 3.6, no network): build, info,
+# CUDA tests, GPU benchmarks, full tests; everything lands in $OUT within BUDGET_S (< 8 min).
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh          (from the repo root, or anywhere)
+# Env: BUDGET_S (450), BENCH_ARGS (e.g. --quick), FIMODA_BENCH_SHA (git sha for the records: the
+# copied tree may have no .git), PYTHON (python3), DEVICE (cuda; cpu only for a dry run elsewhere).
+# $OUT holds at most 8 files when it comes back: gpu_check.log (all steps), summary.txt (exit codes),
+# RESULTS.md, results/<op>.jsonl (packed into results.tgz if that would exceed 8 files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT/results"
+LOG=$OUT/gpu_check.log SUMMARY=$OUT/summary.txt
+: >"$LOG"; : >"$SUMMARY"
+BUDGET_S=${BUDGET_S:-450} RESERVE_S=30   # the reserve is for rendering and packing at the end
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+DEVICE=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# sm_90 only keeps the build short; FIMODA_CUDA=1 makes a missing nvcc an error instead of a CPU-only build
+export CMAKE_CUDA_ARCHITECTURES=90 TORCH_CUDA_ARCH_LIST=9.0 FIMODA_CUDA=${FIMODA_CUDA:-1}
+export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) MAX_JOBS=$(nproc)
+export FIMODA_BENCH_SHA=${FIMODA_BENCH_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+LAST_RC=0
+
+# step NAME MAX_S SHOW CMD...: run CMD under a timeout capped by the budget left, append its output
+# to the log, print its last SHOW lines (25 on failure), record rc and seconds in summary.txt.
+step() {
+  local name=$1 max=$2 show=$3 start=$SECONDS tmp rc t left
+  shift 3
+  left=$((BUDGET_S - SECONDS - RESERVE_S)); t=$((max < left ? max : left))
+  if ((t < 5)); then
+    printf '%-44s skipped (budget spent)\n' "$name" | tee -a "$SUMMARY"; LAST_RC=124; return 0
+  fi
+  tmp=$(mktemp)
+  echo "=== $name (timeout ${t}s): $*" | tee -a "$LOG"
+  if timeout -k 5 "$t" "$@" >"$tmp" 2>&1; then rc=0; else rc=$?; fi
+  cat "$tmp" >>"$LOG"
+  ((rc == 0)) || show=25
+  ((show == 0)) || tail -n "$show" "$tmp" | sed 's/^/    /'
+  rm -f "$tmp"
+  printf '%-44s rc=%-3s %4ss%s\n' "$name" "$rc" "$((SECONDS - start))" \
+    "$( ((rc == 124)) && echo ' TIMEOUT' || true)" | tee -a "$SUMMARY"
+  LAST_RC=$rc
+}
+
+echo "gpu_check: $(date -u +%FT%TZ) sha=$FIMODA_BENCH_SHA python=$PY device=$DEVICE budget=${BUDGET_S}s" | tee -a "$LOG"
+step nvidia-smi 20 40 nvidia-smi
+step build-pip 240 3 "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
+if ((LAST_RC != 0 && LAST_RC != 124)); then   # a timed-out build would time out again
+  step build-inplace 180 3 "$PY" setup.py build_ext --inplace
+fi
+step info 60 40 "$PY" -m fimoda_kernels.info
+step pytest-cuda 120 3 "$PY" -m pytest -p no:cacheprovider -m cuda -q tests
+# benchmarks before the full suite: the GPU numbers are what this machine is for
+for bench in benchmarks/bench_*.py; do
+  [ -e "$bench" ] || continue
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+  step "$(basename "$bench" .py)" 150 40 "$PY" "$bench" --device "$DEVICE" --out "$OUT/results" ${BENCH_ARGS:-}
+done
+step pytest-all 150 3 "$PY" -m pytest -p no:cacheprovider -q tests
+
+RESERVE_S=0
+step render 30 2 "$PY" benchmarks/render_results.py --results "$OUT/results" --output "$OUT/RESULTS.md"
+cat benchmarks/.peaks-*.json >>"$LOG" 2>/dev/null || true
+# the device tool returns at most 8 files from $OUT: pack the results if they would not fit
+if (($(find "$OUT" -type f | wc -l) > 8)); then
+  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+fi
+echo "=== summary ($SECONDS s)"
+cat "$SUMMARY"

@@ -89,6 +89,19 @@ class Implementation:
     unsupported_reasons: Callable[..., list[str]]
 
 
+def _on_tensor_device(fn):
+    """Run a native CUDA implementation with its first tensor argument's device current: the
+    kernels launch on the current device, the tensors may live on another (cuda:1, ...)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 class Op:
     """One op with its implementations; call :meth:`select` then the implementation."""
 
@@ -101,7 +114,8 @@ class Op:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
 
         def wrap(fn):
-            self.impls[backend] = Implementation(backend, fn, unsupported_reasons or (lambda *a, **k: []))
+            call = _on_tensor_device(fn) if backend == "cuda" else fn
+            self.impls[backend] = Implementation(backend, call, unsupported_reasons or (lambda *a, **k: []))
             return fn
 
         return wrap

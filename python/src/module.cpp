@@ -26,4 +26,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_simd", &fimoda::cpu::philox_block_isa, "instruction set of the CPU Philox kernels");
   init_philox4x32(m);
   init_projection_matrix(m);
+  init_project(m);
 }

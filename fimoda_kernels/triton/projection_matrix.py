@@ -1,6 +1,7 @@
 """Projection matrix P (MATH.md §9) in Triton: one program per [BLOCK_R rows × BLOCK_G column
 groups] tile; each Philox call yields 4 Rademacher or 2 Gaussian columns, interleaved into the
-output tile with tl.join so stores stay contiguous along a row."""
+output tile with tl.join so stores stay contiguous along a row. :func:`p_tile` generates such a
+tile in registers; the projection kernels (``project.py``) use it too, so there is one P."""
 import torch
 import triton
 import triton.language as tl
@@ -16,14 +17,16 @@ def _gaussian(wa, wb, scale, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _projection_kernel(out, rows, k, k0, k1, row_offset, scale_ptr, GAUSSIAN: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+def p_tile(index, g, k0, k1, scale, GAUSSIAN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """P[index, g·PER_CALL : (g+1)·PER_CALL] as a [BLOCK_R, BLOCK_G·PER_CALL] tile in ``scale``'s dtype.
+
+    index: int64 [BLOCK_R] global parameter indices (rows of P); g: [BLOCK_G] column groups (one
+    Philox call each: 4 Rademacher or 2 Gaussian adjacent columns); k0, k1: the Philox key as
+    integer scalar tensors (kernels pass them with do_not_specialize, never as constexpr 1);
+    scale: 1/sqrt(k) rounded once on the host to the compute dtype, exactly as the other backends.
+    """
+    DTYPE: tl.constexpr = scale.dtype
     PER_CALL: tl.constexpr = 2 if GAUSSIAN else 4
-    DTYPE: tl.constexpr = out.dtype.element_ty
-    scale = tl.load(scale_ptr)  # 1/sqrt(k) rounded once on the host, exactly as the other backends
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    index = row_offset + r
     shape: tl.constexpr = (BLOCK_R, BLOCK_G)
     c0 = tl.broadcast_to(g[None, :].to(tl.uint32), shape)
     c1 = tl.broadcast_to((index & 0xFFFFFFFF).to(tl.uint32)[:, None], shape)
@@ -39,7 +42,17 @@ def _projection_kernel(out, rows, k, k0, k1, row_offset, scale_ptr, GAUSSIAN: tl
         # join appends a trailing axis: join(join(w0, w2), join(w1, w3)) flattens to w0 w1 w2 w3.
         vals = tl.join(tl.join(tl.where((w0 & 1) == 0, pos, -pos), tl.where((w2 & 1) == 0, pos, -pos)),
                        tl.join(tl.where((w1 & 1) == 0, pos, -pos), tl.where((w3 & 1) == 0, pos, -pos)))
-    vals = tl.reshape(vals, (BLOCK_R, BLOCK_G * PER_CALL))
+    return tl.reshape(vals, (BLOCK_R, BLOCK_G * PER_CALL))
+
+
+# k0/k1 never specialized: Triton turns an int argument equal to 1 into a constexpr (seed 1, 2^32, ...)
+@triton.jit(do_not_specialize=["k0", "k1"])
+def _projection_kernel(out, rows, k, k0, k1, row_offset, scale_ptr, GAUSSIAN: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    PER_CALL: tl.constexpr = 2 if GAUSSIAN else 4
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    vals = p_tile(row_offset + r, g, k0, k1, tl.load(scale_ptr), GAUSSIAN, BLOCK_R, BLOCK_G)
     j = tl.program_id(1).to(tl.int64) * (BLOCK_G * PER_CALL) + tl.arange(0, BLOCK_G * PER_CALL)
     mask = (r[:, None] < rows) & (j[None, :] < k)
     tl.store(out + r[:, None] * k + j[None, :], vals, mask=mask)

@@ -1,0 +1,284 @@
+"""Gradient inner products (MATH.md §3 Grad-Dot / Grad-Cos, §4 the factored "ghost" form).
+
+- :func:`grad_dot`: dense ``train [n, d] · test [m, d]ᵀ`` (full or projected gradients), optional
+  cosine normalization, optional streaming top-k over the training set;
+- :func:`grad_dot_factored`: Σ_layers ⟨S_iᵀA_i, S_jᵀA_j⟩_F from each Linear/Conv layer's inputs a
+  and output gradients s, never forming a per-sample gradient.
+
+Grad-Cos zero-norm rule: a pair in which either gradient has norm 0 scores 0 (not NaN).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import op
+from .._validate import FLOAT_DTYPES, check_int, check_tensor
+
+_CHUNK_BYTES = 16 * 2**20  # working set of the chunked cpu paths (output rows, temporaries)
+
+_GRAD_DOT = op("grad_dot")
+_GRAD_DOT_FACTORED = op("grad_dot_factored")
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
+    """1/‖g‖ from squared norms, 0 where the norm is 0 (the Grad-Cos zero-norm rule)."""
+    inv = sq.rsqrt()
+    return torch.where(sq > 0, inv, torch.zeros_like(inv))
+
+
+def cosine_normalize_(scores: torch.Tensor, sq_train: torch.Tensor, sq_test: torch.Tensor) -> torch.Tensor:
+    """In place: scores[i, j] /= ‖train_i‖ ‖test_j‖ given squared norms (0 for a zero norm)."""
+    return scores.mul_(_inv_norms(sq_train.to(scores.dtype))[:, None]).mul_(_inv_norms(sq_test.to(scores.dtype)))
+
+
+def _check_finite(out: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{what}: expected finite values, got NaN or Inf (the scores are not finite)")
+    return out
+
+
+# ----------------------------------------------------------------------------- dense
+
+def _grad_dot_reference(train: torch.Tensor, test: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """float64 train @ testᵀ, divided by the norms when ``normalize`` (zero-norm pairs → 0)."""
+    tr, te = train.double(), test.double()
+    out = tr @ te.T
+    if normalize:
+        cosine_normalize_(out, (tr * tr).sum(1), (te * te).sum(1))
+    return out
+
+
+def grad_dot(train: torch.Tensor, test: torch.Tensor, normalize: bool = False, topk: int | None = None,
+             backend: str | None = None):
+    """Grad-Dot (``normalize=False``) or Grad-Cos scores of every (train, test) pair.
+
+    Args:
+        train: ``[n, d]`` gradients (float32/16/bf16/64), one row per training point.
+        test: ``[m, d]`` gradients, same dtype and device.
+        normalize: divide by ‖train_i‖‖test_j‖ (norms computed from the same inputs); a zero
+            norm gives score 0.
+        topk: None for the full ``[n, m]`` matrix; K to stream over ``train`` in chunks and return
+            ``(values [m, K], indices [m, K])``: per test point the K largest scores, descending,
+            indices into ``train`` — memory O(chunk·m + K·m), never n × m.
+        backend: "cuda", "triton", "cpu", "torch" or None.
+
+    Returns:
+        ``[n, m]`` float32 (float64 for float64 inputs), or the top-k pair.
+
+    cpu: torch's GEMM (the machine's BLAS) into the output, then one scaling pass for Grad-Cos;
+    a fused native epilogue measured no faster (the epilogue is O(n·m), the GEMM O(n·m·d)).
+    """
+    check_tensor("train", train, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("test", test, ndim=2, dtypes=(train.dtype,), device=train.device)
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(f"test: expected [m, {train.shape[1]}] (train's d), got {tuple(test.shape)}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    impl = _GRAD_DOT.select(backend, train.device, train, test)
+    if topk is None:
+        return _check_finite(impl.fn(train, test, normalize), "train, test")
+    topk = check_int("topk", topk, min_value=1, max_value=max(1, train.shape[0]))
+    rows = max(1, _CHUNK_BYTES // (4 * max(1, test.shape[0])))
+    best_v = best_i = None
+    for i0 in range(0, train.shape[0], rows):
+        block = _check_finite(impl.fn(train[i0:i0 + rows], test, normalize), "train, test").T  # [m, c]
+        idx = torch.arange(i0, i0 + block.shape[1], device=block.device).expand_as(block)
+        if best_v is not None:
+            block, idx = torch.cat([best_v, block], 1), torch.cat([best_i, idx], 1)
+        best_v, pos = block.topk(min(topk, block.shape[1]), dim=1)
+        best_i = idx.gather(1, pos)
+    return best_v, best_i
+
+
+@_GRAD_DOT.register("torch")
+def _grad_dot_torch(train, test, normalize):
+    return _grad_dot_reference(train, test, normalize).to(_out_dtype(train.dtype))
+
+
+def _sq_norms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=1, dtype=dtype) ** 2
+
+
+@_GRAD_DOT.register("cpu")
+def _grad_dot_cpu(train, test, normalize):
+    dtype = _out_dtype(train.dtype)
+    tr, te = train.to(dtype), test.to(dtype)  # no copy for float32/float64 inputs
+    out = tr @ te.T
+    if normalize:
+        cosine_normalize_(out, _sq_norms(tr, dtype), _sq_norms(te, dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------- factored (ghost)
+
+def _layer_3d(where: str, l: int, a: torch.Tensor, s: torch.Tensor):
+    check_tensor(f"{where}[{l}] a", a, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor(f"{where}[{l}] s", s, ndim=(2, 3), dtypes=(a.dtype,), device=a.device)
+    if a.dim() != s.dim() or a.shape[0] != s.shape[0] or (a.dim() == 3 and a.shape[1] != s.shape[1]):
+        raise ValueError(f"{where}[{l}]: expected a [n, d_in], s [n, d_out] or a [n, T, d_in], s [n, T, d_out] "
+                         f"with the same n and T, got {tuple(a.shape)} and {tuple(s.shape)}")
+    return (a, s) if a.dim() == 3 else (a[:, None], s[:, None])
+
+
+def _factored_reference(train_layers, test_layers, normalize: bool = False) -> torch.Tensor:
+    """Materialize each layer's per-sample gradients S_iᵀA_i in float64 and take dense dots."""
+    def flat(layers):
+        return torch.cat([torch.einsum("nto,ntc->noc", s.double(), a.double()).flatten(1) for a, s in layers], 1)
+
+    return _grad_dot_reference(flat(train_layers), flat(test_layers), normalize)
+
+
+def _sequence_dot(a_tr, s_tr, a_te, s_te, dtype) -> torch.Tensor:
+    """T > 1 ghost form Σ_{t,u} (a_it·a_ju)(s_it·s_ju), chunked over train rows so the
+    [rows, m, T, T] product blocks stay within the working set. Runs on any device."""
+    n, T, _ = a_tr.shape
+    m, U, _ = a_te.shape
+    rows = max(1, _CHUNK_BYTES // (2 * 8 * max(1, m * T * U)))
+    a_te2, s_te2 = a_te.to(dtype).reshape(m * U, -1), s_te.to(dtype).reshape(m * U, -1)
+    out = torch.empty(n, m, dtype=dtype, device=a_tr.device)
+    for i0 in range(0, n, rows):
+        a, s = a_tr[i0:i0 + rows].to(dtype), s_tr[i0:i0 + rows].to(dtype)
+        c = a.shape[0]
+        aa = (a.reshape(c * T, -1) @ a_te2.T).view(c, T, m, U)
+        ss = (s.reshape(c * T, -1) @ s_te2.T).view(c, T, m, U)
+        out[i0:i0 + c] = (aa * ss).sum((1, 3))
+    return out
+
+
+def factored_sq_norms(layers, dtype) -> torch.Tensor:
+    """Σ_layers ‖S_iᵀA_i‖²_F per sample: ‖s‖²‖a‖² for T = 1, sum((S Sᵀ)∘(A Aᵀ)) for T > 1."""
+    total = 0
+    for a, s in layers:
+        a, s = a.to(dtype), s.to(dtype)
+        if a.shape[1] == 1:
+            total = total + (a[:, 0] * a[:, 0]).sum(1) * (s[:, 0] * s[:, 0]).sum(1)
+        else:
+            total = total + ((a @ a.transpose(1, 2)) * (s @ s.transpose(1, 2))).sum((1, 2))
+    return total
+
+
+def grad_dot_factored(train_layers, test_layers, normalize: bool = False,
+                      backend: str | None = None) -> torch.Tensor:
+    """Σ over layers of ⟨S_iᵀA_i, S_jᵀA_j⟩_F = sum((S_i S_jᵀ) ∘ (A_i A_jᵀ)) (MATH.md §4), ``[n, m]``.
+
+    Args:
+        train_layers / test_layers: lists (one entry per layer, same order and widths) of ``(a, s)``:
+            ``a [n, d_in]``, ``s [n, d_out]`` (T = 1) or ``[n, T, d_in]``, ``[n, T, d_out]`` — as
+            recorded by :func:`capture_linear` (``layer.a``, ``layer.s``; the bias folded into a as a
+            column of ones, so the bias gradient is included).
+        normalize: Grad-Cos with norms from the same factors (‖s‖·‖a‖ for T = 1); zero norm → 0.
+        backend: for the T = 1 layers (the fused kernel: both products per output tile, multiplied
+            and accumulated over layers in registers; cpu: torch GEMM tiles of ≤ 16 MiB with the
+            Hadamard product as epilogue). Layers with T > 1 use chunked torch batched GEMMs on the
+            tensors' device whatever the backend (cost O(n·m·T²·(d_in + d_out))).
+
+    Returns ``[n, m]`` float32 (float64 for float64 inputs).
+    """
+    for name, layers in (("train_layers", train_layers), ("test_layers", test_layers)):
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError(f"{name}: expected a non-empty list of (a, s) pairs, got {layers!r:.80}")
+    if len(train_layers) != len(test_layers):
+        raise ValueError(f"test_layers: expected {len(train_layers)} layers (as train_layers), got {len(test_layers)}")
+    tr = [_layer_3d("train_layers", l, *pair) for l, pair in enumerate(train_layers)]
+    te = [_layer_3d("test_layers", l, *pair) for l, pair in enumerate(test_layers)]
+    dtype, device = tr[0][0].dtype, tr[0][0].device
+    for l, ((a, s), (b, r)) in enumerate(zip(tr, te)):
+        if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
+            raise ValueError(f"layer {l}: expected every a, s in {dtype} on {device}, got "
+                             f"{a.dtype}/{b.dtype} on {a.device}/{b.device}")
+        if a.shape[2] != b.shape[2] or s.shape[2] != r.shape[2]:
+            raise ValueError(f"test_layers[{l}]: expected widths d_in={a.shape[2]}, d_out={s.shape[2]} "
+                             f"(as train_layers[{l}]), got {b.shape[2]}, {r.shape[2]}")
+        if a.shape[0] != tr[0][0].shape[0] or b.shape[0] != te[0][0].shape[0]:
+            raise ValueError(f"layer {l}: every layer must hold the same samples (n, m)")
+    out_dtype = _out_dtype(dtype)
+    single = [l for l in range(len(tr)) if tr[l][0].shape[1] == 1 and te[l][0].shape[1] == 1]
+    out = None
+    if single:
+        impl = _GRAD_DOT_FACTORED.select(backend, device, tr[0][0])
+        out = impl.fn([tr[l][0][:, 0] for l in single], [tr[l][1][:, 0] for l in single],
+                      [te[l][0][:, 0] for l in single], [te[l][1][:, 0] for l in single])
+    for l in range(len(tr)):
+        if l not in single:
+            part = _sequence_dot(*tr[l], *te[l], out_dtype)
+            out = part if out is None else out.add_(part)
+    if normalize:
+        cosine_normalize_(out, factored_sq_norms(tr, out_dtype), factored_sq_norms(te, out_dtype))
+    return _check_finite(out, "train_layers, test_layers")
+
+
+@_GRAD_DOT_FACTORED.register("torch")
+def _factored_torch(A, S, B, R):
+    return _factored_reference([(a[:, None], s[:, None]) for a, s in zip(A, S)],
+                               [(b[:, None], r[:, None]) for b, r in zip(B, R)]).to(_out_dtype(A[0].dtype))
+
+
+@_GRAD_DOT_FACTORED.register("cpu")
+def _factored_cpu(A, S, B, R):
+    dtype = _out_dtype(A[0].dtype)
+    n, m = A[0].shape[0], B[0].shape[0]
+    B, R = [b.to(dtype) for b in B], [r.to(dtype) for r in R]
+    out = torch.zeros(n, m, dtype=dtype)
+    rows = max(1, _CHUNK_BYTES // (2 * 4 * max(1, m)))
+    aa = torch.empty(min(rows, n), m, dtype=dtype)
+    ss = torch.empty_like(aa)
+    for i0 in range(0, n, rows):
+        c = min(rows, n - i0)
+        for a, s, b, r in zip(A, S, B, R):
+            torch.mm(a[i0:i0 + c].to(dtype), b.T, out=aa[:c])
+            torch.mm(s[i0:i0 + c].to(dtype), r.T, out=ss[:c])
+            out[i0:i0 + c].addcmul_(aa[:c], ss[:c])
+    return out
+
+
+# ----------------------------------------------------------------------------- GPU backends
+# Kernels: fimoda_kernels/triton/grad_dot.py and csrc/cuda/grad_dot.cu (bound in python/src/grad_dot.cpp).
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+@_GRAD_DOT.register("triton")
+def _grad_dot_triton(train, test, normalize):
+    from ..triton.grad_dot import grad_dot as kernel
+
+    return kernel(train.contiguous(), test.contiguous(), normalize)
+
+
+@_GRAD_DOT_FACTORED.register("triton")
+def _factored_triton(A, S, B, R):
+    from ..triton.grad_dot import grad_dot_factored as kernel
+
+    return kernel([a.contiguous() for a in A], [s.contiguous() for s in S],
+                  [b.contiguous() for b in B], [r.contiguous() for r in R])
+
+
+@_GRAD_DOT.register("cuda")
+def _grad_dot_cuda(train, test, normalize):
+    from .._dispatch import cuda_stream
+    from .._ext import _C
+
+    tr, te = train.contiguous(), test.contiguous()
+    out = torch.empty(tr.shape[0], te.shape[0], dtype=_out_dtype(tr.dtype), device=tr.device)
+    _C.grad_dot_cuda(tr.data_ptr(), te.data_ptr(), _DTYPE_CODE[tr.dtype], out.data_ptr(), tr.shape[0],
+                     te.shape[0], tr.shape[1], normalize, cuda_stream(tr.device))
+    return out
+
+
+@_GRAD_DOT_FACTORED.register("cuda")
+def _factored_cuda(A, S, B, R):
+    """One launch per layer, each adding (A Bᵀ)∘(S Rᵀ) into the output (accumulate=True after the first)."""
+    from .._dispatch import cuda_stream
+    from .._ext import _C
+
+    n, m = A[0].shape[0], B[0].shape[0]
+    out = torch.empty(n, m, dtype=_out_dtype(A[0].dtype), device=A[0].device)
+    stream = cuda_stream(out.device)
+    for l, (a, s, b, r) in enumerate(zip(A, S, B, R)):
+        a, s, b, r = a.contiguous(), s.contiguous(), b.contiguous(), r.contiguous()
+        _C.grad_dot_factored_cuda(a.data_ptr(), s.data_ptr(), b.data_ptr(), r.data_ptr(), _DTYPE_CODE[a.dtype],
+                                  out.data_ptr(), n, m, a.shape[1], s.shape[1], l > 0, stream)
+    return out

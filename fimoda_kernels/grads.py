@@ -330,6 +330,11 @@ class LinearCapture:
                 out.append(UncoveredParam(s.name, s.offset, s.numel, reason))
         return out
 
+    def bytes_per_sample(self) -> int:
+        """Bytes of the captured (a, s) of one sample (sizes sample chunks under a budget)."""
+        n = self.layers[0].a.shape[0] if self.layers else 1
+        return sum((l.a.numel() + l.s.numel()) * l.a.element_size() for l in self.layers) // max(1, n)
+
     # -- hooks
     def _forward_hook(self, rec: CapturedLayer, module, args, kwargs, out):
         x = args[0] if args else kwargs["input"]
@@ -396,6 +401,18 @@ class LinearCapture:
             if outs and total.requires_grad:
                 torch.autograd.grad(total, outs, allow_unused=True)  # the tensor hooks record s
         return self
+
+
+def for_sample_chunks(n: int, max_memory: int, fn, first: int = 8) -> None:
+    """Call ``fn(start, stop)`` over consecutive sample ranges covering ``range(n)``; ``fn`` returns
+    the bytes one sample used, which sizes the following chunks to ``max_memory`` (the first
+    chunk, of ``first`` samples, measures it)."""
+    start, chunk = 0, min(n, first)
+    while start < n:
+        stop = min(n, start + chunk)
+        per_sample = fn(start, stop)
+        start = stop
+        chunk = max(1, max_memory // max(1, int(per_sample)))
 
 
 def capture_linear(model: nn.Module) -> LinearCapture:

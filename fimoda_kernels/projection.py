@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._validate import check_choice, check_int
-from .grads import _check_batch, capture_linear, per_sample_grads
+from .grads import _check_batch, capture_linear, for_sample_chunks, per_sample_grads
 from .ops.project import KINDS, LINEAR_KINDS, project, project_linear
 
 
@@ -26,11 +26,6 @@ def _project_layer(layer, k, seed, kind, backend) -> torch.Tensor:
         s = layer.s if layer.s.dim() == 2 else layer.s.sum(1)
         out += project(s, k, seed, kind, layer.bias_offset, backend=backend)
     return out
-
-
-def _bytes_per_sample(cap) -> int:
-    n = cap.layers[0].a.shape[0] if cap.layers else 1
-    return sum((l.a.numel() + l.s.numel()) * l.a.element_size() for l in cap.layers) // max(1, n)
 
 
 def project_model(model: nn.Module, task, inputs: torch.Tensor, targets: torch.Tensor, k: int, seed: int,
@@ -55,9 +50,11 @@ def project_model(model: nn.Module, task, inputs: torch.Tensor, targets: torch.T
     max_memory = check_int("max_memory", max_memory, min_value=1)
     n = inputs.shape[0]
     cap = capture_linear(model)
-    out, start, chunk = None, 0, min(n, 8)  # a small first chunk measures the per-sample footprint
-    while start < n:
-        x, y = inputs[start:start + chunk], targets[start:start + chunk]
+    out = None
+
+    def chunk(start, stop):
+        nonlocal out
+        x, y = inputs[start:stop], targets[start:stop]
         cap.run(task, x, y, wrt)
         unc = cap.uncovered
         parts = [_project_layer(layer, k, seed, kind, backend) for layer in cap.layers]
@@ -71,8 +68,8 @@ def project_model(model: nn.Module, task, inputs: torch.Tensor, targets: torch.T
         block = torch.stack(parts).sum(0)
         if out is None:
             out = torch.empty(n, k, dtype=block.dtype, device=block.device)
-        out[start:start + block.shape[0]] = block
-        start += block.shape[0]
-        per_sample = _bytes_per_sample(cap) + 3 * sum(u.numel for u in unc) * block.element_size()
-        chunk = max(1, max_memory // max(1, per_sample))
+        out[start:stop] = block
+        return cap.bytes_per_sample() + 3 * sum(u.numel for u in unc) * block.element_size()
+
+    for_sample_chunks(n, max_memory, chunk)
     return out

@@ -150,12 +150,14 @@ def _sequence_dot(a_tr, s_tr, a_te, s_te, dtype) -> torch.Tensor:
 
 
 def factored_sq_norms(layers, dtype) -> torch.Tensor:
-    """Σ_layers ‖S_iᵀA_i‖²_F per sample: ‖s‖²‖a‖² for T = 1, sum((S Sᵀ)∘(A Aᵀ)) for T > 1."""
+    """Σ_layers ‖S_iᵀA_i‖²_F per sample: ‖s‖²‖a‖² for T = 1, sum((S Sᵀ)∘(A Aᵀ)) for T > 1.
+    ``layers``: (a, s) pairs, 2-D ([n, d]) or 3-D ([n, T, d])."""
     total = 0
     for a, s in layers:
         a, s = a.to(dtype), s.to(dtype)
-        if a.shape[1] == 1:
-            total = total + (a[:, 0] * a[:, 0]).sum(1) * (s[:, 0] * s[:, 0]).sum(1)
+        if a.dim() == 2 or a.shape[1] == 1:
+            a, s = a.reshape(a.shape[0], -1), s.reshape(s.shape[0], -1)
+            total = total + (a * a).sum(1) * (s * s).sum(1)
         else:
             total = total + ((a @ a.transpose(1, 2)) * (s @ s.transpose(1, 2))).sum((1, 2))
     return total

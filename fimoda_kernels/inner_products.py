@@ -1,0 +1,112 @@
+"""Grad-Dot / Grad-Cos scores of a model (MATH.md §3, §4) without materializing n × p gradients.
+
+Per captured Linear/Conv2d layer the cheaper of two exact forms is used, by FLOPs per (train,
+test) pair: the factored form sum((S_i S_jᵀ) ∘ (A_i A_jᵀ)) costs T_i·T_j·(d_in + d_out); the
+materialized form builds the layer's per-sample gradients (d_out × d_in each) and takes dense
+dots. Parameters the capture does not cover always use materialized per-sample gradients.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._validate import check_int
+from .grads import _check_batch, capture_linear, for_sample_chunks, per_sample_grads
+from .ops.grad_dot import cosine_normalize_, factored_sq_norms, grad_dot, grad_dot_factored
+
+
+def _check_pair(name: str, pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name}: expected an (inputs, targets) pair, got {type(pair).__name__}")
+    return pair
+
+
+def _choose_form(layer, T_test: int, n: int, m: int) -> str:
+    T = layer.T or 1
+    factored = T * T_test * (layer.d_in + layer.has_bias + layer.d_out)
+    materialized = layer.numel * (1 + (n * T + m * T_test) / max(1, n * m))  # dots + building G
+    return "factored" if factored <= materialized else "materialized"
+
+
+class _Side:
+    """One side (train chunk or test set): captured layers + materialized uncovered gradients."""
+
+    def __init__(self, model, task, x, y, wrt, max_memory):
+        self.cap = capture_linear(model).run(task, x, y, wrt)
+        unc = self.cap.uncovered
+        self.uncovered = per_sample_grads(model, task, x, y, wrt, max_memory,
+                                          param_names=[u.name for u in unc]) if unc else None
+
+    def dense(self, names):
+        """[n, Σ numel] of the materialized layers in ``names`` plus the uncovered parameters."""
+        blocks = [l.per_sample_grads() for l in self.cap.layers if l.name in names]
+        if self.uncovered is not None:
+            blocks.append(self.uncovered)
+        return torch.cat(blocks, 1) if blocks else None
+
+
+def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False, wrt: str = "loss",
+                   max_memory: int = 2**30, backend: str | None = None, return_info: bool = False):
+    """Grad-Dot (or Grad-Cos with ``normalize=True``) scores ``[n_train, n_test]`` of ``model``.
+
+    Args:
+        train, test: ``(inputs, targets)`` pairs. task, wrt: as in :func:`per_sample_grads`
+            (call ``model.eval()``). normalize: Grad-Cos over the whole parameter vector (zero
+            norm → 0). max_memory: bytes for one chunk of training samples' captured activations and
+            materialized gradients (the test set is captured once). backend: for the kernels.
+        return_info: also return ``{"layers": {name: "factored" | "materialized"},
+            "uncovered": [parameter names]}`` — which form each layer used.
+
+    Peak memory ≈ n_train·n_test·4 (output) + the test set's captured activations and
+    materialized gradients + max_memory.
+    """
+    x_tr, y_tr = _check_pair("train", train)
+    x_te, y_te = _check_pair("test", test)
+    _check_batch(model, task, x_tr, y_tr, wrt)
+    _check_batch(model, task, x_te, y_te, wrt)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    max_memory = check_int("max_memory", max_memory, min_value=1)
+    n, m = x_tr.shape[0], x_te.shape[0]
+    te = _Side(model, task, x_te, y_te, wrt, max_memory)
+    t_test = {l.name: l.T or 1 for l in te.cap.layers}
+    forms = {l.name: _choose_form(l, t_test[l.name], n, m) for l in te.cap.layers}
+    materialized = {name for name, f in forms.items() if f == "materialized"}
+    te_dense = te.dense(materialized)
+    te_factored = [(l.a, l.s) for l in te.cap.layers if l.name not in materialized]
+    out = sq_tr = None
+
+    def chunk(start, stop):
+        nonlocal out, sq_tr
+        tr = _Side(model, task, x_tr[start:stop], y_tr[start:stop], wrt, max_memory)
+        if [l.name for l in tr.cap.layers] != list(forms):
+            raise RuntimeError("model: the captured layers differ between the train and test batches "
+                               f"({[l.name for l in tr.cap.layers]} vs {list(forms)})")
+        tr_factored = [(l.a, l.s) for l in tr.cap.layers if l.name not in materialized]
+        tr_dense = tr.dense(materialized)
+        parts, sq = [], []
+        if tr_factored:
+            parts.append(grad_dot_factored(tr_factored, te_factored, backend=backend))
+            sq.append(factored_sq_norms(tr_factored, parts[-1].dtype))
+        if tr_dense is not None:
+            parts.append(grad_dot(tr_dense, te_dense, backend=backend))
+            sq.append(torch.linalg.vector_norm(tr_dense, dim=1, dtype=parts[-1].dtype) ** 2)
+        block = torch.stack(parts).sum(0)
+        if out is None:
+            out = torch.empty(n, m, dtype=block.dtype, device=block.device)
+            sq_tr = torch.empty(n, dtype=block.dtype, device=block.device)
+        out[start:stop], sq_tr[start:stop] = block, torch.stack(sq).sum(0)
+        dense_bytes = 0 if tr_dense is None else tr_dense[0].numel() * tr_dense.element_size()
+        return tr.cap.bytes_per_sample() + dense_bytes
+
+    for_sample_chunks(n, max_memory, chunk)
+    if normalize:
+        sq_te = 0
+        if te_factored:
+            sq_te = factored_sq_norms(te_factored, out.dtype)
+        if te_dense is not None:
+            sq_te = sq_te + torch.linalg.vector_norm(te_dense, dim=1, dtype=out.dtype) ** 2
+        cosine_normalize_(out, sq_tr, sq_te)
+    if return_info:
+        return out, {"layers": forms, "uncovered": [u.name for u in te.cap.uncovered]}
+    return out

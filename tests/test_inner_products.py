@@ -1,0 +1,61 @@
+"""grad_dot_model == grad_dot of torch.func per-sample gradients, with either form per layer."""
+import pytest
+import torch
+
+import fimoda_kernels as fk
+import fimoda_kernels.inner_products as ip
+from test_projection import CASES
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("form", ["auto", "factored", "materialized"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_equals_dense_on_per_sample_grads(case, form, normalize, monkeypatch):
+    if form != "auto":
+        monkeypatch.setattr(ip, "_choose_form", lambda *a: form)
+    make, data, task = CASES[case]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x, y = data(torch.Generator().manual_seed(1))
+    x = x.double()
+    y = y.double() if task == "mse" else y
+    n = x.shape[0] - 3
+    out, info = fk.grad_dot_model(model, task, (x[:n], y[:n]), (x[n:], y[n:]), normalize, return_info=True)
+    G = fk.per_sample_grads(model, task, x, y)
+    assert out.shape == (n, 3) and out.dtype == torch.float64
+    assert torch.allclose(out, fk.grad_dot(G[:n], G[n:], normalize), rtol=1e-9, atol=1e-12)
+    if form != "auto":
+        assert set(info["layers"].values()) == {form}
+
+
+def test_form_choice_follows_flops():
+    """A wide MLP layer (T = 1) is factored; a conv with many positions and few weights is not."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
+    x, y = torch.randn(10, 64), torch.randn(10)
+    _, info = fk.grad_dot_model(mlp, "mse", (x, y), (x[:4], y[:4]), return_info=True)
+    assert set(info["layers"].values()) == {"factored"}
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 14 * 14, 1))
+    x, y = torch.randn(6, 1, 16, 16), torch.randn(6)
+    _, info = fk.grad_dot_model(cnn, "mse", (x, y), (x[:2], y[:2]), return_info=True)
+    assert info["layers"]["0"] == "materialized"  # T = 196: T² (d_in + d_out) ≫ d_out·d_in = 18
+
+
+def test_chunking_same_result():
+    make, data, task = CASES["cnn"]
+    torch.manual_seed(0)
+    model = make().eval()
+    x, y = data(torch.Generator().manual_seed(2))
+    whole = fk.grad_dot_model(model, task, (x, y), (x[:3], y[:3]), True)
+    chunked = fk.grad_dot_model(model, task, (x, y), (x[:3], y[:3]), True, max_memory=1500)
+    assert torch.allclose(whole, chunked, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input():
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(4, 3), torch.randn(4)
+    with pytest.raises(TypeError, match="train: expected an \\(inputs, targets\\) pair"):
+        fk.grad_dot_model(model, "mse", x, (x, y))
+    with pytest.raises(ValueError, match="targets: expected 4 samples"):
+        fk.grad_dot_model(model, "mse", (x, y), (x, y[:2]))
+    with pytest.raises(TypeError, match="normalize: expected a bool"):
+        fk.grad_dot_model(model, "mse", (x, y), (x, y), normalize="yes")

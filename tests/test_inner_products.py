@@ -4,7 +4,7 @@ import torch
 
 import fimoda_kernels as fk
 import fimoda_kernels.inner_products as ip
-from test_projection import CASES
+from test_projection import CASES, float64_case
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -13,12 +13,7 @@ from test_projection import CASES
 def test_equals_dense_on_per_sample_grads(case, form, normalize, monkeypatch):
     if form != "auto":
         monkeypatch.setattr(ip, "_choose_form", lambda *a: form)
-    make, data, task = CASES[case]
-    torch.manual_seed(0)
-    model = make().double().eval()
-    x, y = data(torch.Generator().manual_seed(1))
-    x = x.double()
-    y = y.double() if task == "mse" else y
+    model, task, x, y = float64_case(case)
     n = x.shape[0] - 3
     out, info = fk.grad_dot_model(model, task, (x[:n], y[:n]), (x[n:], y[n:]), normalize, return_info=True)
     G = fk.per_sample_grads(model, task, x, y)

@@ -35,16 +35,20 @@ CASES = {
 }
 
 
+def float64_case(case, seed=1):
+    """(model, task, inputs, targets) of CASES[case] in float64, eval mode."""
+    make, data, task = CASES[case]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x, y = data(torch.Generator().manual_seed(seed))
+    return model, task, x.double(), (y.double() if task == "mse" else y)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("wrt", ["loss", "output"])
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_equals_projected_per_sample_grads(case, wrt, kind):
-    make, data, task = CASES[case]
-    torch.manual_seed(0)
-    model = make().double().eval()
-    x, y = data(torch.Generator().manual_seed(1))
-    x = x.double()
-    y = y.double() if task == "mse" else y
+    model, task, x, y = float64_case(case)
     out = fk.project_model(model, task, x, y, 37, 11, wrt=wrt, kind=kind)
     want = fk.project(fk.per_sample_grads(model, task, x, y, wrt=wrt), 37, 11, kind)
     assert out.shape == (x.shape[0], 37) and out.dtype == torch.float64
@@ -65,11 +69,7 @@ def test_float32_model_and_chunking():
 
 
 def test_kronecker_model():
-    make, data, task = CASES["mlp"]
-    torch.manual_seed(0)
-    model = make().double().eval()
-    x, y = data(torch.Generator().manual_seed(3))
-    x, y = x.double(), y.double()
+    model, task, x, y = float64_case("mlp", seed=3)
     out = fk.project_model(model, task, x, y, 64, 5, kind="kronecker")
     assert out.shape == (21, 64) and torch.isfinite(out).all()
     # layer by layer it is project_linear's Kronecker form; the LayerNorm goes through Rademacher

@@ -20,7 +20,8 @@ import torch
 
 from .._dispatch import op
 from .._validate import FLOAT_DTYPES, check_choice, check_int, check_tensor
-from .projection_matrix import _MAX_INDEX, _projection_matrix_reference, projection_matrix
+from .projection_matrix import (_MAX_INDEX, _fill_projection_matrix, _projection_matrix_reference,
+                                projection_matrix)
 
 KINDS = ("rademacher", "gaussian")
 LINEAR_KINDS = KINDS + ("kronecker",)
@@ -95,11 +96,16 @@ def _project_torch(grads, k, seed, kind, row_offset):
 
 
 def _chunked(blocks, n, k, seed, kind, dtype, device, backend):
-    """Σ over (row_offset, X) blocks of X @ P[row_offset : row_offset + X.shape[1]] with P tiles from
-    ``projection_matrix`` on ``backend``: the shared engine of the cpu path."""
+    """Σ over (row_offset, X) blocks of X @ P[row_offset : row_offset + X.shape[1]], P tiles generated
+    by ``backend`` into one reused buffer (no allocation or page faults per tile): the shared engine
+    of the cpu path. Blocks hold at most ``_tile_rows(k)`` columns."""
     out = torch.zeros(n, k, dtype=dtype, device=device)
+    tile = None
     for offset, X in blocks:
-        P = projection_matrix(X.shape[1], k, seed, kind, offset, dtype=dtype, device=device, backend=backend)
+        rows = X.shape[1]
+        if tile is None or tile.shape[0] < rows:
+            tile = torch.empty(rows, k, dtype=dtype, device=device)
+        P = _fill_projection_matrix(tile[:rows], seed, kind, offset, backend)
         out.addmm_(X.to(dtype), P)
     return out
 

@@ -86,10 +86,19 @@ def projection_matrix(p: int, k: int, seed: int, kind: str = "rademacher", row_o
         impl.fn(out, seed, kind, row_offset)
         return out
     block = max(1, _CAST_CHUNK_BYTES // (4 * k))
+    part = torch.empty(min(block, p), k, dtype=torch.float32, device=device)  # reused staging block
     for r0 in range(0, p, block):
-        part = torch.empty(min(block, p - r0), k, dtype=torch.float32, device=device)
-        impl.fn(part, seed, kind, row_offset + r0)
-        out[r0:r0 + part.shape[0]] = part
+        rows = min(block, p - r0)
+        impl.fn(part[:rows], seed, kind, row_offset + r0)
+        out[r0:r0 + rows] = part[:rows]
+    return out
+
+
+def _fill_projection_matrix(out: torch.Tensor, seed: int, kind: str, row_offset: int,
+                            backend: str | None = None) -> torch.Tensor:
+    """Write P[row_offset : row_offset + rows] into the contiguous float32/float64 ``out``
+    (arguments already validated): lets tiled callers reuse one tile buffer."""
+    _OP.select(backend, out.device, out.dtype).fn(out, seed, kind, row_offset)
     return out
 
 

@@ -6,20 +6,18 @@
 //                  with a bias, X[i, d_out·d_in + o] = Σ_t s[i,t,o]; formed per K-step in shared
 //                  memory, never written to global memory.
 //
-// Tiling: a block of 256 threads computes a kBM × kBN = 64 × 64 tile of out, each thread a 4 × 4
-// register micro-tile (rows 4·ty .. 4·ty+3, columns 4·tx .. 4·tx+3). Per K-step of kBK = 32 parameter
-// rows the block (a) forms the X tile [kBM, kBK] in shared memory, transposed (Xs[kk][m]) and converted
-// to the compute type, (b) generates the P tile [kBK, kBN] with whole Philox calls (one call = 4
-// Rademacher or 2 Gaussian adjacent columns, exactly the counter layout of projection_matrix),
-// (c) __syncthreads, multiplies, __syncthreads. No tensor cores: fp32 FMA (fp64 for float64 inputs).
+// Tiling (the micro-tile GEMM machinery of tile_gemm.cuh): a block of 256 threads computes a
+// kBM × kBN = 64 × 64 tile of out, each thread a 4 × 4 register micro-tile (rows 4·ty .. 4·ty+3,
+// columns 4·tx .. 4·tx+3). Per K-step of kBK = 32 parameter rows the block (a) forms the X tile
+// [kBM, kBK] in shared memory, transposed (Xs[kk][m]) and converted to the compute type, (b) generates
+// the P tile [kBK, kBN] with whole Philox calls (one call = 4 Rademacher or 2 Gaussian adjacent
+// columns, exactly the counter layout of projection_matrix), (c) __syncthreads, multiplies,
+// __syncthreads. No tensor cores: fp32 FMA (fp64 for float64 inputs).
 //
 // Split-K: when the n × k output has fewer than kTargetBlocks tiles, the p range is split over
 // gridDim.z; each split writes its own [n, k] slice of a scratch buffer (cudaMallocAsync on the
 // caller's stream) and a second kernel sums the slices in a fixed order. The split count depends only
 // on (n, p, k), not on the device, so results are bitwise reproducible. No atomics.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -27,61 +25,13 @@
 #include "common.cuh"
 #include "fimoda/cuda.h"
 #include "fimoda/philox.h"
+#include "tile_gemm.cuh"
 
 namespace fimoda::cuda {
 namespace {
 
-constexpr int kBM = 64;       // output rows (samples) per block tile
-constexpr int kBN = 64;       // output columns (projection dims) per block tile
-constexpr int kBK = 32;       // parameter rows per K-step
-constexpr int kThreads = 256; // 16 × 16 threads, 4 × 4 outputs each
-constexpr int kXPad = 4;      // Xs row padding: conflict-free transposed stores, 16-byte aligned rows
-constexpr int64_t kTargetBlocks = 4 * 132;   // ≈ 4 blocks per SM of an H100/H200
-constexpr int64_t kMinKTilesPerSplit = 8;    // a split covers at least 8 · kBK = 256 parameters
-
-static_assert(kThreads == (kBM / 4) * (kBN / 4), "one 4x4 micro-tile per thread");
-static_assert(kBM == 64 && kBK % 8 == 0, "the X-tile load mapping assumes kBM = 64, kBK % 8 == 0");
 static_assert((kBK * (kBN / 4)) % kThreads == 0 && (kBK * (kBN / 2)) % kThreads == 0,
               "whole Philox calls per thread");
-
-template <typename In>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-// Shared-memory vector loads/stores; every address passed is 16-byte aligned (4 elements) or
-// 8/16-byte aligned (2 elements) by construction of the tile layouts.
-__device__ __forceinline__ void load4(const float* p, float v[4]) {
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
-}
-__device__ __forceinline__ void load4(const double* p, double v[4]) {
-  const double2 a = reinterpret_cast<const double2*>(p)[0];
-  const double2 b = reinterpret_cast<const double2*>(p)[1];
-  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-}
-__device__ __forceinline__ void store4(float* p, const float v[4]) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-__device__ __forceinline__ void store4(double* p, const double v[4]) {
-  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
-  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
-}
-__device__ __forceinline__ void store2(float* p, float a, float b) {
-  *reinterpret_cast<float2*>(p) = make_float2(a, b);
-}
-__device__ __forceinline__ void store2(double* p, double a, double b) {
-  *reinterpret_cast<double2*>(p) = make_double2(a, b);
-}
 
 // q = x / d, r = x % d for x >= 0, d >= 1; the 32-bit divide when both fit (the common case).
 __device__ __forceinline__ void divmod(int64_t x, int64_t d, int64_t& q, int64_t& r) {
@@ -97,23 +47,8 @@ __device__ __forceinline__ void divmod(int64_t x, int64_t d, int64_t& q, int64_t
 }
 
 // ---------------------------------------------------------------------------- X-tile loaders
-// column(pp): what a thread needs about parameter row pp (0 <= pp < p), computed once per K-step;
-// load(i, col): X[i, pp] in the compute type, for 0 <= i < n.
-
-template <typename In>
-struct DenseLoader {
-  using Acc = typename AccOf<In>::type;
-  struct Col {
-    int64_t pp;
-  };
-  const In* grads;  // [n, p]
-  int64_t p;
-
-  __device__ __forceinline__ Col column(int64_t pp) const { return {pp}; }
-  __device__ __forceinline__ Acc load(int64_t i, const Col& col) const {
-    return to_acc(grads[i * p + col.pp]);
-  }
-};
+// The Loader interface of tile_gemm.cuh over parameter rows pp (0 <= pp < p) and samples i (0 <= i < n):
+// DenseLoader (tile_gemm.cuh) reads grads [n, p]; LinearLoader forms the Linear weight gradient entry.
 
 template <typename In>
 struct LinearLoader {
@@ -157,14 +92,12 @@ project_gemm_kernel(Loader loader, typename Loader::Acc* __restrict__ out, int64
                     int64_t k, int64_t tiles_n, int64_t tiles, int64_t k_tiles, int64_t kt_per_split,
                     uint32_t key0, uint32_t key1, uint64_t row_offset, typename Loader::Acc scale) {
   using Acc = typename Loader::Acc;
-  __shared__ __align__(16) Acc Xs[kBK][kBM + kXPad];  // X tile, transposed: Xs[kk][m]
-  __shared__ __align__(16) Acc Ps[kBK][kBN];          // P tile: Ps[kk][jj]
+  __shared__ __align__(16) Acc Xs[kBK][kLdT];  // X tile, transposed: Xs[kk][m]
+  __shared__ __align__(16) Acc Ps[kBK][kBN];   // P tile: Ps[kk][jj]
 
   const int tid = threadIdx.x;
-  const int tx = tid % (kBN / 4), ty = tid / (kBN / 4);
-  // X-tile load mapping: a warp covers 8 consecutive kk × 4 consecutive m, so the transposed stores
-  // hit 32 distinct banks (row stride kBM + 4) and global reads are 4 row segments of 8 elements.
-  const int kk_lo = tid & 7, m_lo = tid >> 3;  // m_lo in [0, 32)
+  const int tx = micro_tx(tid), ty = micro_ty(tid);
+  const LoadLane lane = load_lane(tid);
 
   const int64_t kt_begin = int64_t(blockIdx.z) * kt_per_split;
   const int64_t kt_end = kt_begin + kt_per_split < k_tiles ? kt_begin + kt_per_split : k_tiles;
@@ -174,28 +107,13 @@ project_gemm_kernel(Loader loader, typename Loader::Acc* __restrict__ out, int64
     const int64_t tm = tile / tiles_n;
     const int64_t m0 = tm * kBM, n0 = (tile - tm * tiles_n) * kBN;
     Acc acc[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[r][c] = Acc(0);
+    zero_micro_tile(acc);
 
     for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
       const int64_t p0 = kt * kBK;
 
       // (a) X tile [kBM, kBK] -> Xs[kk][m], zeros outside [0, n) × [0, p).
-#pragma unroll
-      for (int kh = 0; kh < kBK / 8; ++kh) {
-        const int kk = kh * 8 + kk_lo;
-        const int64_t pp = p0 + kk;
-        const bool col_ok = pp < p;
-        const typename Loader::Col col = loader.column(col_ok ? pp : 0);
-#pragma unroll
-        for (int mh = 0; mh < kBM / 32; ++mh) {
-          const int m = m_lo + 32 * mh;
-          const int64_t i = m0 + m;
-          Xs[kk][m] = (col_ok && i < n) ? loader.load(i, col) : Acc(0);
-        }
-      }
+      load_tile_transposed(loader, Xs, m0, n, p0, p, lane);
 
       // (b) P tile [kBK, kBN] -> Ps[kk][jj]: rows row_offset + p0 + kk, columns n0 + jj; zeros past p, k.
       if constexpr (kKind == kRademacher) {
@@ -238,54 +156,13 @@ project_gemm_kernel(Loader loader, typename Loader::Acc* __restrict__ out, int64
       __syncthreads();
 
       // (c) acc[r][c] += Σ_kk X[4ty + r, kk] · P[kk, 4tx + c]
-#pragma unroll
-      for (int kk = 0; kk < kBK; ++kk) {
-        Acc x[4], w[4];
-        load4(&Xs[kk][4 * ty], x);
-        load4(&Ps[kk][4 * tx], w);
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[r][c] += x[r] * w[c];
-      }
+      multiply_micro_tile(Xs, Ps, tx, ty, acc);
       __syncthreads();  // before the next K-step (or tile) overwrites Xs, Ps
     }
 
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int64_t i = m0 + 4 * ty + r;
-      if (i >= n) continue;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int64_t j = n0 + 4 * tx + c;
-        if (j < k) dst[i * k + j] = acc[r][c];
-      }
-    }
+    store_micro_tile(acc, dst, m0, n0, n, k, tx, ty);
   }
 }
-
-// out[e] = Σ_{z = 0 .. splits-1} partial[z·nk + e], always in that order (deterministic).
-template <typename Acc>
-__global__ void reduce_splits_kernel(const Acc* __restrict__ partial, Acc* __restrict__ out, int64_t nk,
-                                     int64_t splits) {
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < nk;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    Acc sum = partial[e];
-    for (int64_t z = 1; z < splits; ++z) sum += partial[z * nk + e];
-    out[e] = sum;
-  }
-}
-
-// Frees a stream-ordered allocation on every exit path (also when a later check throws).
-struct AsyncBuffer {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  ~AsyncBuffer() {
-    if (ptr) cudaFreeAsync(ptr, stream);
-  }
-};
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <class Loader>
 void launch_project(const Loader& loader, typename Loader::Acc* out, int64_t n, int64_t p, int64_t k,
@@ -300,24 +177,11 @@ void launch_project(const Loader& loader, typename Loader::Acc* out, int64_t n, 
   const int64_t tiles_n = ceil_div(k, kBN);
   const int64_t tiles = ceil_div(n, kBM) * tiles_n;
   const int64_t k_tiles = ceil_div(p, kBK);
-  int64_t splits = 1;
-  if (tiles < kTargetBlocks) {
-    splits = ceil_div(kTargetBlocks, tiles);
-    const int64_t most = ceil_div(k_tiles, kMinKTilesPerSplit);
-    if (splits > most) splits = most;
-    if (splits < 1) splits = 1;
-  }
-  const int64_t kt_per_split = ceil_div(k_tiles, splits);
-  splits = ceil_div(k_tiles, kt_per_split);  // no empty split; still <= kTargetBlocks
+  const SplitPlan plan = plan_splits(tiles, k_tiles);
+  const int64_t splits = plan.splits, kt_per_split = plan.kt_per_split;
 
   AsyncBuffer scratch;
-  Acc* target = out;
-  if (splits > 1) {
-    scratch.stream = stream;
-    check(cudaMallocAsync(&scratch.ptr, sizeof(Acc) * size_t(splits) * size_t(n) * size_t(k), stream),
-          what);
-    target = static_cast<Acc*>(scratch.ptr);
-  }
+  Acc* target = split_target(scratch, out, splits, n, k, stream, what);
   const dim3 grid(static_cast<unsigned int>(tiles < INT_MAX ? tiles : INT_MAX), 1,
                   static_cast<unsigned int>(splits));
   const uint32_t key0 = lo32(seed), key1 = hi32(seed);
@@ -329,11 +193,7 @@ void launch_project(const Loader& loader, typename Loader::Acc* out, int64_t n, 
         loader, target, n, p, k, tiles_n, tiles, k_tiles, kt_per_split, key0, key1, row_offset, Acc(scale));
   }
   check(cudaGetLastError(), what);
-  if (splits > 1) {
-    const int64_t nk = n * k;
-    reduce_splits_kernel<Acc><<<grid_for(nk, 256), 256, 0, stream>>>(target, out, nk, splits);
-    check(cudaGetLastError(), what);
-  }
+  reduce_splits(target, out, n, k, splits, stream, what);
 }
 
 void check_args(int dtype, int kind, int64_t n, int64_t k, const char* what) {

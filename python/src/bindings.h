@@ -15,3 +15,4 @@ inline T* ptr(std::uintptr_t address) {
 void init_philox4x32(py::module_& m);
 void init_projection_matrix(py::module_& m);
 void init_project(py::module_& m);
+void init_grad_dot(py::module_& m);

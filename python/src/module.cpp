@@ -27,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   init_philox4x32(m);
   init_projection_matrix(m);
   init_project(m);
+  init_grad_dot(m);
 }

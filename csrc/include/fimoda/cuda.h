@@ -30,4 +30,17 @@ void project_linear(const void* a, const void* s, int dtype, void* out, int64_t 
                     int64_t d_out, bool bias, int64_t k, uint64_t seed, int kind, uint64_t row_offset,
                     double scale, std::uintptr_t stream);
 
+// out[n, m] = train[n, d] @ test[m, d]ᵀ (MATH.md §3 Grad-Dot); with normalize divided by
+// ‖train_i‖ ‖test_j‖ (Grad-Cos; the norms from the same inputs in the same pass; a zero norm gives 0).
+// train, test contiguous, dtype as project; out [n, m] float32 (float64 for dtype 3), overwritten;
+// fp32 accumulation (fp64 for dtype 3); deterministic (no atomics).
+void grad_dot(const void* train, const void* test, int dtype, void* out, int64_t n, int64_t m, int64_t d,
+              bool normalize, std::uintptr_t stream);
+
+// One Linear layer with T = 1 (MATH.md §4): out[i, j] = (a_i·b_j)(s_i·r_j), or out[i, j] += that with
+// accumulate. a [n, d_in], s [n, d_out], b [m, d_in], r [m, d_out] contiguous, dtype as project; out
+// [n, m] float32 (float64 for dtype 3); no n × m temporaries; deterministic (no atomics).
+void grad_dot_factored(const void* a, const void* s, const void* b, const void* r, int dtype, void* out, int64_t n,
+                       int64_t m, int64_t d_in, int64_t d_out, bool accumulate, std::uintptr_t stream);
+
 }  // namespace fimoda::cuda

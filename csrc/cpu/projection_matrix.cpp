@@ -1,31 +1,55 @@
 // Projection matrix P (MATH.md §9) generated row by row, OpenMP over rows. Each row takes
 // blocks of kBlock consecutive Philox calls (philox_simd.h), each call giving 4 Rademacher or
-// 2 Gaussian columns.
+// 2 Gaussian columns. Float32 Gaussian entries are converted a whole block at a time by the
+// vectorized Box–Muller of fast_math.h (same instruction set as the Philox, identical bits on
+// each); float64 ones keep gaussian_entry<double> (libm log/cos, the reference's formula).
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
+#include "fast_math.h"
 #include "fimoda/cpu.h"
 #include "philox_simd.h"
 
 namespace fimoda::cpu {
 namespace {
 
+// Float32 Gaussian entries of one Philox block: out[2l + h] from words (2h, 2h + 1) of lane l.
+using GaussianBlockFn = void (*)(const PhiloxBlock&, float, float*);
+
+GaussianBlockFn gaussian_block_impl() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* isa = philox_block_isa();  // follows FIMODA_SIMD and the CPU, like the Philox
+  if (!std::strcmp(isa, "avx512")) return fastmath::gaussian_block_avx512<kBlock>;
+  if (!std::strcmp(isa, "avx2")) return fastmath::gaussian_block_avx2<kBlock>;
+#endif
+  return fastmath::gaussian_block_generic<kBlock>;
+}
+
 template <typename T, int kKind>
-void fill_row(PhiloxBlockFn philox, T* row, int64_t k, uint64_t index, uint32_t k0, uint32_t k1, T scale) {
+void fill_row(PhiloxBlockFn philox, GaussianBlockFn gaussian_f32, T* row, int64_t k, uint64_t index,
+              uint32_t k0, uint32_t k1, T scale) {
   constexpr int kPerCall = kKind == kRademacher ? 4 : 2;
+  constexpr int kPerBlock = kBlock * kPerCall;
   const int64_t groups = (k + kPerCall - 1) / kPerCall;  // < 2^32: k < 2^32 is checked in Python
   PhiloxBlock w;
-  T vals[kBlock * kPerCall];
+  T vals[kPerBlock];
   for (int64_t g0 = 0; g0 < groups; g0 += kBlock) {
     philox(uint32_t(g0), lo32(index), hi32(index), kKind == kRademacher ? 0u : 1u, k0, k1, w);
-    for (int l = 0; l < kBlock; ++l) {
-      for (int q = 0; q < kPerCall; ++q) {
-        vals[l * kPerCall + q] = kKind == kRademacher
-                                     ? rademacher_entry<T>(w[q][l], scale)
-                                     : gaussian_entry<T>(w[2 * q][l], w[2 * q + 1][l], scale);
+    const int64_t j0 = g0 * kPerCall;
+    const bool whole = k - j0 >= kPerBlock;
+    T* dst = whole ? row + j0 : vals;  // the last, partial block goes through vals
+    if constexpr (kKind == kGaussian && std::is_same_v<T, float>) {
+      gaussian_f32(w, scale, dst);
+    } else {
+      for (int l = 0; l < kBlock; ++l) {
+        for (int q = 0; q < kPerCall; ++q) {
+          dst[l * kPerCall + q] = kKind == kRademacher ? rademacher_entry<T>(w[q][l], scale)
+                                                       : gaussian_entry<T>(w[2 * q][l], w[2 * q + 1][l], scale);
+        }
       }
     }
-    const int64_t j0 = g0 * kPerCall;
-    std::copy(vals, vals + std::min<int64_t>(kBlock * kPerCall, k - j0), row + j0);
+    if (!whole) std::copy(vals, vals + (k - j0), row + j0);
   }
 }
 
@@ -36,13 +60,14 @@ void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind,
                        double scale) {
   const uint32_t k0 = lo32(seed), k1 = hi32(seed);
   const PhiloxBlockFn philox = philox_block_impl();
+  const GaussianBlockFn gaussian_f32 = gaussian_block_impl();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t index = row_offset + uint64_t(r);
     if (kind == kRademacher) {
-      fill_row<T, kRademacher>(philox, out + r * k, k, index, k0, k1, T(scale));
+      fill_row<T, kRademacher>(philox, gaussian_f32, out + r * k, k, index, k0, k1, T(scale));
     } else {
-      fill_row<T, kGaussian>(philox, out + r * k, k, index, k0, k1, T(scale));
+      fill_row<T, kGaussian>(philox, gaussian_f32, out + r * k, k, index, k0, k1, T(scale));
     }
   }
 }

@@ -124,6 +124,40 @@ def test_distribution():
     assert abs(g.var().item() - 1) < 0.02
 
 
+def test_gaussian_float32_cpu_tight():
+    """CPU float32 Gaussian entries (vectorized Box–Muller of csrc/cpu/fast_math.h) are within a few
+    float32 ulps of the float64 ones, also as u1 -> 1, where float(w) + 1 rounds to 1 (~100 of these
+    2^21 entries have -2 ln u1 < 1e-4)."""
+    p, k, seed, offset = 4096, 512, 0xC0FFEE, 2**36 + 3
+    want = projection_matrix(p, k, seed, "gaussian", offset, dtype=torch.float64, backend="cpu") * math.sqrt(k)
+    sample = reference(16, k, seed, "gaussian", offset + 100, dtype=torch.float64) * math.sqrt(k)
+    assert torch.allclose(want[100:116], sample, rtol=1e-13, atol=1e-15)  # the float64 path is the reference
+    got = projection_matrix(p, k, seed, "gaussian", offset, backend="cpu").double() * math.sqrt(k)
+    err = (got - want).abs()
+    # measured 2.6e-7 and 5.6e-8; float(w) + 1 with logf/cosf (gaussian_entry<float>): 1.5e-5 and 1.7e-7
+    assert float((err / want.abs().clamp(min=1)).max()) < 5e-7
+    assert float(err.norm() / want.norm()) < 1e-7
+
+
+def test_gaussian_float32_distribution():
+    """2^21 float32 entries: N(0, 1) by KS, moments, two-sided tail counts, the Box–Muller bound."""
+    k = 1024
+    g = (projection_matrix(2048, k, 12345, "gaussian", 7, backend="cpu") * math.sqrt(k)).double().flatten()
+    n = g.numel()
+    assert stats.kstest(g.numpy(), "norm").pvalue > 1e-3
+    assert abs(g.mean().item()) < 5 / math.sqrt(n)
+    assert abs(g.var().item() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((g**4).mean().item() - 3) < 5 * math.sqrt(96 / n)
+    for t in (2.0, 3.0, 4.0):
+        prob = 2 * stats.norm.sf(t)
+        assert abs((g.abs() > t).sum().item() - n * prob) < 5 * math.sqrt(n * prob) + 1
+    assert g.abs().max().item() <= math.sqrt(-2 * math.log(2.0**-32)) * (1 + 1e-6)
+    # sign balance, and the mass near 0 (small cos(2π u2) or u1 near 1)
+    assert abs((g > 0).double().mean().item() - 0.5) < 5 * 0.5 / math.sqrt(n)
+    small = (g.abs() < 0.3).double().mean().item()
+    assert abs(small - (1 - 2 * stats.norm.sf(0.3))) < 5 * 0.5 / math.sqrt(n)
+
+
 def test_jl_inner_products_preserved():
     """E[PᵀP] = I: projected inner products are unbiased with O(1/√k) spread."""
     p, k = 300, 4096
@@ -180,3 +214,21 @@ def test_cpu_simd_paths_agree(isa):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in (isa, "scalar")  # a CPU without AVX2 runs the scalar path
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_simd_paths_bit_identical_float32(isa, tmp_path):
+    """Float32 Gaussian entries are the same bits on every CPU instruction-set path (no FMA
+    contraction in the Box–Muller, correctly rounded sqrt), so results do not depend on the machine."""
+    import os
+    import subprocess
+    import sys
+
+    args = (37, 515, 2**63 + 5, "gaussian", 2**32 - 2)
+    path = tmp_path / "p.pt"
+    code = ("import sys, torch, fimoda_kernels as fk\n"
+            f"torch.save(fk.projection_matrix(*{args!r}, backend='cpu'), sys.argv[1])\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env={**os.environ, "FIMODA_SIMD": isa},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert torch.equal(torch.load(path), projection_matrix(*args, backend="cpu"))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import randn, rel
 from hypothesis import given, settings, strategies as st
 
 from fimoda_kernels.ops.grad_dot import (_factored_reference, _grad_dot_reference, grad_dot,
@@ -7,12 +8,10 @@ from fimoda_kernels.ops.grad_dot import (_factored_reference, _grad_dot_referenc
 
 
 def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) + 0.05).to(dtype).to(device)
+    return randn(*shape, dtype=dtype, device=device, seed=seed, shift=0.05)
 
 
-def _rel(out, ref):
-    return float((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
+_rel = rel
 
 
 def _tol():

@@ -4,32 +4,25 @@ dtypes and degenerate shapes. Runs in the triton pytest process (TRITON_INTERPRE
 import pytest
 import torch
 
-from fimoda_kernels._dispatch import backend_unavailable_reasons
 from fimoda_kernels.ops.grad_dot import _factored_reference, _grad_dot_reference, grad_dot, grad_dot_factored
+
+from helpers import TRITON_DEVICE, TRITON_TOL, randn, rel, triton_module
 
 pytestmark = pytest.mark.triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 5e-4 if DEVICE == "cuda" else 1e-5
+DEVICE, TOL = TRITON_DEVICE, TRITON_TOL
 
 
 @pytest.fixture
 def tg():
-    reasons = backend_unavailable_reasons("triton", DEVICE)
-    if reasons:
-        pytest.skip(f"triton unavailable: {'; '.join(reasons)}")
-    import fimoda_kernels.triton.grad_dot as module
-
-    return module
+    return triton_module("grad_dot")
 
 
 def _randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) + 0.05).to(dtype).to(DEVICE)
+    return randn(*shape, dtype=dtype, device=DEVICE, seed=seed, shift=0.05)
 
 
-def _rel(out, ref):
-    return float((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
+_rel = rel
 
 
 def _small_blocks(tg, monkeypatch):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from helpers import randn, rel
 from hypothesis import given, settings, strategies as st
 
 import fimoda_kernels.ops.project as pr
@@ -11,8 +12,7 @@ from fimoda_kernels.ops.project import (_project_linear_reference, _project_refe
 LOW_PRECISION = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def _rel(out, ref):
-    return float((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
+_rel = rel
 
 
 def _err(out, ref, G):
@@ -29,8 +29,7 @@ def _tol(backend, dtype):
 
 
 def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) + 0.1).to(dtype).to(device)
+    return randn(*shape, dtype=dtype, device=device, seed=seed, shift=0.1)
 
 
 @pytest.mark.parametrize("n,p,k", [(1, 1, 1), (7, 300, 33), (33, 129, 512), (64, 1000, 5), (5, 70, 1031)])

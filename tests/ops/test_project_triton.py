@@ -5,32 +5,25 @@ import pytest
 import torch
 
 from fimoda_kernels import projection_matrix
-from fimoda_kernels._dispatch import backend_unavailable_reasons
 from fimoda_kernels.ops.project import _project_linear_reference, _project_reference, project, project_linear
+
+from helpers import TRITON_DEVICE, TRITON_TOL, randn, rel, triton_module
 
 pytestmark = pytest.mark.triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 5e-4 if DEVICE == "cuda" else 1e-5
+DEVICE, TOL = TRITON_DEVICE, TRITON_TOL
 
 
 @pytest.fixture
 def tp():
-    reasons = backend_unavailable_reasons("triton", DEVICE)
-    if reasons:
-        pytest.skip(f"triton unavailable: {'; '.join(reasons)}")
-    import fimoda_kernels.triton.project as module
-
-    return module
+    return triton_module("project")
 
 
 def _randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) + 0.1).to(dtype).to(DEVICE)
+    return randn(*shape, dtype=dtype, device=DEVICE, seed=seed, shift=0.1)
 
 
-def _rel(out, ref):
-    return float((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm())
+_rel = rel
 
 
 def _small_blocks(tp, monkeypatch):

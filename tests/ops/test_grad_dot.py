@@ -146,3 +146,14 @@ def test_factored_equals_dense_on_capture():
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 12), m=st.integers(1, 6), specs=st.lists(
+    st.tuples(st.sampled_from([None, 1, 3]), st.integers(1, 9), st.integers(1, 5)), min_size=1, max_size=3),
+    normalize=st.booleans(), seed=st.integers(0, 1000))
+def test_factored_cpu_hypothesis(n, m, specs, normalize, seed):
+    tr, te = _layers(n, specs, seed), _layers(m, specs, seed + 50)
+    ref = _factored_reference(_as3(tr), _as3(te), normalize)
+    out = grad_dot_factored(tr, te, normalize, backend="cpu")
+    assert float((out.double() - ref).norm()) <= 1e-5 * float(ref.norm()) + 1e-6

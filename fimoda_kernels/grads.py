@@ -115,7 +115,12 @@ def _per_sample_chunks(model, task, inputs, targets, wrt, max_memory, param_name
     def chunks():
         for start in range(0, inputs.shape[0], chunk):
             g = per_sample(theta, inputs[start:start + chunk], targets[start:start + chunk])
-            yield start, torch.cat([g[s.name].reshape(g[s.name].shape[0], -1) for s in slots], 1)
+            block = torch.cat([g[s.name].reshape(g[s.name].shape[0], -1) for s in slots], 1)
+            if not bool(torch.isfinite(block).all()):
+                bad = start + int((~torch.isfinite(block)).any(1).nonzero()[0])
+                raise ValueError(f"inputs, targets: expected finite per-sample gradients, got NaN or Inf "
+                                 f"for sample {bad} (check the inputs, targets and parameters)")
+            yield start, block
 
     return slots, dtype, chunks()
 

@@ -108,6 +108,14 @@ def test_non_linear_parameters_and_frozen_and_buffers():
     torch.testing.assert_close(per_sample_grads(bn, "mse", x, y), loop_grads(bn, MSETask(), x, y), **TOL)
 
 
+def test_non_finite_gradients_raise():
+    model = mlp()
+    x, y = torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite per-sample gradients, got NaN or Inf for sample 3"):
+        per_sample_grads(model, "mse", x, y)
+
+
 def test_zero_dim_parameter():
     """A 0-D parameter (a scalar scale) is one column, like any other."""
     model = ScaledNorm().to(D)

@@ -3,6 +3,8 @@
 // 2 Gaussian columns. Float32 Gaussian entries are converted a whole block at a time by the
 // vectorized Box–Muller of fast_math.h (same instruction set as the Philox, identical bits on
 // each); float64 ones keep gaussian_entry<double> (libm log/cos, the reference's formula).
+// Float32 Rademacher entries of whole blocks are written by the AVX-512/AVX2 sign-and-interleave of
+// rademacher_simd.h (same dispatch; the generic path, the row tail and float64 keep the scalar loop).
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -10,6 +12,7 @@
 #include "fast_math.h"
 #include "fimoda/cpu.h"
 #include "philox_simd.h"
+#include "rademacher_simd.h"
 
 namespace fimoda::cpu {
 namespace {
@@ -26,9 +29,22 @@ GaussianBlockFn gaussian_block_impl() {
   return fastmath::gaussian_block_generic<kBlock>;
 }
 
+// Float32 Rademacher entries of one whole Philox block: out[4l + q] from word q of lane l; null
+// where the scalar loop of fill_row is used (generic instruction set).
+using RademacherBlockFn = void (*)(const PhiloxBlock&, float, float*);
+
+RademacherBlockFn rademacher_block_impl() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* isa = philox_block_isa();
+  if (!std::strcmp(isa, "avx512")) return radsimd::rademacher_block_avx512<kBlock>;
+  if (!std::strcmp(isa, "avx2")) return radsimd::rademacher_block_avx2<kBlock>;
+#endif
+  return nullptr;
+}
+
 template <typename T, int kKind>
-void fill_row(PhiloxBlockFn philox, GaussianBlockFn gaussian_f32, T* row, int64_t k, uint64_t index,
-              uint32_t k0, uint32_t k1, T scale) {
+void fill_row(PhiloxBlockFn philox, GaussianBlockFn gaussian_f32, RademacherBlockFn rademacher_f32, T* row,
+              int64_t k, uint64_t index, uint32_t k0, uint32_t k1, T scale) {
   constexpr int kPerCall = kKind == kRademacher ? 4 : 2;
   constexpr int kPerBlock = kBlock * kPerCall;
   const int64_t groups = (k + kPerCall - 1) / kPerCall;  // < 2^32: k < 2^32 is checked in Python
@@ -42,6 +58,12 @@ void fill_row(PhiloxBlockFn philox, GaussianBlockFn gaussian_f32, T* row, int64_
     if constexpr (kKind == kGaussian && std::is_same_v<T, float>) {
       gaussian_f32(w, scale, dst);
     } else {
+      if constexpr (kKind == kRademacher && std::is_same_v<T, float>) {
+        if (whole && rademacher_f32 != nullptr) {
+          rademacher_f32(w, scale, dst);
+          continue;  // written in place: nothing to copy
+        }
+      }
       for (int l = 0; l < kBlock; ++l) {
         for (int q = 0; q < kPerCall; ++q) {
           dst[l * kPerCall + q] = kKind == kRademacher ? rademacher_entry<T>(w[q][l], scale)
@@ -61,13 +83,14 @@ void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind,
   const uint32_t k0 = lo32(seed), k1 = hi32(seed);
   const PhiloxBlockFn philox = philox_block_impl();
   const GaussianBlockFn gaussian_f32 = gaussian_block_impl();
+  const RademacherBlockFn rademacher_f32 = rademacher_block_impl();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t index = row_offset + uint64_t(r);
     if (kind == kRademacher) {
-      fill_row<T, kRademacher>(philox, gaussian_f32, out + r * k, k, index, k0, k1, T(scale));
+      fill_row<T, kRademacher>(philox, gaussian_f32, rademacher_f32, out + r * k, k, index, k0, k1, T(scale));
     } else {
-      fill_row<T, kGaussian>(philox, gaussian_f32, out + r * k, k, index, k0, k1, T(scale));
+      fill_row<T, kGaussian>(philox, gaussian_f32, rademacher_f32, out + r * k, k, index, k0, k1, T(scale));
     }
   }
 }

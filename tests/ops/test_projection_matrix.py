@@ -209,6 +209,9 @@ def test_cpu_simd_paths_agree(isa):
             "    for p, k in ((3, 1), (37, 129), (5, 300)):\n"
             "        a = fk.projection_matrix(p, k, 2**63 + 5, kind, 2**32 - 2, dtype=torch.float64, backend='cpu')\n"
             "        assert torch.allclose(a, ref(p, k, 2**63 + 5, kind, 2**32 - 2, torch.float64), rtol=1e-13, atol=1e-15)\n"
+            "for p, k in ((3, 1), (37, 129), (5, 300), (2, 4173), (9, 64)):\n"  # float32 Rademacher: exact bits
+            "    a = fk.projection_matrix(p, k, 77, 'rademacher', 2**32 - 2, backend='cpu')\n"
+            "    assert torch.equal(a, ref(p, k, 77, 'rademacher', 2**32 - 2, torch.float32)), (p, k)\n"
             "print(_C.cpu_simd())\n")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FIMODA_SIMD": isa},
                          capture_output=True, text=True)

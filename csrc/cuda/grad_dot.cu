@@ -142,6 +142,24 @@ void launch_grad_dot(const In* train, const In* test, typename AccOf<In>::type* 
 }
 
 // ---------------------------------------------------------------------------- grad_dot_factored
+// acc = the [kBM, kBN] tile at (m0, n0) of x · yᵀ over d columns (kt K-steps) through the shared
+// tiles Xs, Ys; ends with a barrier, so the caller may reuse Xs, Ys at once.
+template <typename Loader, typename Acc>
+__device__ __forceinline__ void gram_micro_tile(const Loader& x, const Loader& y, Acc (&Xs)[kBK][kLdT],
+                                                Acc (&Ys)[kBK][kLdT], int64_t m0, int64_t n0, int64_t n,
+                                                int64_t m, int64_t d, int64_t kt, const LoadLane& lane,
+                                                int tx, int ty, Acc (&acc)[4][4]) {
+  zero_micro_tile(acc);
+  for (int64_t t = 0; t < kt; ++t) {
+    const int64_t p0 = t * kBK;
+    load_tile_transposed(x, Xs, m0, n, p0, d, lane);
+    load_tile_transposed(y, Ys, n0, m, p0, d, lane);
+    __syncthreads();
+    multiply_micro_tile(Xs, Ys, tx, ty, acc);
+    __syncthreads();  // before the next K-step (or tile) overwrites Xs, Ys
+  }
+}
+
 // Grid: x strides over the tiles_m × tiles_n output tiles; each block reduces over all of d_in
 // (kt_in K-steps) and d_out (kt_out K-steps) for its tile. out[i, j] is read (accumulate) and written
 // only by the thread that owns it.
@@ -163,27 +181,9 @@ grad_dot_factored_kernel(DenseLoader<In> a, DenseLoader<In> s, DenseLoader<In> b
     const int64_t tm = tile / tiles_n;
     const int64_t m0 = tm * kBM, n0 = (tile - tm * tiles_n) * kBN;
 
-    Acc aa[4][4];  // a_i · b_j
-    zero_micro_tile(aa);
-    for (int64_t kt = 0; kt < kt_in; ++kt) {
-      const int64_t p0 = kt * kBK;
-      load_tile_transposed(a, As, m0, n, p0, d_in, lane);
-      load_tile_transposed(b, Bs, n0, m, p0, d_in, lane);
-      __syncthreads();
-      multiply_micro_tile(As, Bs, tx, ty, aa);
-      __syncthreads();  // before the next K-step overwrites As, Bs
-    }
-
-    Acc ss[4][4];  // s_i · r_j
-    zero_micro_tile(ss);
-    for (int64_t kt = 0; kt < kt_out; ++kt) {
-      const int64_t p0 = kt * kBK;
-      load_tile_transposed(s, As, m0, n, p0, d_out, lane);
-      load_tile_transposed(r, Bs, n0, m, p0, d_out, lane);
-      __syncthreads();
-      multiply_micro_tile(As, Bs, tx, ty, ss);
-      __syncthreads();  // before the next K-step (or tile) overwrites As, Bs
-    }
+    Acc aa[4][4], ss[4][4];
+    gram_micro_tile(a, b, As, Bs, m0, n0, n, m, d_in, kt_in, lane, tx, ty, aa);   // a_i · b_j
+    gram_micro_tile(s, r, As, Bs, m0, n0, n, m, d_out, kt_out, lane, tx, ty, ss);  // s_i · r_j
 
 #pragma unroll
     for (int rr = 0; rr < 4; ++rr) {

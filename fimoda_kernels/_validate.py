@@ -80,3 +80,15 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
         raise ValueError("expected all tensors on one device, got "
                          + ", ".join(f"{n} on {d}" for n, d in devices.items()))
     return next(iter(devices.values()))
+
+
+def check_layer_pair(a: torch.Tensor, s: torch.Tensor, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear/Conv layer's inputs ``a`` and output gradients ``s``: ``[n, d_in]`` and ``[n, d_out]``
+    (T = 1) or ``[n, T, d_in]`` and ``[n, T, d_out]``, one float dtype and device. Returns both 3-D
+    (T = 1 as a length-1 axis). ``prefix`` names where the pair came from, e.g. "train_layers[0] "."""
+    check_tensor(f"{prefix}a", a, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor(f"{prefix}s", s, ndim=(2, 3), dtypes=(a.dtype,), device=a.device)
+    if a.dim() != s.dim() or a.shape[0] != s.shape[0] or (a.dim() == 3 and a.shape[1] != s.shape[1]):
+        raise ValueError(f"{prefix}a {tuple(a.shape)} and {prefix}s {tuple(s.shape)}: expected [n, d_in] and "
+                         "[n, d_out] or [n, T, d_in] and [n, T, d_out] with the same n and T")
+    return (a, s) if a.dim() == 3 else (a[:, None], s[:, None])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_int, check_tensor
+from .._validate import FLOAT_DTYPES, check_int, check_layer_pair, check_tensor
 
 _CHUNK_BYTES = 16 * 2**20  # working set of the chunked cpu paths (output rows, temporaries)
 
@@ -116,15 +116,6 @@ def _grad_dot_cpu(train, test, normalize):
 
 # ----------------------------------------------------------------------------- factored (ghost)
 
-def _layer_3d(where: str, l: int, a: torch.Tensor, s: torch.Tensor):
-    check_tensor(f"{where}[{l}] a", a, ndim=(2, 3), dtypes=FLOAT_DTYPES)
-    check_tensor(f"{where}[{l}] s", s, ndim=(2, 3), dtypes=(a.dtype,), device=a.device)
-    if a.dim() != s.dim() or a.shape[0] != s.shape[0] or (a.dim() == 3 and a.shape[1] != s.shape[1]):
-        raise ValueError(f"{where}[{l}]: expected a [n, d_in], s [n, d_out] or a [n, T, d_in], s [n, T, d_out] "
-                         f"with the same n and T, got {tuple(a.shape)} and {tuple(s.shape)}")
-    return (a, s) if a.dim() == 3 else (a[:, None], s[:, None])
-
-
 def _factored_reference(train_layers, test_layers, normalize: bool = False) -> torch.Tensor:
     """Materialize each layer's per-sample gradients S_iᵀA_i in float64 and take dense dots."""
     def flat(layers):
@@ -186,8 +177,8 @@ def grad_dot_factored(train_layers, test_layers, normalize: bool = False,
             raise ValueError(f"{name}: expected a non-empty list of (a, s) pairs, got {layers!r:.80}")
     if len(train_layers) != len(test_layers):
         raise ValueError(f"test_layers: expected {len(train_layers)} layers (as train_layers), got {len(test_layers)}")
-    tr = [_layer_3d("train_layers", l, *pair) for l, pair in enumerate(train_layers)]
-    te = [_layer_3d("test_layers", l, *pair) for l, pair in enumerate(test_layers)]
+    tr = [check_layer_pair(*pair, prefix=f"train_layers[{l}] ") for l, pair in enumerate(train_layers)]
+    te = [check_layer_pair(*pair, prefix=f"test_layers[{l}] ") for l, pair in enumerate(test_layers)]
     dtype, device = tr[0][0].dtype, tr[0][0].device
     for l, ((a, s), (b, r)) in enumerate(zip(tr, te)):
         if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_choice, check_int, check_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_int, check_layer_pair, check_tensor
 from .projection_matrix import (_MAX_INDEX, _fill_projection_matrix, _projection_matrix_reference,
                                 projection_matrix)
 
@@ -82,7 +82,7 @@ def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", ro
     native Philox kernel and multiplies them with torch's GEMM (``addmm``), the gradient block
     converted to float32 as it goes. (Measured on the tile step, 2-core AVX-512: a native AVX-512
     rank-update kernel with 4×32 register blocks reached 48–71 GFLOP/s, torch's addmm 218–289, so
-    the GEMM stays torch's.) peak extra memory ≈ n·k·4 + 32 MiB (+ n·32 MiB/(4k)·4 for
+    the GEMM stays torch's.) Peak extra memory ≈ n·k·4 + 32 MiB (+ n·32 MiB/(4k)·4 for
     half inputs). Non-finite results raise ``ValueError``.
     """
     check_tensor("grads", grads, ndim=2, dtypes=FLOAT_DTYPES)
@@ -150,10 +150,6 @@ def _project_linear_reference(a: torch.Tensor, s: torch.Tensor, k: int, seed: in
     return _project_reference(_linear_grads_reference(a, s, bias), k, seed, kind, row_offset)
 
 
-def _as_3d(name: str, t: torch.Tensor) -> torch.Tensor:
-    return t.unsqueeze(1) if t.dim() == 2 else t
-
-
 def project_linear(a: torch.Tensor, s: torch.Tensor, k: int, seed: int, row_offset: int = 0,
                    bias: bool = True, kind: str = "rademacher",
                    backend: str | None = None) -> torch.Tensor:
@@ -181,14 +177,9 @@ def project_linear(a: torch.Tensor, s: torch.Tensor, k: int, seed: int, row_offs
     The cpu path builds the outer products s_o·a_c for a block of output rows o at a time
     (≤ 32 MiB) and multiplies by the matching tile of P with torch's GEMM.
     """
-    check_tensor("a", a, ndim=(2, 3), dtypes=FLOAT_DTYPES)
-    check_tensor("s", s, ndim=(2, 3), dtypes=(a.dtype,), device=a.device)
-    if a.dim() != s.dim() or a.shape[0] != s.shape[0] or (a.dim() == 3 and a.shape[1] != s.shape[1]):
-        raise ValueError(f"a {tuple(a.shape)} and s {tuple(s.shape)}: expected [n, d_in] and [n, d_out] "
-                         "or [n, T, d_in] and [n, T, d_out] with the same n and T")
+    a3, s3 = check_layer_pair(a, s)
     if not isinstance(bias, bool):
         raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
-    a3, s3 = _as_3d("a", a), _as_3d("s", s)
     d_in, d_out = a3.shape[2], s3.shape[2]
     p = d_out * d_in + (d_out if bias else 0)
     k, seed, kind, row_offset = _check_common(k, seed, kind, row_offset, p, LINEAR_KINDS)

@@ -5,7 +5,8 @@ Public API (see README.md); ops take and return torch tensors and accept ``backe
 """
 from ._dispatch import BACKENDS, FallbackWarning, available_backends
 from .grads import capture_linear, param_layout, per_sample_grads
-from .inner_products import grad_dot_model
+from .inner_products import grad_dot_model, grad_dot_vectors
+from .methods import METHODS, OPTIONS, Scores, attribute, attribute_scores, self_influence
 from .ops.grad_dot import grad_dot, grad_dot_factored
 from .ops.philox import philox4x32
 from .ops.project import kronecker_dims, project, project_linear
@@ -18,7 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "FallbackWarning", "available_backends",
     "philox4x32", "projection_matrix", "project", "project_linear", "project_model", "kronecker_dims",
-    "grad_dot", "grad_dot_factored", "grad_dot_model",
+    "grad_dot", "grad_dot_factored", "grad_dot_model", "grad_dot_vectors",
+    "METHODS", "OPTIONS", "Scores", "attribute", "attribute_scores", "self_influence",
     "per_sample_grads", "capture_linear", "param_layout",
     "Task", "MSETask", "CrossEntropyTask", "get_task",
 ]

@@ -110,3 +110,98 @@ def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False,
     if return_info:
         return out, {"layers": forms, "uncovered": [u.name for u in te.cap.uncovered]}
     return out
+
+
+def _uncovered_columns(unc, vectors: torch.Tensor) -> torch.Tensor:
+    """Columns of ``vectors [r, p]`` of the uncovered parameters, concatenated in their order."""
+    return torch.cat([vectors[:, u.offset:u.offset + u.numel] for u in unc], 1)
+
+
+def layer_vectors(layer, vectors: torch.Tensor) -> torch.Tensor:
+    """Rows of ``vectors [r, p]`` (flattened in named_parameters order) restricted to one captured
+    layer, as gradient matrices ``[r, d_out, d_in(+1)]`` (bias as the last column)."""
+    nw = layer.d_out * layer.d_in
+    flat = vectors[:, layer.weight_offset:layer.weight_offset + nw]
+    if layer.has_bias:
+        flat = torch.cat([flat, vectors[:, layer.bias_offset:layer.bias_offset + layer.d_out]], 1)
+    return layer.flat_to_grad_matrix(flat)
+
+
+def factored_dot_vectors(a: torch.Tensor, s: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """⟨Σ_t s_{i,t} a_{i,t}ᵀ, W_k⟩_F = Σ_t s_{i,t}ᵀ W_k a_{i,t} for every sample i and matrix k:
+    ``a [n, (T,) c]``, ``s [n, (T,) o]``, ``W [r, o, c]`` → ``[n, r]``. One GEMM (a Wᵀ) and a
+    reduction against s; the per-sample gradient matrices are never formed."""
+    a3, s3 = (a, s) if a.dim() == 3 else (a[:, None], s[:, None])
+    n, T, c = a3.shape
+    r, o, _ = W.shape
+    W = W.to(a3.dtype)
+    U = (a3.reshape(n * T, c) @ W.reshape(r * o, c).T).view(n, T, r, o)
+    return torch.einsum("ntro,nto->nr", U, s3.to(U.dtype))
+
+
+def grad_dot_vectors(model: nn.Module, task, inputs: torch.Tensor, targets: torch.Tensor,
+                     vectors: torch.Tensor, wrt: str = "loss", max_memory: int = 2**30) -> torch.Tensor:
+    """Inner products ``[n, r]`` of every sample's gradient (∇ℓ_i, or ∇f_i for ``wrt="output"``)
+    with the rows of ``vectors [r, p]`` (flattened in :func:`param_layout` order), e.g. inverse-HVP
+    solutions of test gradients (CG, LiSSA). Captured Linear/Conv2d layers use
+    :func:`factored_dot_vectors`; uncovered parameters use materialized per-sample gradients of
+    those parameters only. Samples run in chunks under ``max_memory`` bytes (activations, the
+    uncovered gradients and the [chunk, T, r, d_out] intermediate).
+    """
+    task, slots = _check_batch(model, task, inputs, targets, wrt)
+    p = sum(s.numel for s in slots)
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != p:
+        shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise ValueError(f"vectors: expected a [r, {p}] tensor (p = the model's trainable parameters), "
+                         f"got {shape}")
+    max_memory = check_int("max_memory", max_memory, min_value=1)
+    n, r = inputs.shape[0], vectors.shape[0]
+    cap = capture_linear(model)
+    out = None
+
+    def chunk(start, stop):
+        nonlocal out
+        x, y = inputs[start:stop], targets[start:stop]
+        cap.run(task, x, y, wrt)
+        parts = [factored_dot_vectors(l.a, l.s, layer_vectors(l, vectors)) for l in cap.layers]
+        unc = cap.uncovered
+        if unc:
+            G = per_sample_grads(model, task, x, y, wrt, max_memory, param_names=[u.name for u in unc])
+            parts.append(G @ _uncovered_columns(unc, vectors).to(G.dtype).T)
+        block = torch.stack(parts).sum(0)
+        if out is None:
+            out = torch.empty(n, r, dtype=block.dtype, device=block.device)
+        out[start:stop] = block
+        inter = sum((l.T or 1) * r * l.d_out for l in cap.layers) * block.element_size()
+        return cap.bytes_per_sample() + inter + 3 * sum(u.numel for u in unc) * block.element_size()
+
+    for_sample_chunks(n, max_memory, chunk)
+    return out
+
+
+def grad_sq_norms(model: nn.Module, task, inputs: torch.Tensor, targets: torch.Tensor,
+                  wrt: str = "loss", max_memory: int = 2**30) -> dict[str, tuple[int, torch.Tensor]]:
+    """Per block of parameters, ``{name: (numel, ‖g_block,i‖² for every sample [n])}``: one block
+    per captured Linear/Conv2d layer (weight and bias together, keyed by the module name) and one
+    per uncovered parameter (keyed by the parameter name). Without materializing n × p."""
+    task, _ = _check_batch(model, task, inputs, targets, wrt)
+    max_memory = check_int("max_memory", max_memory, min_value=1)
+    cap = capture_linear(model)
+    blocks: dict[str, list] = {}
+
+    def chunk(start, stop):
+        x, y = inputs[start:stop], targets[start:stop]
+        cap.run(task, x, y, wrt)
+        for l in cap.layers:
+            blocks.setdefault(l.name, [l.numel, []])[1].append(factored_sq_norms([(l.a, l.s)], l.a.dtype))
+        unc = cap.uncovered
+        if unc:
+            G = per_sample_grads(model, task, x, y, wrt, max_memory, param_names=[u.name for u in unc])
+            col = 0
+            for u in unc:
+                blocks.setdefault(u.name, [u.numel, []])[1].append((G[:, col:col + u.numel] ** 2).sum(1))
+                col += u.numel
+        return cap.bytes_per_sample() + 3 * sum(u.numel for u in unc) * 8
+
+    for_sample_chunks(inputs.shape[0], max_memory, chunk)
+    return {name: (numel, torch.cat(parts)) for name, (numel, parts) in blocks.items()}

@@ -1,0 +1,129 @@
+"""Pieces every attribution method shares: data pairs, eval mode, gradients, the base damping."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._validate import check_choice, check_int
+from ..grads import _check_batch, per_sample_grads
+from ..inner_products import grad_sq_norms
+from ..tasks import Task, get_task
+
+
+def as_pair(name: str, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)`` from a tensor pair or a DataLoader yielding such pairs (concatenated:
+    the inputs are held in memory, gradients never are)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        xs, ys = [], []
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"{name}: the DataLoader must yield (inputs, targets) pairs, got "
+                                f"{type(batch).__name__}")
+            xs.append(batch[0])
+            ys.append(batch[1])
+        if not xs:
+            raise ValueError(f"{name}: the DataLoader yielded no batches")
+        return torch.cat(xs), torch.cat(ys)
+    if not isinstance(data, (tuple, list)) or len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(f"{name}: expected an (inputs, targets) pair of tensors or a DataLoader, "
+                        f"got {type(data).__name__}")
+    if data[0].shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one sample, got 0")
+    return data[0], data[1]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Attribution differentiates the model as evaluated (dropout off, batch-norm statistics fixed)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+@dataclasses.dataclass
+class Options:
+    """Fields every method accepts.
+
+    Attributes:
+        max_memory: bytes for one chunk of per-sample work (activations, materialized gradients).
+        backend: kernel backend ("cuda", "triton", "cpu", "torch" or None = fastest available).
+    """
+    max_memory: int = 2**30
+    backend: str | None = None
+
+    def validate(self) -> "Options":
+        self.max_memory = check_int("max_memory", self.max_memory, min_value=1)
+        if self.backend is not None:
+            from .._dispatch import BACKENDS
+            check_choice("backend", self.backend, BACKENDS)
+        return self
+
+
+def make_options(cls, method: str, options: dict[str, Any]):
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"{method}: unknown option(s) {unknown}; {cls.__name__} accepts {names}")
+    return cls(**options).validate()
+
+
+def check_problem(model, task, train, test) -> tuple[Task, tuple, tuple | None]:
+    task = get_task(task)
+    x_tr, y_tr = as_pair("train", train)
+    _check_batch(model, task, x_tr, y_tr, "loss")
+    pair_te = None
+    if test is not None:
+        x_te, y_te = as_pair("test", test)
+        _check_batch(model, task, x_te, y_te, "loss")
+        pair_te = (x_te, y_te)
+    return task, (x_tr, y_tr), pair_te
+
+
+def base_damping(model, task, train, max_memory: int = 2**30) -> float:
+    """λ₀ = Σ_i ‖g_i‖² / (N·p), the mean squared entry of the training loss gradients (MATH.md §3,
+    the paper code's base damping), computed from factored norms."""
+    x, y = train
+    norms = grad_sq_norms(model, task, x, y, "loss", max_memory)
+    p = sum(numel for numel, _ in norms.values())
+    total = sum(float(sq.double().sum()) for _, sq in norms.values())
+    return total / (x.shape[0] * p)
+
+
+def dense_loss_grads(model, task, test, max_memory: int) -> torch.Tensor:
+    """Loss gradients of the test points, ``[n_test, p]`` (the test side is materialized: its rows are
+    the right-hand sides of the inverse-HVP solves)."""
+    return per_sample_grads(model, task, test[0], test[1], "loss", max_memory)
+
+
+def outputs(model, task, pair, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f, φ'(f) and φ''(f) per sample (no graph), evaluated in chunks."""
+    x, y = pair
+    fs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            fs.append(task.output(model(x[i:i + chunk]), y[i:i + chunk]))
+    f = torch.cat(fs)
+    return f, task.dloss(f, y), task.d2loss(f, y)
+
+
+def flat_params(model: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def mean_loss_grad(model, task, pair, chunk: int = 4096) -> torch.Tensor:
+    """∇R_D(θ) = (1/N) Σ_i ∇ℓ_i as one flat row ``[1, p]`` (named_parameters order)."""
+    x, y = pair
+    params = flat_params(model)
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(0, x.shape[0], chunk):
+        loss = task.loss(model(x[i:i + chunk]), y[i:i + chunk]).sum()
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t += g
+    return torch.cat([t.flatten() for t in total])[None] / x.shape[0]

@@ -1,0 +1,54 @@
+"""CG influence (MATH.md §3): score(z, i) = g_zᵀ (G + λI)^{-1} g_i with the Gauss–Newton G.
+
+The test gradients are the right-hand sides: X = (G + λI)^{-1} g_z for all test points at once by
+batched CG, then score = g_iᵀ X from factored training gradients (no n_train × p matrix).
+Constant: none (λ enters only through the solve).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .._validate import check_float, check_int
+from ..hvp import gn_hvp
+from ..inner_products import grad_dot_vectors
+from ..solvers import cg as cg_solve
+from ._common import Options, base_damping, dense_loss_grads
+
+
+@dataclasses.dataclass
+class CGOptions(Options):
+    """Attributes:
+        damping: λ; None = 100·λ₀ with λ₀ the mean squared training-gradient entry (paper code).
+        tol: relative residual at which each right-hand side's CG stops.
+        max_iter: CG iterations at most (None = the solver's default).
+    """
+    damping: float | None = None
+    tol: float = 1e-6
+    max_iter: int | None = None
+
+    def validate(self):
+        super().validate()
+        if self.damping is not None:
+            self.damping = check_float("damping", self.damping, min_value=0.0)
+        self.tol = check_float("tol", self.tol, positive=True)
+        if self.max_iter is not None:
+            self.max_iter = check_int("max_iter", self.max_iter, min_value=1)
+        return self
+
+
+def resolve_damping(model, task, train, opts, factor: float = 100.0) -> float:
+    return opts.damping if opts.damping is not None else factor * base_damping(model, task, train, opts.max_memory)
+
+
+def solve_test_grads(model, task, train, test, opts, damping):
+    """(G + λI)^{-1} g_z for every test point, ``[n_test, p]``, and the solver's info."""
+    hvp = gn_hvp(model, task, train[0], train[1])
+    kwargs = {} if opts.max_iter is None else {"max_iter": opts.max_iter}
+    return cg_solve(hvp, dense_loss_grads(model, task, test, opts.max_memory), damping, tol=opts.tol, **kwargs)
+
+
+def cg(model, task, train, test, opts):
+    damping = resolve_damping(model, task, train, opts)
+    X, info = solve_test_grads(model, task, train, test, opts, damping)
+    scores = grad_dot_vectors(model, task, train[0], train[1], X, "loss", opts.max_memory)
+    return scores, {"damping": damping, "cg": info}

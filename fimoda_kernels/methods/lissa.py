@@ -1,0 +1,69 @@
+"""LiSSA (Gauss–Newton) and LiSSA-H (true Hessian) influence (MATH.md §3, §5).
+
+score(z, i) = g_iᵀ h_z with h_z the LiSSA estimate of (M + d·s·I)^{-1} g_z for all test points
+at once (one batched recursion, a fresh seeded minibatch per iteration shared by all of them).
+The effective damping is d·s (MATH.md §5): ``damping`` is the recursion's d, as in the paper's code.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .._validate import check_float, check_int
+from ..hvp import gn_hvp, hessian_hvp
+from ..inner_products import grad_dot_vectors
+from ..solvers import lissa as lissa_solve
+from ._common import Options, dense_loss_grads
+from .cg import resolve_damping
+
+
+@dataclasses.dataclass
+class LiSSAOptions(Options):
+    """Attributes:
+        damping: the recursion's d (effective λ = d·scale); None = 100·λ₀ (paper code).
+        depth: iterations per recursion (paper: 5000).
+        scale: s, or "auto" = the smallest of 10, 20, 50, 100, ... that does not diverge.
+        repeat: independent recursions averaged.
+        batch_size: minibatch size of each iteration's HVP.
+        seed: seeds the minibatch draws.
+    """
+    damping: float | None = None
+    depth: int = 5000
+    scale: float | str = "auto"
+    repeat: int = 1
+    batch_size: int = 128
+    seed: int = 0
+
+    def validate(self):
+        super().validate()
+        if self.damping is not None:
+            self.damping = check_float("damping", self.damping, min_value=0.0)
+        self.depth = check_int("depth", self.depth, min_value=1)
+        if self.scale != "auto":
+            self.scale = check_float("scale", self.scale, positive=True)
+        self.repeat = check_int("repeat", self.repeat, min_value=1)
+        self.batch_size = check_int("batch_size", self.batch_size, min_value=1)
+        self.seed = check_int("seed", self.seed, min_value=0)
+        return self
+
+
+@dataclasses.dataclass
+class LiSSAHOptions(LiSSAOptions):
+    """LiSSA with the true Hessian (forward-over-reverse HVPs); fields as :class:`LiSSAOptions`."""
+
+
+def _lissa(model, task, train, test, opts, make_hvp):
+    damping = resolve_damping(model, task, train, opts)
+    hvp = make_hvp(model, task, train[0], train[1])
+    H, info = lissa_solve(hvp, dense_loss_grads(model, task, test, opts.max_memory), opts.depth, opts.scale,
+                          damping, repeat=opts.repeat, batch_size=min(opts.batch_size, train[0].shape[0]),
+                          seed=opts.seed, return_info=True)
+    scores = grad_dot_vectors(model, task, train[0], train[1], H, "loss", opts.max_memory)
+    return scores, {"damping": damping, "lissa": info}
+
+
+def lissa(model, task, train, test, opts):
+    return _lissa(model, task, train, test, opts, gn_hvp)
+
+
+def lissa_h(model, task, train, test, opts):
+    return _lissa(model, task, train, test, opts, hessian_hvp)

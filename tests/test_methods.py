@@ -1,0 +1,251 @@
+"""Every attribution method vs a float64 dense reference on a tiny model (explicit per-sample
+gradients, G and H), plus the sign convention against exact leave-one-out refits."""
+import pytest
+import torch
+from torch import nn
+
+import fimoda_kernels as fk
+from fimoda_kernels.grads import per_sample_grads
+
+from helpers import randn, rel
+
+N, M = 40, 7
+
+
+def _mlp(seed=0, d=3, classes=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, classes)).double()
+
+
+def _data(n, d=3, seed=1, classes=None):
+    x = randn(n, d, dtype=torch.float64, seed=seed)
+    if classes is None:
+        y = randn(n, dtype=torch.float64, seed=seed + 100)
+    else:
+        y = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed + 100))
+    return x, y
+
+
+@pytest.fixture(params=["mse", "cross_entropy"])
+def problem(request):
+    if request.param == "mse":
+        model, train, test = _mlp(), _data(N), _data(M, seed=2)
+    else:
+        model, train, test = _mlp(classes=3), _data(N, classes=3), _data(M, seed=2, classes=3)
+    return model.eval(), request.param, train, test
+
+
+class Dense:
+    """Explicit float64 quantities of a (tiny) model on a data set."""
+
+    def __init__(self, model, task, train, test):
+        self.task = fk.get_task(task)
+        self.model, self.train, self.test = model, train, test
+        self.g_tr = per_sample_grads(model, task, *train)
+        self.g_te = per_sample_grads(model, task, *test)
+        self.J = per_sample_grads(model, task, *train, wrt="output")
+        self.J_te = per_sample_grads(model, task, *test, wrt="output")
+        with torch.no_grad():
+            f = self.task.output(model(train[0]), train[1])
+        self.d1, self.d2 = self.task.dloss(f, train[1]), self.task.d2loss(f, train[1])
+        self.G = self.J.T @ (self.d2[:, None] * self.J) / N
+        self.p = self.G.shape[0]
+        self.lam0 = float((self.g_tr ** 2).sum() / (N * self.p))
+
+    def inv_score(self, Mat, lam, g_tr=None):
+        A = Mat + lam * torch.eye(self.p, dtype=torch.float64)
+        g_tr = self.g_tr if g_tr is None else g_tr
+        return g_tr @ torch.linalg.solve(A, self.g_te.T)
+
+    def hessian(self):
+        params = dict(self.model.named_parameters())
+        names = list(params)
+
+        def risk(*flat):
+            out = torch.func.functional_call(self.model, dict(zip(names, flat)), (self.train[0],))
+            return self.task.loss(out, self.train[1]).mean()
+
+        blocks = torch.autograd.functional.hessian(risk, tuple(params.values()))
+        return torch.cat([torch.cat([blocks[i][j].reshape(params[names[i]].numel(), -1)
+                                     for j in range(len(names))], 1) for i in range(len(names))], 0)
+
+
+def test_grad_dot_and_cos(problem):
+    model, task, train, test = problem
+    D = Dense(model, task, train, test)
+    assert rel(fk.attribute("grad_dot", model, task, train, test), D.g_tr @ D.g_te.T) < 1e-12
+    cos = (D.g_tr / D.g_tr.norm(dim=1, keepdim=True)) @ (D.g_te / D.g_te.norm(dim=1, keepdim=True)).T
+    assert rel(fk.attribute("grad_cos", model, task, train, test), cos) < 1e-12
+
+
+def test_cg_matches_dense_solve(problem):
+    model, task, train, test = problem
+    D = Dense(model, task, train, test)
+    out = fk.attribute("cg", model, task, train, test, tol=1e-12, max_iter=500)
+    assert rel(out, D.inv_score(D.G, 100 * D.lam0)) < 1e-8  # default damping = 100·λ₀
+    out = fk.attribute("cg", model, task, train, test, damping=0.05, tol=1e-12, max_iter=500)
+    assert rel(out, D.inv_score(D.G, 0.05)) < 1e-8
+
+
+@pytest.mark.parametrize("method", ["lissa", "lissa_h"])
+def test_lissa_reaches_its_fixed_point(problem, method):
+    model, task, train, test = problem
+    D = Dense(model, task, train, test)
+    Mat = D.G if method == "lissa" else D.hessian()
+    eig = torch.linalg.eigvalsh(Mat)
+    scale = 2.0 * float(eig.abs().max()) + 1.0
+    lam = max(0.0, -float(eig.min())) + 0.5  # effective damping d·s: M + d·s·I positive definite
+    out = fk.attribute(method, model, task, train, test, damping=lam / scale, scale=scale, depth=3000,
+                       batch_size=N)
+    assert rel(out, D.inv_score(Mat, lam)) < 1e-6
+
+
+def test_lissa_and_lissa_h_differ_off_stationarity():
+    model, train, test = _mlp(seed=3), _data(N), _data(M, seed=2)
+    D = Dense(model.eval(), "mse", train, test)
+    H = D.hessian()
+    assert rel(H, D.G) > 1e-2  # not a least-squares optimum: the residual term matters
+    lam = max(0.0, -float(torch.linalg.eigvalsh(H).min())) + 0.5  # effective damping: H + λI ≻ 0
+    kw = dict(damping=lam / 10, scale=10.0, depth=2000, batch_size=N)
+    a = fk.attribute("lissa", model, "mse", train, test, **kw)
+    b = fk.attribute("lissa_h", model, "mse", train, test, **kw)
+    assert rel(a, D.inv_score(D.G, lam)) < 1e-6 and rel(b, D.inv_score(H, lam)) < 1e-6
+    assert rel(a, b) > 1e-3
+
+
+@pytest.mark.parametrize("k_over_p", [1, 3])
+def test_trak_equals_gn_inverse_formula(k_over_p):
+    # λ = 0 and k ≥ p: φ_zᵀ(ΦᵀΦ)^{-1}φ_i (−φ'_i) = ∇f_zᵀ (JᵀJ)^{-1} ∇f_i (−φ'_i)
+    model, train, test = _mlp(), _data(200), _data(M, seed=2)
+    D = Dense(model.eval(), "mse", train, test)
+    ref = (D.J @ torch.linalg.solve(D.J.T @ D.J, D.J_te.T)) * (-D.d1)[:, None]
+    sc = fk.attribute_scores("trak", model, "mse", train, test, proj_dim=k_over_p * D.p, seed=5)
+    assert rel(sc.scores, ref) < (1e-5 if k_over_p == 1 else 1e-4)  # JᵀJ is ill-conditioned
+    assert (sc.info["jitter"] == 0) == (k_over_p == 1)
+
+
+def test_datainf_matches_its_formula(problem):
+    model, task, train, test = problem
+    D = Dense(model, task, train, test)
+    sc = fk.attribute_scores("datainf", model, task, train, test)
+    # layers = the three Linear modules, each weight + bias (named_parameters order: w0 b0 w1 b1 w2 b2)
+    ref, col = 0, 0
+    for name, mod in model.named_children():
+        if not isinstance(mod, nn.Linear):
+            continue
+        numel = mod.weight.numel() + mod.bias.numel()
+        gl, gz = D.g_tr[:, col:col + numel], D.g_te[:, col:col + numel]
+        col += numel
+        sq = (gl ** 2).sum(1)
+        lam = float((gl ** 2).mean(1).mean()) / 10
+        assert sc.info["lambdas"][name] == pytest.approx(lam, rel=1e-10)
+        K = gl @ gz.T
+        ref = ref + (K - (gl @ gl.T) @ (K / (lam + sq)[:, None]) / N) / lam
+    assert rel(sc.scores, ref) < 1e-10
+    # a reference subsample uses only those rows in the inner sum
+    sub = fk.attribute_scores("datainf", model, task, train, test, reference=15, seed=3, damping=0.01)
+    assert sub.info["reference"] == 15 and rel(sub.scores, ref) > 1e-6
+
+
+def _gif_dense(D, lam, form, model, task):
+    gradR = D.g_tr.mean(0)
+    delta = -torch.linalg.solve(D.G + lam * torch.eye(D.p, dtype=torch.float64), gradR)
+    if form == "gn":
+        g_tilde = (D.d1 + D.d2 * (D.J @ delta))[:, None] * D.J
+    else:
+        import copy
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(shifted.parameters()) + delta,
+                                                shifted.parameters())
+        g_tilde = per_sample_grads(shifted, task, *D.train)
+    return D.inv_score(D.G, lam, g_tilde)
+
+
+@pytest.mark.parametrize("form", ["gn", "eq16"])
+def test_generalized_if_matches_dense(problem, form):
+    model, task, train, test = problem
+    D = Dense(model, task, train, test)
+    out = fk.attribute("generalized_if", model, task, train, test, form=form, damping=0.03, tol=1e-12, max_iter=500)
+    assert rel(out, _gif_dense(D, 0.03, form, model, task)) < 1e-7
+    assert rel(out, fk.attribute("cg", model, task, train, test, damping=0.03, tol=1e-12, max_iter=500)) > 1e-3
+
+
+def test_generalized_if_equals_if_at_a_stationary_point():
+    # a convex model at its exact optimum: ∇R_D = 0, so Δ_D = 0 and the generalized IF is the IF
+    x, y = _data(N)
+    model = nn.Linear(3, 1).double()
+    X1 = torch.cat([x, torch.ones(N, 1, dtype=torch.float64)], 1)
+    w = torch.linalg.lstsq(X1, y[:, None]).solution[:, 0]
+    with torch.no_grad():
+        model.weight.copy_(w[:3][None])
+        model.bias.copy_(w[3:])
+    test = _data(M, seed=2)
+    kw = dict(damping=0.01, tol=1e-13, max_iter=500)
+    for form in ("gn", "eq16"):
+        sc = fk.attribute_scores("generalized_if", model, "mse", (x, y), test, form=form, **kw)
+        assert sc.info["newton_step_norm"] < 1e-10
+        assert rel(sc.scores, fk.attribute("cg", model, "mse", (x, y), test, **kw)) < 1e-8
+
+
+def test_sign_matches_real_leave_one_out():
+    # ridge regression refitted without each point: positive score ⇔ removing it raises the test loss
+    n, d, lam = 400, 4, 0.1
+    x, y = _data(n, d=d, seed=7)
+    y = x @ randn(d, dtype=torch.float64, seed=8) + 0.3 * y
+    test = _data(M, d=d, seed=9)
+    test = (test[0], test[0] @ randn(d, dtype=torch.float64, seed=8))
+
+    def fit(keep):  # minimizes (1/n) Σ_{j∈keep} (w·x_j − y_j)² + (λ/2)‖w‖²
+        A = 2 * x[keep].T @ x[keep] / n + lam * torch.eye(d, dtype=torch.float64)
+        return torch.linalg.solve(A, 2 * x[keep].T @ y[keep] / n)
+
+    w = fit(torch.arange(n))
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w[None])
+    loss = lambda w_: (test[0] @ w_ - test[1]) ** 2
+    effect = torch.stack([loss(fit(torch.cat([torch.arange(i), torch.arange(i + 1, n)]))) - loss(w)
+                          for i in range(n)])
+    scores = fk.attribute("cg", model, "mse", (x, y), test, damping=lam, tol=1e-13) / n
+    assert rel(scores, effect) < 0.05  # first-order in 1/n
+    big = effect.abs() > 0.1 * effect.abs().max()
+    assert bool((torch.sign(scores[big]) == torch.sign(effect[big])).all())
+
+
+def test_self_influence_and_scores_helper(problem):
+    model, task, train, test = problem
+    D = Dense(model, task, train, test)
+    assert rel(fk.self_influence("grad_dot", model, task, train), (D.g_tr ** 2).sum(1)) < 1e-12
+    full = fk.attribute("cg", model, task, train, train, damping=0.05, tol=1e-12)
+    sc = fk.attribute_scores("cg", model, task, train, test, self_influence=True, damping=0.05, tol=1e-12)
+    assert rel(sc.self_influence, full.diagonal()) < 1e-10
+    assert sc.scores.shape == (N, M) and sc.options.damping == 0.05 and sc.seconds > 0
+    assert model.training is False
+
+
+def test_dataloader_inputs_and_mode_restored():
+    model, train, test = _mlp(), _data(N), _data(M, seed=2)
+    model.train()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=7)
+    a = fk.attribute("grad_dot", model, "mse", loader, test)
+    assert model.training
+    assert rel(a, fk.attribute("grad_dot", model, "mse", train, test)) < 1e-14
+
+
+def test_bad_method_and_options():
+    model, train, test = _mlp(), _data(N), _data(M, seed=2)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        fk.attribute("influence", model, "mse", train, test)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['depht'\]"):
+        fk.attribute("lissa", model, "mse", train, test, depht=10)
+    with pytest.raises(ValueError, match="damping"):
+        fk.attribute("cg", model, "mse", train, test, damping=-1.0)
+    with pytest.raises(ValueError, match="form"):
+        fk.attribute("generalized_if", model, "mse", train, test, form="newton")
+    with pytest.raises(TypeError, match="train"):
+        fk.attribute("grad_dot", model, "mse", train[0], test)
+    with pytest.raises(ValueError, match="test"):
+        fk.attribute_scores("grad_dot", model, "mse", train, None, self_influence=False)
+    assert set(fk.METHODS) == {"grad_dot", "grad_cos", "cg", "lissa", "lissa_h", "trak", "ekfac", "datainf",
+                               "generalized_if"}

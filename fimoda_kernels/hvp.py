@@ -210,42 +210,82 @@ class HVPOperator:
         idx = self._batch_indices(batch)
         one = V.dim() == 1
         W = (V[None] if one else V).to(self.dtype)
-        out = torch.zeros(W.shape, dtype=self.dtype, device=self.device)
-        if W.shape[0]:
-            if self.path == "linear":
-                self._linear_gn(W, idx, out)
-            else:
+        if self.path == "linear" and W.shape[0]:
+            out = self._linear_gn(W, idx)
+        else:
+            out = torch.zeros(W.shape, dtype=self.dtype, device=self.device)
+            if W.shape[0]:
                 self._generic(W, idx, out)
         out = out.to(V.dtype)
         return out[0] if one else out
 
     # ------------------------------------------------------------------ linear GN path
-    def _linear_gn(self, V: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor) -> None:
+    def _linear_gn(self, V: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """G_b V from the captured (a, s), per sample chunk and per layer in one of two exact forms:
+
+        - factored: (J V)_i += s_iᵀ V_l a_i via Z = A V_lᵀ ([c, r·d_out]) and Jᵀu via (u ∘ S)ᵀ A;
+          temporaries of r·c·d_out values and a copy of V_l (about 4·r·c·d_out + 2·r·d_out·d_in moved);
+        - materialized: the chunk's per-sample gradients of the layer, s_i a_iᵀ ([c, d_out·(d_in+1)],
+          built once), then J V = G Vᵀ and Jᵀu = uᵀ G read V and write the output in place (about
+          3·c·d_out·(d_in+1) moved) — cheaper once r is comparable to the layer's fan-in.
+
+        Both are two GEMMs per layer with the same FLOPs; the cheaper one by the counts above is used.
+        The sample chunk (and so any materialized block) is sized under max_memory; every output element
+        is written by the first chunk (the layers cover all parameters), later chunks add."""
         r = V.shape[0]
         n = self.num_samples if idx is None else idx.numel()
-        width = max(l.d_out for l in self._layers)
-        chunk = max(1, self.max_memory // (3 * r * width * self._itemsize))
-        Ws = [V[:, l.w0:l.w1].reshape(r * l.d_out, l.d_in) for l in self._layers]  # one copy per call
+        width = max(max(l.d_out, l.d_in) for l in self._layers)
+        chunk = max(1, min(self.max_memory // (3 * r * width * self._itemsize),
+                           self.max_memory // (self.num_params * self._itemsize)))
+        out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
+        Ws = {}
         for i0 in range(0, n, chunk):
             rows = slice(i0, min(n, i0 + chunk)) if idx is None else idx[i0:i0 + chunk]
             parts = [(l.a[rows], l.s[rows]) for l in self._layers]
             c = parts[0][0].shape[0]
-            jv = torch.zeros(c, r, dtype=self.dtype, device=self.device)
-            for l, W, (a, s) in zip(self._layers, Ws, parts):
-                z = (a @ W.T).view(c, r, l.d_out)                     # [c, r, d_out] = (V_l a_i) per vector
-                # s_iᵀ V_l a_i; a broadcast product, not einsum: its bmm over c tiny matrices
-                # parallelizes badly (measured 100× slower on a loaded 2-core machine)
-                jv += z.mul_(s[:, None, :]).sum(2)
+            dense = [3 * c * (l.d_in + 1) < r * (4 * c + 2 * l.d_in) for l in self._layers]
+            if all(dense):  # one [c, p] block in the flat layout: two whole-vector GEMMs, output in place
+                g = torch.empty(c, self.num_params, dtype=self.dtype, device=self.device)
+                for l, (a, s) in zip(self._layers, parts):
+                    torch.mul(s[:, :, None], a[:, None, :], out=g[:, l.w0:l.w1].view(c, l.d_out, l.d_in))
+                    if l.b0 is not None:
+                        g[:, l.b0:l.b0 + l.d_out] = s
+                uT = (g @ V.T).mul_((self._q[rows] / n)[:, None]).T   # (Q J V / |b|)ᵀ, [r, c]
+                torch.mm(uT, g, out=out) if i0 == 0 else out.addmm_(uT, g)
+                continue
+            jv, G = None, {}
+            for k, (l, (a, s)) in enumerate(zip(self._layers, parts)):
+                if dense[k]:
+                    g = torch.empty(c, l.d_out * l.d_in, dtype=self.dtype, device=self.device)
+                    torch.mul(s[:, :, None], a[:, None, :], out=g.view(c, l.d_out, l.d_in))  # s_i a_iᵀ
+                    G[k] = g
+                    t = g @ V[:, l.w0:l.w1].T                          # [c, r]
+                else:
+                    if k not in Ws:
+                        Ws[k] = V[:, l.w0:l.w1].reshape(r * l.d_out, l.d_in)  # one copy per call
+                    z = (a @ Ws[k].T).view(c, r, l.d_out)              # [c, r, d_out] = V_l a_i per vector
+                    # s_iᵀ V_l a_i as a broadcast product and a sum over the contiguous axis, not
+                    # einsum/bmm: torch's bmm over c tiny matrices was 100× slower on a loaded 2-core machine
+                    t = z.mul_(s[:, None, :]).sum(2)                   # [c, r]
+                jv = t if jv is None else jv.add_(t)
                 if l.b0 is not None:
-                    jv += s @ V[:, l.b0:l.b0 + l.d_out].T
-            u = jv.mul_((self._q[rows] / n)[:, None]).T.contiguous()  # Q J V / |b|, [r, c]
-            for l, (a, s) in zip(self._layers, parts):
-                su = torch.empty(r, l.d_out, c, dtype=self.dtype, device=self.device)  # row-major, for one GEMM
-                torch.mul(u[:, None, :], s.T[None], out=su)                          # u_i s_i per vector
-                su = su.view(r * l.d_out, c)
-                out[:, l.w0:l.w1].view(r, l.d_out, l.d_in).add_((su @ a).view(r, l.d_out, l.d_in))  # Σ_i u_i s_i a_iᵀ
+                    jv.addmm_(s, V[:, l.b0:l.b0 + l.d_out].T)
+            u = jv.mul_((self._q[rows] / n)[:, None])                  # Q J V / |b|, [c, r]
+            uT = u.T.contiguous()
+            for k, (l, (a, s)) in enumerate(zip(self._layers, parts)):
+                if dense[k]:
+                    g = uT @ G[k]                                      # [r, d_out·d_in]
+                else:
+                    # u_i s_i per vector as a row-major [r·d_out, c] GEMM operand, from operands
+                    # contiguous along c (a transposed product would need a strided copy afterwards)
+                    su = (uT[:, None, :] * s.T.contiguous()[None]).view(r * l.d_out, c)
+                    g = (su @ a).view(r, l.d_out * l.d_in)             # Σ_i u_i s_i a_iᵀ
+                dst = out[:, l.w0:l.w1]
+                dst.copy_(g) if i0 == 0 else dst.add_(g)
                 if l.b0 is not None:
-                    out[:, l.b0:l.b0 + l.d_out].add_(u @ s)
+                    gb, dst = uT @ s, out[:, l.b0:l.b0 + l.d_out]
+                    dst.copy_(gb) if i0 == 0 else dst.add_(gb)
+        return out
 
     # ------------------------------------------------------------------ generic path
     def _functional_parts(self):

@@ -154,3 +154,18 @@ def test_validation():
         fk.gn_hvp(model, "mse", x, y[:-1])
     with pytest.raises(TypeError, match="max_memory"):
         fk.gn_hvp(model, "mse", x, y, max_memory=1.5)
+
+
+@pytest.mark.parametrize("r", [3, 64])
+@pytest.mark.parametrize("max_memory", [2**30, 40_000])
+def test_linear_path_forms_and_chunks(r, max_memory):
+    """Per layer the factored or the materialized form (r = 3: the 2→60 layer materialized, the 60→1
+    factored; r = 64: all materialized as one flat block), one or several sample chunks."""
+    model = mlp((2, 60, 1))
+    x, y = data(30, 2)
+    op = fk.gn_hvp(model, "mse", x, y, max_memory=max_memory)
+    assert op.path == "linear"
+    V = _vectors(op.num_params, r=r, seed=r)
+    assert rel(op(V), V @ dense_gn(model, "mse", x, y)) < 1e-12
+    idx = torch.tensor([2, 2, 7, 29, 11])
+    assert rel(op(V, batch=idx), V @ dense_gn(model, "mse", x, y, idx)) < 1e-12

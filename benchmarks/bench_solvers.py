@@ -18,7 +18,8 @@ Cases:
 - ``cg``: ``fimoda_kernels.cg`` (77 independent recursions batched) vs 'reference' — scipy's
   ``scipy.sparse.linalg.cg`` on a ``LinearOperator`` per vector, whose matvec is the same full-data GN
   operator plus λ, same tol (rtol) and damping.
-- ``lissa_update``: the fused update on [77, 17793] per backend vs the float64 torch reference.
+- ``lissa_update``: the fused update on [77, 17793] per backend vs the float64 torch reference and
+  ('torch_unfused') the same float32 step written as plain torch expressions.
 
     python benchmarks/bench_solvers.py [--quick] [--device cpu|cuda] [--out DIR]
 """
@@ -197,6 +198,12 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(2)
     h, vv, mh = (torch.randn(r, p, generator=gen).to(device) for _ in range(3))
     nbytes = 4 * 4 * r * p  # three reads, one write
+    def unfused():  # the same step in plain float32 torch: five passes over [r, p] and two temporaries
+        new = vv + (1 - 0.01) * h - mh / 50.0
+        return h.copy_(new), (new * new).sum(1)
+
+    run_case(args, "lissa_update", "torch_unfused", unfused, shape=dict(r=r, p=p), dtype=torch.float32,
+             bytes=nbytes)
     for b in ["torch"] + [b for b in fk.available_backends("lissa_update", args.device) if b != "torch"]:
         run_case(args, "lissa_update", "reference" if b == "torch" else b,
                  lambda b=b: fk.lissa_update(h, vv, mh, 50.0, 0.01, out=h, backend=b),

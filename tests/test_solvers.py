@@ -1,5 +1,5 @@
 """LiSSA and CG vs exact dense solves in float64 on tiny models (MATH.md §5)."""
-import warnings
+import copy
 
 import pytest
 import torch
@@ -198,3 +198,18 @@ def test_validation(problem):
         fk.cg(op, V, 0.1, tol=0.0)
     with pytest.raises(ValueError, match="max_iter"):
         fk.cg(op, V, 0.1, max_iter=0)
+
+
+@pytest.mark.triton
+def test_lissa_with_the_triton_update(problem):
+    """The solver on the Triton fused update (GPU, or the interpreter here) equals the cpu/torch path."""
+    from helpers import TRITON_DEVICE, triton_module
+
+    triton_module("lissa_update")
+    model, x, y, _, _, V = problem
+    if TRITON_DEVICE == "cuda":
+        model, x, y, V = copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), V.cuda()
+    op = fk.gn_hvp(model, "mse", x, y)
+    kw = dict(depth=30, scale=50.0, damping=0.05, batch_size=9, seed=3)
+    got = fk.lissa(op, V, backend="triton", **kw)
+    assert rel(got.cpu(), fk.lissa(op, V, backend="torch", **kw).cpu()) < 1e-12

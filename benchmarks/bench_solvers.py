@@ -24,13 +24,12 @@ Cases:
     python benchmarks/bench_solvers.py [--quick] [--device cpu|cuda] [--out DIR]
 """
 import sys
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from harness import finish, measure_peaks, parse_args, record, run_case, time_fn
+from harness import finish, parse_args, record, run_case, time_fn
 
 WIDTHS = (8, 128, 128, 1)
 FULL = dict(n=691, r=77, depth=5000, batch=128, ref_vectors=2, ref_depth=100, h_depth=200, h_ref_depth=50)

@@ -30,7 +30,6 @@ modify the model while using it.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -141,7 +140,6 @@ class HVPOperator:
 
     def _capture(self) -> str | None:
         """Capture (a, s) for the linear path; the reason it does not apply, or None."""
-        rec_bytes = None
         a_parts, s_parts, records = {}, {}, None
 
         def run(start, stop):

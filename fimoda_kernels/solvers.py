@@ -12,7 +12,6 @@ All r recursions share each operator call: one batched HVP per iteration instead
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch

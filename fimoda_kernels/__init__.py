@@ -7,11 +7,14 @@ from ._dispatch import BACKENDS, FallbackWarning, available_backends
 from .grads import capture_linear, param_layout, per_sample_grads
 from .inner_products import grad_dot_model, grad_dot_vectors
 from .methods import METHODS, OPTIONS, Scores, attribute, attribute_scores, self_influence
+from .hvp import HVPOperator, gn_hvp, hessian_hvp
 from .ops.grad_dot import grad_dot, grad_dot_factored
+from .ops.lissa_update import lissa_update
 from .ops.philox import philox4x32
 from .ops.project import kronecker_dims, project, project_linear
 from .ops.projection_matrix import projection_matrix
 from .projection import project_model
+from .solvers import CGBreakdownError, CGNotConvergedWarning, LiSSADivergedError, cg, lissa, lissa_scale_ladder
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
 
 __version__ = "0.1.0"
@@ -23,4 +26,6 @@ __all__ = [
     "METHODS", "OPTIONS", "Scores", "attribute", "attribute_scores", "self_influence",
     "per_sample_grads", "capture_linear", "param_layout",
     "Task", "MSETask", "CrossEntropyTask", "get_task",
+    "gn_hvp", "hessian_hvp", "HVPOperator", "lissa_update", "lissa", "cg", "lissa_scale_ladder",
+    "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
 ]

@@ -19,4 +19,11 @@ int num_threads();
 // (FIMODA_SIMD=scalar|avx2|avx512 in the environment forces a lower one).
 const char* philox_block_isa();
 
+// Fused LiSSA update (MATH.md §5): out[i, j] = v[i, j] + (1 − damping)·h[i, j] − mh[i, j] / scale for the
+// row-major [r, p] blocks h, v, mh, out (T float or double; out may alias any input), and
+// sq_norms[i] = Σ_j out[i, j]² accumulated in double, independent of the thread count.
+template <typename T>
+void lissa_update(const T* h, const T* v, const T* mh, T* out, double* sq_norms, int64_t r, int64_t p,
+                  double scale, double damping);
+
 }  // namespace fimoda::cpu

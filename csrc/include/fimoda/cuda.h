@@ -43,4 +43,12 @@ void grad_dot(const void* train, const void* test, int dtype, void* out, int64_t
 void grad_dot_factored(const void* a, const void* s, const void* b, const void* r, int dtype, void* out, int64_t n,
                        int64_t m, int64_t d_in, int64_t d_out, bool accumulate, std::uintptr_t stream);
 
+// Fused LiSSA update (MATH.md §5), as fimoda::cpu::lissa_update: out = v + (1 − damping)·h − mh / scale
+// for contiguous [r, p] blocks (dtype 0 float32, 3 float64; out may alias an input) and sq_norms[r] =
+// ‖out_i‖² (float32 accumulation for float32, float64 for float64). partials: scratch of
+// lissa_update_partials(r, p) elements of the accumulation type. Deterministic (no atomics).
+int64_t lissa_update_partials(int64_t r, int64_t p);
+void lissa_update(const void* h, const void* v, const void* mh, void* out, void* sq_norms, void* partials,
+                  int dtype, int64_t r, int64_t p, double scale, double damping, std::uintptr_t stream);
+
 }  // namespace fimoda::cuda

@@ -1,0 +1,171 @@
+"""GN / true-Hessian operators vs the explicit matrices (torch.func.jacrev / hessian) in float64."""
+import pytest
+import torch
+from curvature_helpers import data, dense_gn, dense_hessian, mlp, rel
+from torch import nn
+
+import fimoda_kernels as fk
+
+N = 37
+
+
+class ScaledMLP(nn.Module):
+    """An MLP with a trainable parameter outside any Linear layer (forces the generic path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp((4, 6, 2))
+        self.gain = nn.Parameter(torch.tensor([1.3, 0.7], dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x) * self.gain
+
+
+CASES = {
+    "mse": (lambda: mlp((5, 7, 6, 1)), 5, "mse"),
+    "ce": (lambda: mlp((4, 6, 3)), 4, "cross_entropy"),
+    "generic_ce": (ScaledMLP, 4, "cross_entropy"),
+}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request):
+    make, d_in, task = CASES[request.param]
+    model = make()
+    x, y = data(N, d_in, task, classes=3 if request.param == "ce" else 2)
+    return model, task, x, y
+
+
+def _vectors(p, r=3, seed=5):
+    return torch.randn(r, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_gn_matches_dense(case):
+    model, task, x, y = case
+    op = fk.gn_hvp(model, task, x, y)
+    V = _vectors(op.num_params)
+    G = dense_gn(model, task, x, y)
+    assert op.num_params == G.shape[0] and op.num_samples == N and op.dtype == torch.float64
+    assert rel(op(V), V @ G) < 1e-12
+    idx = torch.tensor([0, 3, 3, 20, N - 1])  # a repeated index counts twice
+    assert rel(op(V, batch=idx), V @ dense_gn(model, task, x, y, idx)) < 1e-12
+    assert rel(op(V, batch=slice(5, 17)), V @ dense_gn(model, task, x, y, torch.arange(5, 17))) < 1e-12
+
+
+def test_hessian_matches_dense(case):
+    model, task, x, y = case
+    op = fk.hessian_hvp(model, task, x, y)
+    V = _vectors(op.num_params, seed=6)
+    assert op.path == "generic" and op.kind == "hessian"
+    assert rel(op(V), V @ dense_hessian(model, task, x, y)) < 1e-12
+    idx = [1, 2, 30]
+    assert rel(op(V, batch=idx), V @ dense_hessian(model, task, x, y, torch.tensor(idx))) < 1e-12
+
+
+def test_path_selection(case):
+    model, task, x, y = case
+    op = fk.gn_hvp(model, task, x, y)
+    if isinstance(model, ScaledMLP):
+        assert op.path == "generic" and "gain" in op.path_reason
+        with pytest.raises(ValueError, match="linear=True.*gain"):
+            fk.gn_hvp(model, task, x, y, linear=True)
+    else:
+        assert op.path == "linear" and "path='linear'" in repr(op)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_path_equals_generic(dtype):
+    model = mlp((6, 9, 8, 1), dtype=dtype, act=nn.ReLU)
+    x, y = data(50, 6, dtype=dtype)
+    fast, slow = fk.gn_hvp(model, "mse", x, y), fk.gn_hvp(model, "mse", x, y, linear=False)
+    assert fast.path == "linear" and slow.path == "generic"
+    V = _vectors(fast.num_params, r=4).to(dtype)
+    tol = 1e-13 if dtype == torch.float64 else 2e-6
+    assert rel(fast(V), slow(V)) < tol
+    assert rel(fast(V, batch=[4, 9, 9, 49]), slow(V, batch=[4, 9, 9, 49])) < tol
+
+
+def test_linear_path_layer_without_bias():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5, bias=False), nn.Tanh(), nn.Linear(5, 1)).double().eval()
+    x, y = data(20, 3)
+    op = fk.gn_hvp(model, "mse", x, y)
+    V = _vectors(op.num_params)
+    assert op.path == "linear" and rel(op(V), V @ dense_gn(model, "mse", x, y)) < 1e-12
+
+
+def test_chunking_under_a_small_budget():
+    model = mlp((5, 7, 6, 1))
+    x, y = data(N, 5)
+    V = _vectors(sum(p.numel() for p in model.parameters()), r=5)
+    G, H = dense_gn(model, "mse", x, y), dense_hessian(model, "mse", x, y)
+    tiny = fk.gn_hvp(model, "mse", x, y, max_memory=4096)  # the captured a, s do not fit: generic, chunked
+    assert tiny.path == "generic" and "max_memory" in tiny.path_reason
+    assert rel(tiny(V), V @ G) < 1e-12
+    assert rel(fk.hessian_hvp(model, "mse", x, y, max_memory=4096)(V), V @ H) < 1e-12
+    small = fk.gn_hvp(model, "mse", x, y, max_memory=20_000)  # linear path, many sample chunks per call
+    assert small.path == "linear" and rel(small(V), V @ G) < 1e-12
+
+
+def test_gn_and_hessian_differ_where_they_should():
+    """Non-zero residuals (random targets, a non-linear model): H = G + (1/N) Σ φ'_i ∇²f_i ≠ G.
+    A model linear in θ (no hidden layer): ∇²f = 0 and H = G exactly."""
+    model = mlp((5, 7, 6, 1))
+    x, y = data(N, 5)
+    V = _vectors(sum(p.numel() for p in model.parameters()))
+    gn, hs = fk.gn_hvp(model, "mse", x, y), fk.hessian_hvp(model, "mse", x, y)
+    assert rel(gn(V), hs(V)) > 1e-2
+    lin = mlp((5, 1))
+    V = _vectors(6)
+    assert rel(fk.gn_hvp(lin, "mse", x, y)(V), fk.hessian_hvp(lin, "mse", x, y)(V)) < 1e-13
+
+
+def test_shapes_and_dtypes():
+    model = mlp((5, 7, 1))
+    x, y = data(N, 5)
+    op = fk.gn_hvp(model, "mse", x, y)
+    V = _vectors(op.num_params, r=2)
+    one = op(V[1])
+    assert one.shape == (op.num_params,) and torch.allclose(one, op(V)[1], rtol=1e-12, atol=0)
+    out32 = op(V.float())
+    assert out32.dtype == torch.float32 and rel(out32, op(V)) < 1e-6
+    assert op(V[:0]).shape == (0, op.num_params)
+    assert op.device == torch.device("cpu")
+
+
+def test_validation():
+    model = mlp((5, 7, 1))
+    x, y = data(N, 5)
+    op = fk.gn_hvp(model, "mse", x, y)
+    p = op.num_params
+    with pytest.raises(ValueError, match=rf"V: expected \[r, {p}\]"):
+        op(torch.zeros(2, p + 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match="V: expected a floating dtype"):
+        op(torch.zeros(2, p, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"batch: expected indices in \[0, 37\)"):
+        op(torch.zeros(1, p, dtype=torch.float64), batch=[0, 37])
+    with pytest.raises(ValueError, match="batch: expected at least one"):
+        op(torch.zeros(1, p, dtype=torch.float64), batch=[])
+    with pytest.raises(ValueError, match="captured-Linear path exists for the GN operator only"):
+        fk.HVPOperator(model, "mse", x, y, "hessian", linear=True)
+    with pytest.raises(ValueError, match="kind"):
+        fk.HVPOperator(model, "mse", x, y, "fisher")
+    with pytest.raises(ValueError, match="targets"):
+        fk.gn_hvp(model, "mse", x, y[:-1])
+    with pytest.raises(TypeError, match="max_memory"):
+        fk.gn_hvp(model, "mse", x, y, max_memory=1.5)
+
+
+@pytest.mark.parametrize("r", [3, 64])
+@pytest.mark.parametrize("max_memory", [2**30, 40_000])
+def test_linear_path_forms_and_chunks(r, max_memory):
+    """Per layer the factored or the materialized form (r = 3: the 2→60 layer materialized, the 60→1
+    factored; r = 64: all materialized as one flat block), one or several sample chunks."""
+    model = mlp((2, 60, 1))
+    x, y = data(30, 2)
+    op = fk.gn_hvp(model, "mse", x, y, max_memory=max_memory)
+    assert op.path == "linear"
+    V = _vectors(op.num_params, r=r, seed=r)
+    assert rel(op(V), V @ dense_gn(model, "mse", x, y)) < 1e-12
+    idx = torch.tensor([2, 2, 7, 29, 11])
+    assert rel(op(V, batch=idx), V @ dense_gn(model, "mse", x, y, idx)) < 1e-12

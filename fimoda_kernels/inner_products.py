@@ -112,9 +112,28 @@ def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False,
     return out
 
 
-def _uncovered_columns(unc, vectors: torch.Tensor) -> torch.Tensor:
-    """Columns of ``vectors [r, p]`` of the uncovered parameters, concatenated in their order."""
-    return torch.cat([vectors[:, u.offset:u.offset + u.numel] for u in unc], 1)
+
+def gradient_blocks(model, task, x, y, wrt, max_memory):
+    """One capture of a batch split into parameter blocks: ``[(item, block)]`` with ``item`` a
+    :class:`CapturedLayer` and ``block`` its ``(a, s)`` pair, or an :class:`UncoveredParam` and
+    ``block`` its materialized per-sample gradients ``[n, numel]``; plus the bytes one sample used."""
+    cap = capture_linear(model).run(task, x, y, wrt)
+    out = [(l, (l.a, l.s)) for l in cap.layers]
+    per_sample = cap.bytes_per_sample()
+    unc = cap.uncovered
+    if unc:
+        G = per_sample_grads(model, task, x, y, wrt, max_memory, param_names=[u.name for u in unc])
+        col = 0
+        for u in unc:
+            out.append((u, G[:, col:col + u.numel]))
+            col += u.numel
+        per_sample += 3 * G.shape[1] * G.element_size()
+    return out, per_sample
+
+
+def block_sq_norms(block) -> torch.Tensor:
+    """‖g_block,i‖² per sample of one :func:`gradient_blocks` block."""
+    return factored_sq_norms([block], block[0].dtype) if isinstance(block, tuple) else (block * block).sum(1)
 
 
 def layer_vectors(layer, vectors: torch.Tensor) -> torch.Tensor:
@@ -156,24 +175,23 @@ def grad_dot_vectors(model: nn.Module, task, inputs: torch.Tensor, targets: torc
                          f"got {shape}")
     max_memory = check_int("max_memory", max_memory, min_value=1)
     n, r = inputs.shape[0], vectors.shape[0]
-    cap = capture_linear(model)
     out = None
 
     def chunk(start, stop):
         nonlocal out
-        x, y = inputs[start:stop], targets[start:stop]
-        cap.run(task, x, y, wrt)
-        parts = [factored_dot_vectors(l.a, l.s, layer_vectors(l, vectors)) for l in cap.layers]
-        unc = cap.uncovered
-        if unc:
-            G = per_sample_grads(model, task, x, y, wrt, max_memory, param_names=[u.name for u in unc])
-            parts.append(G @ _uncovered_columns(unc, vectors).to(G.dtype).T)
-        block = torch.stack(parts).sum(0)
+        blocks, per_sample = gradient_blocks(model, task, inputs[start:stop], targets[start:stop], wrt, max_memory)
+        parts, inter = [], 0
+        for item, block in blocks:
+            if isinstance(block, tuple):
+                parts.append(factored_dot_vectors(*block, layer_vectors(item, vectors)))
+                inter += (item.T or 1) * r * item.d_out
+            else:
+                parts.append(block @ vectors[:, item.offset:item.offset + item.numel].to(block.dtype).T)
+        total = torch.stack(parts).sum(0)
         if out is None:
-            out = torch.empty(n, r, dtype=block.dtype, device=block.device)
-        out[start:stop] = block
-        inter = sum((l.T or 1) * r * l.d_out for l in cap.layers) * block.element_size()
-        return cap.bytes_per_sample() + inter + 3 * sum(u.numel for u in unc) * block.element_size()
+            out = torch.empty(n, r, dtype=total.dtype, device=total.device)
+        out[start:stop] = total
+        return per_sample + inter * total.element_size()
 
     for_sample_chunks(n, max_memory, chunk)
     return out
@@ -186,22 +204,13 @@ def grad_sq_norms(model: nn.Module, task, inputs: torch.Tensor, targets: torch.T
     per uncovered parameter (keyed by the parameter name). Without materializing n × p."""
     task, _ = _check_batch(model, task, inputs, targets, wrt)
     max_memory = check_int("max_memory", max_memory, min_value=1)
-    cap = capture_linear(model)
-    blocks: dict[str, list] = {}
+    norms: dict[str, list] = {}
 
     def chunk(start, stop):
-        x, y = inputs[start:stop], targets[start:stop]
-        cap.run(task, x, y, wrt)
-        for l in cap.layers:
-            blocks.setdefault(l.name, [l.numel, []])[1].append(factored_sq_norms([(l.a, l.s)], l.a.dtype))
-        unc = cap.uncovered
-        if unc:
-            G = per_sample_grads(model, task, x, y, wrt, max_memory, param_names=[u.name for u in unc])
-            col = 0
-            for u in unc:
-                blocks.setdefault(u.name, [u.numel, []])[1].append((G[:, col:col + u.numel] ** 2).sum(1))
-                col += u.numel
-        return cap.bytes_per_sample() + 3 * sum(u.numel for u in unc) * 8
+        blocks, per_sample = gradient_blocks(model, task, inputs[start:stop], targets[start:stop], wrt, max_memory)
+        for item, block in blocks:
+            norms.setdefault(item.name, [item.numel, []])[1].append(block_sq_norms(block))
+        return per_sample
 
     for_sample_chunks(inputs.shape[0], max_memory, chunk)
-    return {name: (numel, torch.cat(parts)) for name, (numel, parts) in blocks.items()}
+    return {name: (numel, torch.cat(parts)) for name, (numel, parts) in norms.items()}

@@ -17,8 +17,9 @@ import dataclasses
 import torch
 
 from .._validate import check_choice, check_float, check_int
-from ..grads import capture_linear, for_sample_chunks, per_sample_grads
-from ..ops.grad_dot import factored_sq_norms, grad_dot, grad_dot_factored
+from ..grads import for_sample_chunks
+from ..inner_products import block_sq_norms, gradient_blocks
+from ..ops.grad_dot import grad_dot, grad_dot_factored
 from ._common import Options
 
 LAMBDA_RULES = ("tabular", "sst2")
@@ -49,29 +50,10 @@ class DataInfOptions(Options):
         return self
 
 
-def _blocks(model, task, x, y, max_memory):
-    """[(name, numel, block)] with block = (a, s) for a captured layer or the [n, numel] gradients
-    of one uncovered parameter."""
-    cap = capture_linear(model).run(task, x, y, "loss")
-    out = [(l.name, l.numel, (l.a, l.s)) for l in cap.layers]
-    unc = cap.uncovered
-    if unc:
-        G = per_sample_grads(model, task, x, y, "loss", max_memory, param_names=[u.name for u in unc])
-        col = 0
-        for u in unc:
-            out.append((u.name, u.numel, G[:, col:col + u.numel]))
-            col += u.numel
-    return out, cap.bytes_per_sample() + 3 * sum(u.numel for u in unc) * 8
-
-
 def _gram(b1, b2, backend) -> torch.Tensor:
     if isinstance(b1, tuple):
         return grad_dot_factored([b1], [b2], backend=backend)
     return grad_dot(b1, b2, backend=backend)
-
-
-def _sq(block) -> torch.Tensor:
-    return factored_sq_norms([block], block[0].dtype) if isinstance(block, tuple) else (block * block).sum(1)
 
 
 def layer_damping(sq: torch.Tensor, numel: int, rule: str) -> float:
@@ -89,13 +71,13 @@ def datainf(model, task, train, test, opts):
         ref = (x[ref_idx], y[ref_idx])
     else:
         ref = train
-    ref_blocks, _ = _blocks(model, task, ref[0], ref[1], opts.max_memory)
-    te_blocks, _ = _blocks(model, task, test[0], test[1], opts.max_memory)
+    ref_blocks, _ = gradient_blocks(model, task, ref[0], ref[1], "loss", opts.max_memory)
+    te_blocks, _ = gradient_blocks(model, task, test[0], test[1], "loss", opts.max_memory)
     n_ref = ref[0].shape[0]
     # per layer: λ_l, and (1/n) K_l(j, z) / (λ_l + ‖g_{l,j}‖²) for the reference set, [n_ref, m]
     layers, lambdas = [], {}
-    for (name, numel, rb), (_, _, tb) in zip(ref_blocks, te_blocks):
-        sq = _sq(rb)
+    for (item, rb), (_, tb) in zip(ref_blocks, te_blocks):
+        name, numel, sq = item.name, item.numel, block_sq_norms(rb)
         lam = opts.damping if opts.damping is not None else layer_damping(sq, numel, opts.lambda_rule)
         if not lam > 0:
             raise ValueError(f"datainf: layer {name!r} has zero gradients on the reference set, so its "
@@ -108,11 +90,11 @@ def datainf(model, task, train, test, opts):
 
     def chunk(start, stop):
         nonlocal out
-        blocks, per_sample = _blocks(model, task, x[start:stop], y[start:stop], opts.max_memory)
+        blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
         total = 0
-        for (name, cb), (name2, rb, tb, lam, weighted) in zip(((b[0], b[2]) for b in blocks), layers):
-            if name != name2:
-                raise RuntimeError(f"model: captured layers differ between batches ({name!r} vs {name2!r})")
+        for (item, cb), (name, rb, tb, lam, weighted) in zip(blocks, layers):
+            if item.name != name:
+                raise RuntimeError(f"model: captured layers differ between batches ({item.name!r} vs {name!r})")
             total = total + (_gram(cb, tb, opts.backend) - _gram(cb, rb, opts.backend) @ weighted) / lam
         if out is None:
             out = torch.empty(n, total.shape[1], dtype=total.dtype, device=total.device)

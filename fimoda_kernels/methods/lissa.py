@@ -1,8 +1,10 @@
 """LiSSA (Gauss–Newton) and LiSSA-H (true Hessian) influence (MATH.md §3, §5).
 
-score(z, i) = g_iᵀ h_z with h_z the LiSSA estimate of (M + d·s·I)^{-1} g_z for all test points
-at once (one batched recursion, a fresh seeded minibatch per iteration shared by all of them).
-The effective damping is d·s (MATH.md §5): ``damping`` is the recursion's d, as in the paper's code.
+score(z, i) = g_iᵀ h_z with h_z the LiSSA estimate of (M + λI)^{-1} g_z for all test points at
+once (one batched recursion, a fresh seeded minibatch per iteration shared by all of them).
+``damping`` is the absolute λ, as torch-influence's ``damp`` (which the paper's code called): its step
+h ← v + h − (M h + λh)/s is MATH.md §5's recursion with d = λ/s, so the fixed point does not move
+with the scale and CG and LiSSA with the same damping solve the same system.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .cg import resolve_damping
 @dataclasses.dataclass
 class LiSSAOptions(Options):
     """Attributes:
-        damping: the recursion's d (effective λ = d·scale); None = 100·λ₀ (paper code).
+        damping: λ (absolute; the recursion's d = λ/scale); None = 100·λ₀ (paper code).
         depth: iterations per recursion (paper: 5000).
         scale: s, or "auto" = the smallest of 10, 20, 50, 100, ... that does not diverge.
         repeat: independent recursions averaged.
@@ -56,7 +58,7 @@ def _lissa(model, task, train, test, opts, make_hvp):
     hvp = make_hvp(model, task, train[0], train[1])
     H, info = lissa_solve(hvp, dense_loss_grads(model, task, test, opts.max_memory), opts.depth, opts.scale,
                           damping, repeat=opts.repeat, batch_size=min(opts.batch_size, train[0].shape[0]),
-                          seed=opts.seed, return_info=True)
+                          seed=opts.seed, absolute_damping=True, return_info=True)
     scores = grad_dot_vectors(model, task, train[0], train[1], H, "loss", opts.max_memory)
     return scores, {"damping": damping, "lissa": info}
 

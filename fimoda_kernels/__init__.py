@@ -12,6 +12,9 @@ from .ops.project import kronecker_dims, project, project_linear
 from .ops.projection_matrix import projection_matrix
 from .projection import project_model
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
+from .ekfac import EKFAC
+from .ops.ekfac import (ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondition, ekfac_scores,
+                        kfac_eigenvalues, kfac_factors)
 
 __version__ = "0.1.0"
 
@@ -21,4 +24,6 @@ __all__ = [
     "grad_dot", "grad_dot_factored", "grad_dot_model",
     "per_sample_grads", "capture_linear", "param_layout",
     "Task", "MSETask", "CrossEntropyTask", "get_task",
+    "EKFAC", "kfac_factors", "ekfac_eigenbases", "ekfac_eigen_correction", "kfac_eigenvalues",
+    "ekfac_precondition", "ekfac_scores",
 ]

@@ -214,14 +214,16 @@ class EKFAC:
             raise ValueError("test_inputs: expected at least one test point, got none")
         return [torch.cat(p) for p in zip(*parts)]
 
-    def scores(self, train_inputs, train_targets, test_inputs, test_targets, batch_size: int = 256) -> torch.Tensor:
+    def scores(self, train_inputs, train_targets, test_inputs, test_targets, batch_size: int = 256,
+               form: str = "auto") -> torch.Tensor:
         """``Tensor[n_train, n_test]``: g_zᵀ (G + λI)^{-1} g_i (loss gradients at the true labels;
         positive = the training point is helpful). Inputs: tensors or DataLoaders of (inputs,
         targets) with the matching targets argument None. Test gradients are preconditioned once
         (held as ``n_test × Σ_l d_out·d_in`` values); training points stream in batches, scored in
-        factored form (:func:`ekfac_scores`)."""
+        factored form or in chunks of rotated gradients, whichever is faster per layer (``form``, see
+        :func:`ekfac_scores`)."""
         W = self.precondition(test_inputs, test_targets, batch_size)
-        rows = [ekfac_scores(layers, self.eigenbases, W, backend=self.backend)
+        rows = [ekfac_scores(layers, self.eigenbases, W, form=form, backend=self.backend)
                 for layers in self._layer_batches(self._batches(train_inputs, train_targets, batch_size, "train_"),
                                                   curvature=False)]
         if not rows:

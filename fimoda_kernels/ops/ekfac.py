@@ -14,8 +14,9 @@ Public ops (each takes the layers' ``(a, s)`` as recorded by :func:`capture_line
 - :func:`ekfac_precondition`: (G_EKFAC + λI)^{-1} on the test gradients: rotate, divide by Λ + λ and
   (``basis="original"``) rotate back. Default damping: kronfluence's 0.1 × mean(Λ) per layer.
 - :func:`ekfac_scores`: scores Σ_t s̃_{i,t}ᵀ W_z ã_{i,t} of training points i against preconditioned
-  test gradients W_z in the rotated basis, from the training factors (no per-sample d_out × d_in
-  matrix of the training set).
+  test gradients W_z in the rotated basis, from the training factors: the factored kernel (no
+  per-sample d_out × d_in matrix of the training set), or — chosen per layer where it is faster, see
+  its ``form`` — chunks of rotated per-sample gradients under a 16 MiB budget and one GEMM.
 
 Backends of the three kernels (accumulate, correction, score): "cpu", "triton", "cuda", "torch".
 The cpu backend is chunked torch (the machine's BLAS), not csrc/cpu: every kernel here is a GEMM or
@@ -152,6 +153,23 @@ def _factors_cuda(C, x):
 
 # ----------------------------------------------------------------------------- eigendecomposition
 
+_EIGH_SERIAL_MAX = 512
+
+
+def _eigh(C: torch.Tensor):
+    """torch.linalg.eigh; single-threaded on CPU below 512 × 512: LAPACK's threads gain nothing at that
+    size, and on a loaded 2-core machine their synchronization was measured at 0.3-7 s per 129 × 129
+    float64 call against 1.3 ms with one thread."""
+    if C.device.type != "cpu" or C.shape[0] > _EIGH_SERIAL_MAX:
+        return torch.linalg.eigh(C)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(C)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def ekfac_eigenbases(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], names: Sequence[str] | None = None,
                      eigh_dtype: torch.dtype = torch.float64):
     """``[(Q_A, λ_A, Q_S, λ_S), ...]`` from :func:`kfac_factors`' ``[(A, S), ...]`` by
@@ -168,7 +186,7 @@ def ekfac_eigenbases(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], names
             if not bool(torch.isfinite(C).all()):
                 raise ValueError(f"ekfac_eigenbases: {label} factor {what} has NaN or Inf entries; "
                                  "refit the factors from finite inputs")
-            lam, Q = torch.linalg.eigh(C.to(eigh_dtype))
+            lam, Q = _eigh(C.to(eigh_dtype))
             parts += [Q.to(C.dtype), lam.to(C.dtype)]
         out.append(tuple(parts))
     return out
@@ -382,12 +400,16 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
     Σ_t s̃_tᵀ W_z ã_t without any per-sample d_out × d_in matrix: Y = ã W_zᵀ then a row-wise dot with s̃.
     Cost O(n·T·m·d_in·d_out). Result in W's dtype (float32 or float64); non-finite → ``ValueError``.
 
-    ``form``: "factored" (the kernel above, every layer), "materialized" (per chunk of ≤ 16 MiB,
-    the rotated gradients Σ_t s̃_t ã_tᵀ by a batched GEMM, then one GEMM against all W_z: cost
-    O(n·(T + m)·d_in·d_out)) or "auto": factored for T = 1 layers (and m = 1), materialized chunks for
-    T > 1 layers scored against several test points, where the factored form costs T·m/(T + m) times
-    more (a conv layer with T = 64 positions and m = 512 queries: ~56×). ``backend`` applies to the
-    factored kernel; the materialized chunks are torch GEMMs on the tensors' device.
+    ``form``: "factored" (the kernel above, every layer), "materialized" (per chunk of ≤ 16 MiB, the
+    rotated gradients Σ_t s̃_t ã_tᵀ by a batched GEMM, then one GEMM against all W_z: cost
+    O(n·(T + m)·d_in·d_out), temporaries c·d_out·d_in per chunk of c samples, never n × p) or "auto":
+    per layer, factored when T·m ≤ d_in, else materialized chunks. Why: both do the same
+    2·n·m·d_in·d_out multiply-adds for T = 1, but the factored form streams an intermediate
+    Y = ã W_zᵀ of T·m·d_out values per sample through memory where the materialized form writes
+    d_out·d_in and then runs one large GEMM; for T > 1 the factored form also costs T·m/(T + m)
+    times the flops. Measured (2 loaded cores, n = 2048, m = 512, d_out = 128, d_in = 129):
+    factored 5.5-7.5 s, materialized 2.4-2.8 s. ``backend`` applies to the factored kernel; the
+    materialized chunks are torch GEMMs on the tensors' device.
     """
     check_choice("form", form, ("auto", "factored", "materialized"))
     if not isinstance(train_layers, (list, tuple)) or not train_layers:
@@ -408,7 +430,7 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
                              f"s [{n}, T, {Q_S.shape[0]}], W [{m}, {Q_S.shape[0]}, {Q_A.shape[0]}], got "
                              f"{tuple(a.shape)}, {tuple(s.shape)}, {tuple(W.shape)}")
         ar, sr = _rotate(a, s, Q_A, Q_S, W.dtype)
-        if form == "factored" or (form == "auto" and (a.shape[1] == 1 or m == 1)):
+        if form == "factored" or (form == "auto" and a.shape[1] * m <= a.shape[2]):
             impl.fn(out, sr, ar, W)
         else:
             _scores_materialized(out, sr, ar, W)

@@ -44,6 +44,11 @@ def _layer_dims(module: nn.Module) -> tuple[int, int]:
     return math.prod(module.weight.shape[1:]) + (module.bias is not None), module.weight.shape[0]
 
 
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
 class EKFAC:
     """EK-FAC (``strategy="ekfac"``) or K-FAC (``"kfac"``) influence of training points on test points.
 
@@ -164,34 +169,44 @@ class EKFAC:
 
     # ------------------------------------------------------------------------- fit / scores
 
-    def fit(self, inputs, targets=None, batch_size: int = 256) -> "EKFAC":
+    def fit(self, inputs, targets=None, batch_size: int = 256, cache_bytes: int = 256 * 2**20) -> "EKFAC":
         """Fit factors, eigenbases, eigenvalues and damping on the training data: ``inputs`` and
         ``targets`` tensors (batched by ``batch_size``), or a DataLoader yielding (inputs, targets)
-        with ``targets=None``. Two passes for "ekfac" (factors, then eigenvalue correction), one for
-        "kfac". Non-finite values raise, naming the layer and the batch. Returns ``self``."""
+        with ``targets=None``. "kfac" needs one pass over the data; "ekfac" a second one for the
+        eigenvalue correction, which reuses the first pass's captured (a, s) when they take at most
+        ``cache_bytes`` (0 disables the cache; the data are then read, and labels sampled, again).
+        Non-finite values raise, naming the layer and the batch. Returns ``self``."""
+        cache_bytes = check_int("cache_bytes", cache_bytes, min_value=0)
         self.layer_names = None
-        names = lambda: self.layer_names  # noqa: E731 — known after the first batch
         gen = self._layer_batches(self._batches(inputs, targets, batch_size, ""), curvature=True)
         first = next(gen, None)
         if first is None:
             raise ValueError("inputs: expected at least one batch of training data, got none")
-        counted = []
+        counted, cache = [], [] if self.strategy == "ekfac" and cache_bytes else None
+        held = 0
 
         def stream(first, rest):
-            counted.append(first[0][0].shape[0])
-            yield first
-            for b in rest:
-                counted.append(b[0][0].shape[0])
-                yield b
+            nonlocal cache, held
+            for b, layers in enumerate(_chain(first, rest)):
+                counted.append(layers[0][0].shape[0])
+                if cache is not None:
+                    held += sum(a.numel() * a.element_size() + s.numel() * s.element_size() for a, s in layers)
+                    if held <= cache_bytes:
+                        cache.append(layers)
+                    else:
+                        cache = None
+                yield layers
 
-        self.factors = kfac_factors(stream(first, gen), names=names(), dtype=self.dtype, backend=self.backend)
+        names = self.layer_names
+        self.factors = kfac_factors(stream(first, gen), names=names, dtype=self.dtype, backend=self.backend)
         self.num_samples = sum(counted)
-        self.eigenbases = ekfac_eigenbases(self.factors, names=names(), eigh_dtype=self.eigh_dtype)
+        self.eigenbases = ekfac_eigenbases(self.factors, names=names, eigh_dtype=self.eigh_dtype)
         if self.strategy == "kfac":
             self.eigenvalues = [kfac_eigenvalues(lam_A, lam_S) for _, lam_A, _, lam_S in self.eigenbases]
         else:
-            again = self._layer_batches(self._batches(inputs, targets, batch_size, ""), curvature=True)
-            self.eigenvalues = ekfac_eigen_correction(again, self.eigenbases, names=names(), dtype=self.dtype,
+            again = cache if cache is not None else self._layer_batches(
+                self._batches(inputs, targets, batch_size, ""), curvature=True)
+            self.eigenvalues = ekfac_eigen_correction(again, self.eigenbases, names=names, dtype=self.dtype,
                                                       backend=self.backend)
         self.damping_values = [self.damping if self.damping is not None else default_damping(L)
                                for L in self.eigenvalues]

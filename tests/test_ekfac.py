@@ -187,6 +187,18 @@ def test_sampled_curvature_matches_its_expectation():
     assert _rel(emp.factors[1][1], expect) > 0.1  # the empirical Fisher is a different matrix
 
 
+@pytest.mark.parametrize("curvature", ["gn", "sampled"])
+def test_cached_second_pass_equals_recomputed(curvature):
+    """The correction pass on the first pass's cached (a, s) equals a recomputed second pass (the
+    sampling generator restarts, so the sampled labels are the same too), and a too-small cache falls back."""
+    model, task = _model("mlp")
+    x, y = _data("mlp", 30, 1)
+    fits = [EKFAC(model, task, curvature=curvature, dtype=torch.float64).fit(x, y, batch_size=8, cache_bytes=c)
+            for c in (2**20, 0, 3000)]
+    for other in fits[1:]:
+        assert all(torch.allclose(L, M, rtol=1e-12, atol=0) for L, M in zip(fits[0].eigenvalues, other.eigenvalues))
+
+
 def test_dataloader_equals_tensors():
     model, task = _model("conv")
     x, y = _data("conv", 23, 1)

@@ -12,7 +12,7 @@ for both (kronfluence's factor and training batches, our ``batch_size``); kronfl
 calls take tens of seconds on a CPU, times ``--repeats`` calls per phase after the untimed call
 that produced the cosine, and records them through the harness.
 
-    python benchmarks/bench_ekfac.py [--quick] [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_ekfac.py [--quick] [--device cpu|cuda] [--out DIR] [--repeats R] [--models mlp,cnn]
 """
 import sys
 import tempfile
@@ -89,13 +89,19 @@ def cosines(ours, theirs):
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__, argv, lambda p: p.add_argument(
-        "--repeats", type=int, default=3, help="timed calls per phase in full mode (after one untimed warm-up)"))
+    def options(p):
+        p.add_argument("--repeats", type=int, default=3,
+                       help="timed calls per phase in full mode (after one untimed warm-up)")
+        p.add_argument("--models", default="mlp,cnn", help="comma-separated cases to run (mlp, cnn)")
+
+    args = parse_args(__doc__, argv, options)
     import fimoda_kernels as fk
 
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     for kind, n, m in CASES[args.mode]:
+        if kind not in args.models.split(","):
+            continue
         model = make_model(kind).to(device)
         p = sum(q.numel() for q in model.parameters())
         x_tr, y_tr = (t.to(device) for t in make_data(kind, n, gen))

@@ -153,11 +153,11 @@ def _factors_cuda(C, x):
 
 # ----------------------------------------------------------------------------- eigendecomposition
 
-_EIGH_SERIAL_MAX = 512
+_EIGH_SERIAL_MAX = 1024
 
 
 def _eigh(C: torch.Tensor):
-    """torch.linalg.eigh; single-threaded on CPU below 512 × 512: LAPACK's threads gain nothing at that
+    """torch.linalg.eigh; single-threaded on CPU up to 1024 × 1024: LAPACK's threads gain nothing at that
     size, and on a loaded 2-core machine their synchronization was measured at 0.3-7 s per 129 × 129
     float64 call against 1.3 ms with one thread."""
     if C.device.type != "cpu" or C.shape[0] > _EIGH_SERIAL_MAX:

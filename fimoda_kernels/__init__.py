@@ -16,6 +16,9 @@ from .ops.projection_matrix import projection_matrix
 from .projection import project_model
 from .solvers import CGBreakdownError, CGNotConvergedWarning, LiSSADivergedError, cg, lissa, lissa_scale_ladder
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
+from .ekfac import EKFAC
+from .ops.ekfac import (ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondition, ekfac_scores,
+                        kfac_eigenvalues, kfac_factors)
 
 __version__ = "0.1.0"
 
@@ -28,4 +31,6 @@ __all__ = [
     "Task", "MSETask", "CrossEntropyTask", "get_task",
     "gn_hvp", "hessian_hvp", "HVPOperator", "lissa_update", "lissa", "cg", "lissa_scale_ladder",
     "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
+    "EKFAC", "kfac_factors", "ekfac_eigenbases", "ekfac_eigen_correction", "kfac_eigenvalues",
+    "ekfac_precondition", "ekfac_scores",
 ]

@@ -391,13 +391,15 @@ class LinearCapture:
         return False
 
     def run(self, task: str | Task, inputs: torch.Tensor, targets: torch.Tensor,
-            wrt: str = "loss") -> "LinearCapture":
+            wrt: str = "loss", quantity=None) -> "LinearCapture":
         """Capture one batch: forward ``model(inputs)``, differentiate ``Σ_i ℓ_i`` (``wrt="loss"``)
         or ``Σ_i f_i`` (``wrt="output"``) with respect to the layer outputs only (``param.grad``
-        is untouched). Returns ``self``."""
+        is untouched). ``quantity``: optional ``(model_out, targets) -> Tensor[n]`` differentiated
+        instead (e.g. f_i scaled per sample, or the loss at resampled labels). Returns ``self``."""
         task, _ = _check_batch(self.model, task, inputs, targets, wrt)
         with self:
-            total = _evaluate(task, self.model(inputs), targets, wrt).sum()
+            out = self.model(inputs)
+            total = (quantity(out, targets) if quantity is not None else _evaluate(task, out, targets, wrt)).sum()
             for r in self.layers:
                 if r.a.shape[0] != inputs.shape[0]:
                     r._reason = (f"layer input has {r.a.shape[0]} rows along dim 0, not the "

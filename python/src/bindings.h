@@ -17,3 +17,4 @@ void init_projection_matrix(py::module_& m);
 void init_project(py::module_& m);
 void init_grad_dot(py::module_& m);
 void init_lissa_update(py::module_& m);
+void init_ekfac(py::module_& m);

@@ -29,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
   init_project(m);
   init_grad_dot(m);
   init_lissa_update(m);
+  init_ekfac(m);
 }

@@ -50,5 +50,17 @@ void grad_dot_factored(const void* a, const void* s, const void* b, const void* 
 int64_t lissa_update_partials(int64_t r, int64_t p);
 void lissa_update(const void* h, const void* v, const void* mh, void* out, void* sq_norms, void* partials,
                   int dtype, int64_t r, int64_t p, double scale, double damping, std::uintptr_t stream);
+// K-FAC / EK-FAC (MATH.md §6; fimoda_kernels/ops/ekfac.py). Contiguous row-major float32 buffers, or
+// float64 with fp64; accumulate into c / L / out (never overwrite); deterministic (no atomics).
+// c[dx, dy] += f(x)ᵀ f(y) for x [rows, dx], y [rows, dy], f = square with square; symmetric (x = y):
+// upper tiles computed and mirrored.
+void ekfac_gram(const void* x, const void* y, void* c, bool fp64, int64_t rows, int64_t dx, int64_t dy, bool symmetric,
+                bool square, std::uintptr_t stream);
+// L[d_out, d_in] += Σ_i (Σ_t sr[i, t, :] ar[i, t, :]ᵀ)² for sr [n, T, d_out], ar [n, T, d_in].
+void ekfac_rotated_square(const void* sr, const void* ar, void* L, bool fp64, int64_t n, int64_t T, int64_t d_out,
+                          int64_t d_in, std::uintptr_t stream);
+// out[i, z] += Σ_t sr[i, t, :]ᵀ W[z] ar[i, t, :] for sr [n, T, d_out], ar [n, T, d_in], W [m, d_out, d_in], out [n, m].
+void ekfac_scores(const void* sr, const void* ar, const void* W, void* out, bool fp64, int64_t n, int64_t T, int64_t m,
+                  int64_t d_out, int64_t d_in, std::uintptr_t stream);
 
 }  // namespace fimoda::cuda

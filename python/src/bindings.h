@@ -16,3 +16,4 @@ void init_philox4x32(py::module_& m);
 void init_projection_matrix(py::module_& m);
 void init_project(py::module_& m);
 void init_grad_dot(py::module_& m);
+void init_ensemble_step(py::module_& m);

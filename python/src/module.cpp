@@ -28,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   init_projection_matrix(m);
   init_project(m);
   init_grad_dot(m);
+  init_ensemble_step(m);
 }

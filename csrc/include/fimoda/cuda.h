@@ -43,4 +43,11 @@ void grad_dot(const void* train, const void* test, int dtype, void* out, int64_t
 void grad_dot_factored(const void* a, const void* s, const void* b, const void* r, int dtype, void* out, int64_t n,
                        int64_t m, int64_t d_in, int64_t d_out, bool accumulate, std::uintptr_t stream);
 
+// ensemble_step of cpu.h on device pointers; segments a device int64 array of n_segments block sizes
+// (max_segment the largest), coef a device [M, 3] float64 table, hp the 8 host scalars.
+template <typename T>
+void ensemble_step(T* params, const T* grads, T* state1, T* state2, const double* coef, const int64_t* segments,
+                   int64_t n_segments, int64_t max_segment, int64_t M, int optimizer, const double* hp,
+                   std::uintptr_t stream);
+
 }  // namespace fimoda::cuda

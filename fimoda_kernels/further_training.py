@@ -51,7 +51,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ._validate import check_choice, check_float, check_int, check_tensor
-from .ops.ensemble_step import ensemble_step, state_buffers
+from .ops.ensemble_step import EnsembleStepper, state_buffers
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
 
 __all__ = ["further_train", "FurtherTrainingResult"]
@@ -132,52 +132,30 @@ def _atomic_save(obj, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- MLP recognition
 
-def _relu_grad(z, h):
-    return (z > 0).to(z.dtype)
-
-
-def _tanh_grad(z, h):
-    return 1 - h * h
-
-
-def _sigmoid_grad(z, h):
-    return h * (1 - h)
-
-
-def _silu_grad(z, h):
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
-
-
-def _gelu_grad(z, h):
-    cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
-    return cdf + z * torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-
-
-def _gelu_tanh_grad(z, h):
-    k = math.sqrt(2 / math.pi)
-    u = k * (z + 0.044715 * z ** 3)
-    t = torch.tanh(u)
-    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
+_aten = torch.ops.aten
 
 
 def _activation(m: nn.Module):
-    """(forward, derivative(z, h)) of an elementwise activation the fused path supports, else None."""
-    if type(m) is nn.ReLU:
-        return F.relu, _relu_grad
-    if type(m) is nn.Tanh:
-        return torch.tanh, _tanh_grad
-    if type(m) is nn.Sigmoid:
-        return torch.sigmoid, _sigmoid_grad
-    if type(m) is nn.SiLU:
-        return F.silu, _silu_grad
-    if type(m) is nn.GELU:
-        return (lambda z: F.gelu(z, approximate=m.approximate)), (_gelu_tanh_grad if m.approximate == "tanh"
-                                                                   else _gelu_grad)
-    if type(m) is nn.LeakyReLU:
+    """(forward(z) -> h, backward(g, z, h) -> g·act'(z)) of an elementwise activation the fused path
+    supports, else None. Activations whose derivative needs only h run in place on z; the backward
+    functions are autograd's own (aten ``*_backward``), so the fused gradients round as autograd's."""
+    t = type(m)
+    if t is nn.ReLU:
+        return torch.relu_, lambda g, z, h: _aten.threshold_backward(g, h, 0)
+    if t is nn.Tanh:
+        return torch.tanh_, lambda g, z, h: _aten.tanh_backward(g, h)
+    if t is nn.Sigmoid:
+        return torch.sigmoid_, lambda g, z, h: _aten.sigmoid_backward(g, h)
+    if t is nn.LeakyReLU:
         slope = m.negative_slope
-        return (lambda z: F.leaky_relu(z, slope)), (lambda z, h: torch.where(z > 0, 1.0, slope).to(z.dtype))
-    if type(m) is nn.Identity:
+        return ((lambda z: F.leaky_relu_(z, slope)),
+                (lambda g, z, h: _aten.leaky_relu_backward(g, h, slope, True)))
+    if t is nn.SiLU:
+        return F.silu, lambda g, z, h: _aten.silu_backward(g, z)
+    if t is nn.GELU:
+        approx = m.approximate
+        return (lambda z: F.gelu(z, approximate=approx)), (lambda g, z, h: _aten.gelu_backward(g, z, approximate=approx))
+    if t is nn.Identity:
         return (lambda z: z), None
     return None
 
@@ -204,7 +182,7 @@ def _mlp_layers(model: nn.Module):
         return "the model has no Linear layer"
     if any(len(acts) > 1 for _, acts in layers):
         return "two activations in a row"
-    return [(lin, acts[0] if acts else None) for lin, acts in layers]
+    return [(lin, acts[0] if acts and acts[0][1] is not None else None) for lin, acts in layers]
 
 
 def _generic_problems(model: nn.Module) -> list[str]:
@@ -313,7 +291,7 @@ class _FlatParams:
     def __init__(self, named: list, M: int, dtype, device):
         self.names = [n for n, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
-        self.segments = [max(1, p.numel()) for _, p in named]
+        self.segments = [p.numel() for _, p in named]
         total = M * sum(self.segments)
         self.theta = torch.empty(total, dtype=dtype, device=device)
         self.grad = torch.zeros(total, dtype=dtype, device=device)
@@ -403,7 +381,7 @@ class _FusedMLP:
                 _, _, _, _, _, dact = self.layers[l - 1]
                 g = torch.bmm(g, W)
                 if dact is not None:
-                    g.mul_(dact(z, h))
+                    g = dact(g, z, h)
 
     def test_losses(self, x_test, y_test, task) -> torch.Tensor:
         out, _ = self.forward(x_test, keep=False)
@@ -716,6 +694,8 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
         engine = _Generic(base, flat, buffers)
     s1, s2 = state_buffers(optimizer, momentum, flat.theta)
     step = torch.zeros(M, dtype=torch.int64, device=device)
+    update = EnsembleStepper(optimizer, lr, momentum, weight_decay, betas, eps, segments=flat.segments,
+                             device=device, dtype=dtype)
     evals = []
     with torch.no_grad():
         evals.append(engine.test_losses(x_te, y_te, task).T)
@@ -727,9 +707,7 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
             engine.grad(x_tr, y_tr, task, idx, w)
         step += 1 if active is None else active.to(torch.int64)
         with torch.no_grad():
-            ensemble_step(flat.theta, flat.grad, step, optimizer=optimizer, lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, betas=betas, eps=eps, state1=s1, state2=s2, active=active,
-                          segments=flat.segments)
+            update(flat.theta, flat.grad, step, s1, s2, active)
             if evaluate:
                 evals.append(engine.test_losses(x_te, y_te, task).T)
         if bar is not None:

@@ -149,6 +149,21 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
     if sum(segments) != P:
         raise ValueError(f"segments: expected block sizes summing to P = {P}, got {list(segments)} "
                          f"(sum {sum(segments)})")
+    hyper = _check_hyper(optimizer, lr, momentum, weight_decay, betas, eps)
+    if active is not None:
+        check_tensor("active", active, ndim=1, dtypes=(torch.bool,), device=params.device)
+        if active.shape[0] != M:
+            raise ValueError(f"active: expected {M} entries, got {active.shape[0]}")
+    state1 = _check_state("state1", state1, params, optimizer != "sgd" or momentum != 0)
+    state2 = _check_state("state2", state2, params, optimizer != "sgd")
+    if bool((step[active] if active is not None else step).lt(1).any()):
+        raise ValueError(f"step: expected step numbers >= 1 for the active models, got min {int(step.min())}")
+    EnsembleStepper(optimizer, *hyper, segments=segments, device=params.device, dtype=params.dtype,
+                    backend=backend)(
+        params, grads, step, state1, state2, active)
+
+
+def _check_hyper(optimizer, lr, momentum, weight_decay, betas, eps):
     lr = check_float("lr", lr, positive=True)
     momentum = check_float("momentum", momentum, min_value=0.0)
     if momentum >= 1:
@@ -160,19 +175,26 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
     betas = tuple(check_float(f"betas[{k}]", b, min_value=0.0) for k, b in enumerate(betas))
     if max(betas) >= 1:
         raise ValueError(f"betas: expected numbers in [0, 1), got {betas}")
-    if active is not None:
-        check_tensor("active", active, ndim=1, dtypes=(torch.bool,), device=params.device)
-        if active.shape[0] != M:
-            raise ValueError(f"active: expected {M} entries, got {active.shape[0]}")
-    state1 = _check_state("state1", state1, params, optimizer != "sgd" or momentum != 0)
-    state2 = _check_state("state2", state2, params, optimizer != "sgd")
-    if active is None and bool((step < 1).any()):
-        raise ValueError(f"step: expected step numbers >= 1, got min {int(step.min())}")
-    coef = model_coefficients(step, active, optimizer, lr, betas)
-    hp = hyperparameters(optimizer, lr, momentum, weight_decay, betas, eps)
-    impl = _OP.select(backend, params.device, params)
-    impl.fn(params.view(-1), grads.view(-1), None if state1 is None else state1.view(-1),
-            None if state2 is None else state2.view(-1), coef, segments, optimizer, hp)
+    return lr, momentum, weight_decay, betas, eps
+
+
+class EnsembleStepper:
+    """:func:`ensemble_step` with the hyperparameters checked and the backend chosen once, for loops
+    over many steps of the same buffers (the further-training engine): a call only builds the per-model
+    coefficient table and runs the kernel. Arguments as :func:`ensemble_step` (already validated)."""
+
+    def __init__(self, optimizer: str, lr: float, momentum: float, weight_decay: float, betas, eps: float, *,
+                 segments: Sequence[int], device, dtype: torch.dtype = torch.float32, backend: str | None = None):
+        self.optimizer, self.lr, self.betas = check_choice("optimizer", optimizer, OPTIMIZERS), lr, tuple(betas)
+        self.hp = hyperparameters(optimizer, lr, momentum, weight_decay, self.betas, eps)
+        self.segments = tuple(segments)
+        probe = torch.empty(0, dtype=dtype, device=device)
+        self.impl = _OP.select(backend, torch.device(device), probe)
+
+    def __call__(self, params, grads, step, state1=None, state2=None, active=None) -> None:
+        coef = model_coefficients(step, active, self.optimizer, self.lr, self.betas)
+        self.impl.fn(params.view(-1), grads.view(-1), None if state1 is None else state1.view(-1),
+                     None if state2 is None else state2.view(-1), coef, self.segments, self.optimizer, self.hp)
 
 
 @_OP.register("torch")
@@ -216,5 +238,5 @@ def state_buffers(optimizer: str, momentum: float, like: torch.Tensor) -> tuple:
     return s1, s2
 
 
-__all__ = ["ensemble_step", "OPTIMIZERS", "state_buffers"]
+__all__ = ["ensemble_step", "EnsembleStepper", "OPTIMIZERS", "state_buffers"]
 

@@ -21,7 +21,8 @@ def _ensemble_step_kernel(params, grads, s1, s2, coef, segments, hyper, M,
     a = tl.load(coef + 3 * m + 1)
     b = tl.load(coef + 3 * m + 2)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = (e < n) & (active != 0.0)
+    limit = tl.where(active != 0.0, n, 0)  # an inactive model: every entry masked
+    mask = e < limit
     i = base + m * n + e
     neg_lr = tl.load(hyper + 0)
     mom = tl.load(hyper + 1)

@@ -242,45 +242,48 @@ class _Schedule:
             return int(self.nb.sum()) * self.epochs
         return self.M * self.total_steps
 
-    def _batch(self, e: torch.Tensor, k: torch.Tensor):
-        """Index rows and weights of batch slot k (per model) of epoch e (per model)."""
+    def _batches(self, s0: int, s1: int):
+        """Index rows [S, M, W], weights [S, M, W] and active [S, M] of global steps s0 ≤ s < s1.
+
+        Epoch training: step s is batch slot k = s mod slots of epoch s div slots (slots = the most
+        batches per epoch of any model), a model without that slot is inactive. Step training: model
+        m's step s is batch s mod nb_m of its epoch s div nb_m (its own epoch boundaries)."""
         N, B = self.n, self.B
-        J = k[:, None] * B + self.ar  # [M, B] positions in the (reduced) epoch order
-        valid = J < self.count[:, None]
-        flat = self.perms.view(-1, N)
-        row = self.sid * self.n_epochs + e  # [M]
-        if self.mode == "remove":
-            pos = self.pos[self.rows, e]
-            src = (J + (J >= pos[:, None]).to(J.dtype)).clamp_(max=N - 1)
+        s = torch.arange(s0, s1, device=self.device)[:, None]  # [S, 1]
+        if self.epochs is not None:
+            e, k = (s // self.slots).expand(-1, self.M), (s % self.slots).expand(-1, self.M)
+            active = k < self.nb
         else:
-            src = J.clamp(max=N - 1)
-        idx = flat[row[:, None], src]
-        cnt = valid.sum(1, keepdim=True).clamp_(min=1).to(self.dtype)
+            e, k = s // self.nb, s % self.nb
+            active = torch.ones_like(e, dtype=torch.bool)
+        J = k[..., None] * B + self.ar  # [S, M, B] positions in the (reduced) epoch order
+        valid = (J < self.count[:, None]) & active[..., None]
+        if self.mode == "remove":
+            pos = self.pos[self.rows, e]  # [S, M]
+            J = J + (J >= pos[..., None]).to(J.dtype)
+        row = self.sid * self.n_epochs + e  # [S, M]
+        idx = self.perms.view(-1, N)[row[..., None], J.clamp_(max=N - 1)]
+        cnt = valid.sum(-1, keepdim=True).clamp_(min=1).to(self.dtype)
         w = valid.to(self.dtype) / cnt
         if self.mode == "downweight":
             # the left-out point's own term: −ℓ(z_i)/N at every step (weight 0 for the full run)
-            extra = self.loo.clamp(min=0)[:, None]
-            w_extra = (self.loo >= 0).to(self.dtype)[:, None] * (-1.0 / N)
-            idx, w = torch.cat([idx, extra], 1), torch.cat([w, w_extra], 1)
-        return idx, w
+            extra = self.loo.clamp(min=0).expand(idx.shape[0], -1)[..., None]
+            w_extra = (self.loo >= 0).to(self.dtype).expand(idx.shape[0], -1)[..., None] * (-1.0 / N)
+            idx, w = torch.cat([idx, extra], -1), torch.cat([w, w_extra], -1)
+        return idx, w, active
 
-    def steps(self):
-        M = self.M
-        if self.epochs is not None:
-            same = bool((self.nb == self.slots).all())
-            for e in range(self.epochs):
-                ev = torch.full((M,), e, dtype=torch.int64, device=self.device)
-                for k in range(self.slots):
-                    kv = torch.full((M,), k, dtype=torch.int64, device=self.device)
-                    active = None if same else kv < self.nb
-                    idx, w = self._batch(ev, kv)
-                    yield idx, w, active, k == self.slots - 1
-        else:
-            for s in range(self.total_steps):
-                sv = torch.full((M,), s, dtype=torch.int64, device=self.device)
-                idx, w = self._batch(sv // self.nb, sv % self.nb)
-                last = s + 1 == self.total_steps
-                yield idx, w, None, last or (s + 1) % self.eval_every == 0
+    def steps(self, block: int = 64):
+        total = self.epochs * self.slots if self.epochs is not None else self.total_steps
+        all_active = self.epochs is None or bool((self.nb == self.slots).all())
+        for s0 in range(0, total, block):
+            idx, w, active = self._batches(s0, min(total, s0 + block))
+            for q in range(idx.shape[0]):
+                s = s0 + q + 1  # steps done after this one
+                if self.epochs is not None:
+                    evaluate = s % self.slots == 0
+                else:
+                    evaluate = s == total or s % self.eval_every == 0
+                yield idx[q], w[q], None if all_active else active[q], evaluate
 
 
 # ----------------------------------------------------------------------------- gradient paths

@@ -136,25 +136,27 @@ _aten = torch.ops.aten
 
 
 def _activation(m: nn.Module):
-    """(forward(z) -> h, backward(g, z, h) -> g·act'(z)) of an elementwise activation the fused path
-    supports, else None. Activations whose derivative needs only h run in place on z; the backward
-    functions are autograd's own (aten ``*_backward``), so the fused gradients round as autograd's."""
+    """(forward(z) -> h, backward_(g, z, h): g ← g·act'(z) in place) of an elementwise activation the
+    fused path supports, else None. Activations whose derivative needs only h run in place on z; the
+    backward functions are autograd's own (aten ``*_backward`` into ``grad_input=g``), so the fused
+    gradients round as autograd's, and nothing is allocated per step."""
     t = type(m)
     if t is nn.ReLU:
-        return torch.relu_, lambda g, z, h: _aten.threshold_backward(g, h, 0)
+        return torch.relu_, lambda g, z, h: _aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
     if t is nn.Tanh:
-        return torch.tanh_, lambda g, z, h: _aten.tanh_backward(g, h)
+        return torch.tanh_, lambda g, z, h: _aten.tanh_backward.grad_input(g, h, grad_input=g)
     if t is nn.Sigmoid:
-        return torch.sigmoid_, lambda g, z, h: _aten.sigmoid_backward(g, h)
+        return torch.sigmoid_, lambda g, z, h: _aten.sigmoid_backward.grad_input(g, h, grad_input=g)
     if t is nn.LeakyReLU:
         slope = m.negative_slope
         return ((lambda z: F.leaky_relu_(z, slope)),
-                (lambda g, z, h: _aten.leaky_relu_backward(g, h, slope, True)))
+                (lambda g, z, h: _aten.leaky_relu_backward.grad_input(g, h, slope, True, grad_input=g)))
     if t is nn.SiLU:
-        return F.silu, lambda g, z, h: _aten.silu_backward(g, z)
+        return F.silu, lambda g, z, h: _aten.silu_backward.grad_input(g, z, grad_input=g)
     if t is nn.GELU:
         approx = m.approximate
-        return (lambda z: F.gelu(z, approximate=approx)), (lambda g, z, h: _aten.gelu_backward(g, z, approximate=approx))
+        return ((lambda z: F.gelu(z, approximate=approx)),
+                (lambda g, z, h: _aten.gelu_backward.grad_input(g, z, approximate=approx, grad_input=g)))
     if t is nn.Identity:
         return (lambda z: z), None
     return None
@@ -328,11 +330,12 @@ def _output_grad(task: Task, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor
 
 
 class _FusedMLP:
-    """Batched forward/backward of M MLPs written out as GEMMs over the model axis."""
+    """Batched forward/backward of M MLPs written out as GEMMs over the model axis, into buffers
+    allocated once per chunk (a fresh multi-MiB tensor per op would cost page faults every step)."""
 
     def __init__(self, layers, flat: _FlatParams, width: int):
         self.flat, self.M = flat, flat.M
-        self.layers = []  # (W view, b view or None, gW view, gb view or None, act fwd, act grad)
+        self.layers = []  # (W view, b view or None, gW view, gb view or None, act fwd, act backward_)
         k = 0
         for lin, act in layers:
             W, gW = flat.params[k], flat.grads[k]
@@ -345,12 +348,14 @@ class _FusedMLP:
         dtype, dev = flat.theta.dtype, flat.theta.device
         d0 = layers[0][0].in_features
         self.X = torch.empty(self.M, width, d0, dtype=dtype, device=dev)
-        # pre-activations and activations of every layer, preallocated for the training width
+        # pre-activations (activations in place where the derivative needs only them) and the
+        # gradients with respect to each hidden layer's output
         self.Z = [torch.empty(self.M, width, lin.out_features, dtype=dtype, device=dev) for lin, _ in layers]
+        self.G = [torch.empty(self.M, width, lin.out_features, dtype=dtype, device=dev) for lin, _ in layers[:-1]]
 
     def forward(self, x: torch.Tensor, keep: bool):
-        """Outputs [M, n, C] for inputs [M, n, d0] (or shared [n, d0]); with ``keep`` the
-        (pre-)activations are kept for :meth:`backward` (training width only)."""
+        """Outputs [M, n, C] for inputs [M, n, d0] (or shared [n, d0]); with ``keep`` into the
+        training buffers, returning every layer's (z, h) for :meth:`grad`."""
         h, hs = x, [x]
         for l, (W, b, _, _, act, _) in enumerate(self.layers):
             if keep:
@@ -370,21 +375,25 @@ class _FusedMLP:
     def grad(self, x_train, y_train, task, idx, w):
         M, Wd = idx.shape
         torch.index_select(x_train, 0, idx.view(-1), out=self.X.view(M * Wd, -1))
-        y = y_train[idx]
         out, hs = self.forward(self.X, keep=True)
-        g = _output_grad(task, out, y, w)
+        g = _output_grad(task, out, y_train[idx], w)
         for l in range(len(self.layers) - 1, -1, -1):
             W, b, gW, gb, _, _ = self.layers[l]
-            h_in = hs[l] if l == 0 else hs[l][1]
+            h_in = hs[0] if l == 0 else hs[l][1]
             torch.bmm(g.transpose(1, 2), h_in, out=gW)
             if gb is not None:
                 torch.sum(g, 1, out=gb)
             if l > 0:
                 z, h = hs[l]
-                _, _, _, _, _, dact = self.layers[l - 1]
-                g = torch.bmm(g, W)
-                if dact is not None:
-                    g = dact(g, z, h)
+                backward_ = self.layers[l - 1][5]
+                g_in = self.G[l - 1]
+                if W.shape[1] == 1:  # one output: the input gradient is an outer product
+                    torch.mul(g, W, out=g_in)
+                else:
+                    torch.bmm(g, W, out=g_in)
+                if backward_ is not None:
+                    backward_(g_in, z, h)
+                g = g_in
 
     def test_losses(self, x_test, y_test, task) -> torch.Tensor:
         out, _ = self.forward(x_test, keep=False)

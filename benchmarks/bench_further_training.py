@@ -15,10 +15,16 @@ gradients) plus 2 × n_test × weights per evaluation, against the measured GEMM
 models·steps/s and the projected time of the paper's full Energy study (101 × 100 runs, 500 epochs),
 i.e. this case's time × 1000.
 
+CPU time: on a shared (loaded) machine wall-clock times mostly measure the scheduler, so each impl's
+process CPU time of one call (``time.process_time``) is reported too, with the GEMM peak measured
+the same way (fp32 2048³ matmul, same thread count); with one thread (``OMP_NUM_THREADS=1``) CPU
+seconds approximate the wall time on an idle core. The summary table at the end uses CPU time.
+
     python benchmarks/bench_further_training.py [--quick] [--device cpu|cuda] [--out DIR]
 """
 import copy
 import sys
+import time
 
 import torch
 from torch import nn
@@ -71,9 +77,30 @@ def sequential(model, train, test, runs, epochs):
     return out
 
 
+def cpu_seconds(fn, repeat: int = 1) -> float:
+    """Process CPU time of one call (best of ``repeat``)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best
+
+
+def cpu_gemm_peak() -> float:
+    """fp32 GEMM GFLOP per CPU-second (2048³ matmul, best of 3), the CPU-time analogue of the harness peak."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.matmul(a, b)
+    return 2 * 2048 ** 3 / cpu_seconds(lambda: torch.matmul(a, b), 3) / 1e9
+
+
 def main(argv=None) -> int:
     args = parse_args(__doc__, argv)
     import fimoda_kernels as fk
+
+    cpu = args.device == "cpu"
+    peak_cpu = cpu_gemm_peak() if cpu else None
+    summary = []
 
     case = CASES[args.mode]
     n_loo, n_seeds, epochs = case["n_loo"], case["seeds"], case["epochs"]
@@ -105,6 +132,9 @@ def main(argv=None) -> int:
                                     projected_study_s=stats["median_s"] * scale_study))
             print(f"  reference: extrapolated from {k} of {runs} runs; {model_steps / stats['median_s']:.0f} "
                   f"model·steps/s; projected full Energy study {fmt_time(stats['median_s'] * scale_study)}")
+            if cpu:
+                summary.append(("reference", dtype, factor * cpu_seconds(
+                    lambda: sequential(model, train, test, subset, epochs)), f"extrapolated from {k} runs"))
 
         def fused():
             return fk.further_train(model, train, test, loo, seeds, epochs=epochs, lr=LR, batch_size=BATCH,
@@ -116,6 +146,8 @@ def main(argv=None) -> int:
             t = rec["median_s"]
             print(f"  fused: {model_steps / t:.0f} model·steps/s, {rec['frac_gemm_peak']:.1%} of the GEMM peak; "
                   f"projected full Energy study {fmt_time(t * scale_study)}")
+            if cpu:
+                summary.append(("fused", dtype, cpu_seconds(fused), "all runs"))
 
         g_runs = case["generic_runs"]  # the full run and g_runs - 1 LOO runs of one seed, scaled linearly
         one_seed = loo[:g_runs - 1]
@@ -133,6 +165,19 @@ def main(argv=None) -> int:
                    out_dir=args.out, mode=args.mode,
                    extra=dict(extrapolated_from_runs=g_runs, model_steps_per_s=model_steps / stats["median_s"],
                               projected_study_s=stats["median_s"] * scale_study))
+            if cpu:
+                summary.append(("generic", dtype, factor * cpu_seconds(generic), f"extrapolated from {g_runs} runs"))
+
+    if summary:
+        print(f"\nCPU time ({torch.get_num_threads()} thread(s)); GEMM peak {peak_cpu:.1f} GFLOP per CPU-second "
+              f"(fp32 2048³); full Energy study = this case × {scale_study:g}")
+        print(f"{'impl':<10} {'dtype':<8} {'CPU s':>9} {'model·steps/s':>14} {'GFLOP/s':>8} {'of peak':>8} "
+              f"{'speed-up':>9} {'study':>10}  note")
+        ref = {d: c for i, d, c, _ in summary if i == "reference"}
+        for impl, dtype, c, note in summary:
+            up = f"{ref[dtype] / c:.2f}x" if dtype in ref else "–"
+            print(f"{impl:<10} {str(dtype)[6:]:<8} {c:9.2f} {model_steps / c:14.0f} {flops / c / 1e9:8.2f} "
+                  f"{flops / c / 1e9 / peak_cpu:8.1%} {up:>9} {fmt_time(c * scale_study):>10}  {note}")
     return finish()
 
 

@@ -62,7 +62,7 @@ _CHECKPOINT_NAME = "further_training.pt"
 # OpenMP fork/join) over more models; smaller ones keep the working set cached. For the Energy MLP a
 # model's step touches ~0.9 MB (parameters, gradient, 128-wide activations and their gradients), so
 # 256 models stay within a large L3 (NOTES-further.md). GPUs take whole memory-bounded chunks.
-_CPU_MODELS_PER_CHUNK = 256
+_CPU_MODELS_PER_CHUNK = 64
 
 
 # ----------------------------------------------------------------------------- result
@@ -512,7 +512,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
             run after the chunk's checkpoint).
         path: None (fused when the model is an MLP the fused path supports, else generic), "fused" or
             "generic". models_per_chunk: cap on the models trained together (default: memory-bounded;
-            at most 256 on CPU, see _CPU_MODELS_PER_CHUNK).
+            at most 64 on CPU, see _CPU_MODELS_PER_CHUNK).
 
     Returns:
         :class:`FurtherTrainingResult`.

@@ -19,6 +19,8 @@ from .tasks import CrossEntropyTask, MSETask, Task, get_task
 from .ekfac import EKFAC
 from .ops.ekfac import (ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondition, ekfac_scores,
                         kfac_eigenvalues, kfac_factors)
+from .further_training import FurtherTrainingResult, further_train
+from .ops.ensemble_step import ensemble_step
 
 __version__ = "0.1.0"
 
@@ -33,4 +35,5 @@ __all__ = [
     "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
     "EKFAC", "kfac_factors", "ekfac_eigenbases", "ekfac_eigen_correction", "kfac_eigenvalues",
     "ekfac_precondition", "ekfac_scores",
+    "further_train", "FurtherTrainingResult", "ensemble_step",
 ]

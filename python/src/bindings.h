@@ -18,3 +18,4 @@ void init_project(py::module_& m);
 void init_grad_dot(py::module_& m);
 void init_lissa_update(py::module_& m);
 void init_ekfac(py::module_& m);
+void init_ensemble_step(py::module_& m);

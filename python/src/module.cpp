@@ -30,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
   init_grad_dot(m);
   init_lissa_update(m);
   init_ekfac(m);
+  init_ensemble_step(m);
 }

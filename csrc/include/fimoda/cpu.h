@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "fimoda/optimizer.h"
+
 namespace fimoda::cpu {
 
 // out[i, 0..3] = Philox4x32-10(counter[i, 0..3]; key[i, 0..1]) for i < n. Words held in int64.
@@ -25,5 +27,11 @@ const char* philox_block_isa();
 template <typename T>
 void lissa_update(const T* h, const T* v, const T* mh, T* out, double* sq_norms, int64_t r, int64_t p,
                   double scale, double damping);
+// One SGD/Adam/AdamW step for M models (fimoda_kernels/ops/ensemble_step.py): params, grads, state1,
+// state2 (null where unused) hold n_segments blocks, block j a row-major [M, segments[j]] array; coef [M, 3]
+// per-model (active, a, b); hp the 8 scalars of ensemble_step.hyperparameters; optimizer an EnsembleOptimizer.
+template <typename T>
+void ensemble_step(T* params, const T* grads, T* state1, T* state2, const double* coef, const int64_t* segments,
+                   int64_t n_segments, int64_t M, int optimizer, const double* hp);
 
 }  // namespace fimoda::cpu

@@ -62,5 +62,11 @@ void ekfac_rotated_square(const void* sr, const void* ar, void* L, bool fp64, in
 // out[i, z] += Σ_t sr[i, t, :]ᵀ W[z] ar[i, t, :] for sr [n, T, d_out], ar [n, T, d_in], W [m, d_out, d_in], out [n, m].
 void ekfac_scores(const void* sr, const void* ar, const void* W, void* out, bool fp64, int64_t n, int64_t T, int64_t m,
                   int64_t d_out, int64_t d_in, std::uintptr_t stream);
+// ensemble_step of cpu.h on device pointers; segments a device int64 array of n_segments block sizes
+// (max_segment the largest), coef a device [M, 3] float64 table, hp the 8 host scalars.
+template <typename T>
+void ensemble_step(T* params, const T* grads, T* state1, T* state2, const double* coef, const int64_t* segments,
+                   int64_t n_segments, int64_t max_segment, int64_t M, int optimizer, const double* hp,
+                   std::uintptr_t stream);
 
 }  // namespace fimoda::cuda

@@ -1,0 +1,727 @@
+"""The further-training gold standard (MATH.md §2): every leave-one-out run of a study trained at once.
+
+:func:`further_train` trains (N_LOO + 1) × R models — the full-data run and one run per left-out point,
+for each seed — as one batched ensemble and returns their test losses at every evaluation point. The
+result equals the paper's sequential protocol (one model at a time, ``torch.optim``) to rounding:
+
+- per (model, seed): ``g = torch.Generator().manual_seed(seed)``; each epoch the order is
+  ``torch.randperm(N, generator=g)`` (one draw per epoch); batches are consecutive slices of
+  ``batch_size`` (the last one smaller);
+- mode "remove": the left-out index is deleted from each epoch's permutation (that run has N − 1
+  points, so its batch boundaries, and possibly its number of batches per epoch, differ);
+- mode "downweight": the full permutation for every run; the run leaving out i minimizes
+  ``mean_{k∈batch} ℓ(z_k) − ℓ(z_i)/N`` at every step;
+- every run starts from the given model's parameters (the model is not modified); test losses are
+  per-sample losses in eval mode, t = 0 (the given model) first.
+
+Note: ``DataLoader(shuffle=True)`` / ``RandomSampler(generator=g)`` in torch ≥ 2.x draws *two*
+permutations per epoch (the second one for an empty tail), so its epoch e uses draw 2e; the protocol
+here (and the paper's tabular code) draws one permutation per epoch.
+
+Each step, per model m: loss_m = Σ_k w_{m,k} ℓ(z_{idx[m,k]}; θ_m) with per-model index rows padded to a
+common width by entries of weight 0 (exact zeros in every gradient), then one fused optimizer update
+of all models (:func:`fimoda_kernels.ops.ensemble_step.ensemble_step`). Two gradient paths:
+
+- "fused" for MLPs (``nn.Sequential`` of ``nn.Linear`` and elementwise activations): forward and
+  backward written out as batched GEMMs (``torch.baddbmm``/``bmm``) over the model axis into
+  preallocated buffers, one ``index_select`` gather per step;
+- "generic" for any ``nn.Module`` whose per-sample losses do not depend on the rest of the batch:
+  ``torch.func.vmap(grad(weighted_loss))`` over the models' parameters.
+
+Parameters, gradients and optimizer state of a chunk of models live in flat buffers made of one
+contiguous ``[M, numel]`` block per parameter tensor (so each layer's weights are one contiguous
+batch for the GEMMs). Models are processed in chunks that fit ``max_memory``; after each chunk the
+losses so far are written atomically to ``checkpoint_dir``; a run started again with the same
+arguments skips the finished chunks and gives identical results.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ._validate import check_choice, check_float, check_int, check_tensor
+from .ops.ensemble_step import EnsembleStepper, state_buffers
+from .tasks import CrossEntropyTask, MSETask, Task, get_task
+
+__all__ = ["further_train", "FurtherTrainingResult"]
+
+_FORMAT = 1
+_CHECKPOINT_NAME = "further_training.pt"
+# Models trained together at most on CPU. Larger chunks amortize the fixed cost of each op call (Python,
+# OpenMP fork/join) over more models; smaller ones keep the working set cached. For the Energy MLP a
+# model's step touches ~0.9 MB (parameters, gradient, 128-wide activations and their gradients), so
+# 256 models stay within a large L3 (NOTES-further.md). GPUs take whole memory-bounded chunks.
+_CPU_MODELS_PER_CHUNK = 64
+
+
+# ----------------------------------------------------------------------------- result
+
+@dataclass
+class FurtherTrainingResult:
+    """Test losses of a further-training study.
+
+    Attributes:
+        losses: ``[n_evals, n_test, n_loo + 1, n_seeds]``; model 0 is the full-data run, model 1 + j
+            leaves out ``loo_indices[j]``; seed axis in the order of ``seeds``.
+        eval_points: the epoch (or step) number of each evaluation, 0 (the given model) first.
+        eval_unit: "epoch" or "step".
+        loo_indices, seeds: as passed.
+        config: the arguments that determine the numbers (optimizer, lr, batch_size, ...) plus the
+            fingerprint of model and data, for caching and checking by study runners.
+    """
+    losses: torch.Tensor
+    eval_points: list
+    eval_unit: str
+    loo_indices: list
+    seeds: list
+    config: dict = field(default_factory=dict)
+
+    def gold(self, adjust: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Gold scores τ_t(z, i), ``[n_evals, n_test, n_loo]`` float64 (MATH.md §2):
+        adjust "mean" (eq. 13): L[t, z, i, r] − mean_j L[t, z, j, r] over the LOO runs j;
+        adjust "full" (eq. 17): L[t, z, i, r] − L[t, z, full, r]; then the mean over the seeds
+        ``seeds`` (seed values, default all)."""
+        adjust = check_choice("adjust", adjust, ("mean", "full"))
+        if seeds is None:
+            cols = list(range(len(self.seeds)))
+        else:
+            seeds = [check_int("seeds[]", s) for s in seeds]
+            missing = [s for s in seeds if s not in self.seeds]
+            if not seeds or missing or len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds: expected distinct seeds of this result {self.seeds}, got {seeds}")
+            cols = [self.seeds.index(s) for s in seeds]
+        L = self.losses[..., cols].to(torch.float64)
+        loo = L[:, :, 1:]
+        base = L[:, :, :1] if adjust == "full" else loo.mean(2, keepdim=True)
+        return (loo - base).mean(-1)
+
+    def save(self, path) -> None:
+        """Write to ``path`` (atomically: a temporary file, then a rename)."""
+        _atomic_save(self._state(), Path(path))
+
+    def _state(self) -> dict:
+        return dict(format=_FORMAT, losses=self.losses, eval_points=list(self.eval_points),
+                    eval_unit=self.eval_unit, loo_indices=list(self.loo_indices), seeds=list(self.seeds),
+                    config_json=json.dumps(self.config, sort_keys=True))
+
+    @classmethod
+    def load(cls, path) -> "FurtherTrainingResult":
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"path: {path} is not a saved FurtherTrainingResult (format {_FORMAT})")
+        return cls(state["losses"], state["eval_points"], state["eval_unit"], state["loo_indices"],
+                   state["seeds"], json.loads(state["config_json"]))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- MLP recognition
+
+_aten = torch.ops.aten
+
+
+def _activation(m: nn.Module):
+    """(forward(z) -> h, backward_(g, z, h): g ← g·act'(z) in place) of an elementwise activation the
+    fused path supports, else None. Activations whose derivative needs only h run in place on z; the
+    backward functions are autograd's own (aten ``*_backward`` into ``grad_input=g``), so the fused
+    gradients round as autograd's, and nothing is allocated per step."""
+    t = type(m)
+    if t is nn.ReLU:
+        return torch.relu_, lambda g, z, h: _aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
+    if t is nn.Tanh:
+        return torch.tanh_, lambda g, z, h: _aten.tanh_backward.grad_input(g, h, grad_input=g)
+    if t is nn.Sigmoid:
+        return torch.sigmoid_, lambda g, z, h: _aten.sigmoid_backward.grad_input(g, h, grad_input=g)
+    if t is nn.LeakyReLU:
+        slope = m.negative_slope
+        return ((lambda z: F.leaky_relu_(z, slope)),
+                (lambda g, z, h: _aten.leaky_relu_backward.grad_input(g, h, slope, True, grad_input=g)))
+    if t is nn.SiLU:
+        return F.silu, lambda g, z, h: _aten.silu_backward.grad_input(g, z, grad_input=g)
+    if t is nn.GELU:
+        approx = m.approximate
+        return ((lambda z: F.gelu(z, approximate=approx)),
+                (lambda g, z, h: _aten.gelu_backward.grad_input(g, z, approximate=approx, grad_input=g)))
+    if t is nn.Identity:
+        return (lambda z: z), None
+    return None
+
+
+def _mlp_layers(model: nn.Module):
+    """[(linear, activation or None), ...] when ``model`` is an nn.Sequential of Linear layers and
+    supported elementwise activations (every parameter trainable); else a string saying why not."""
+    if type(model) is not nn.Sequential:
+        return f"the model is a {type(model).__name__}, not an nn.Sequential"
+    layers = []
+    for k, m in enumerate(model):
+        if type(m) is nn.Linear:
+            if any(not p.requires_grad for p in m.parameters()):
+                return f"layer {k} has frozen parameters"
+            layers.append([m, []])
+        elif _activation(m) is not None:
+            if not layers:
+                return f"layer {k} ({type(m).__name__}) comes before the first Linear"
+            if type(m) is not nn.Identity:
+                layers[-1][1].append(_activation(m))
+        else:
+            return f"layer {k} is a {type(m).__name__} (fused: Linear and ReLU/Tanh/Sigmoid/SiLU/GELU/LeakyReLU)"
+    if not layers:
+        return "the model has no Linear layer"
+    if any(len(acts) > 1 for _, acts in layers):
+        return "two activations in a row"
+    return [(lin, acts[0] if acts and acts[0][1] is not None else None) for lin, acts in layers]
+
+
+def _generic_problems(model: nn.Module) -> list[str]:
+    """Modules whose per-sample losses depend on the batch or on random draws: the sequential protocol
+    cannot be reproduced by a weighted, padded batch for them."""
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bad.append(f"{name or 'model'}: {type(m).__name__} couples the samples of a batch")
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            bad.append(f"{name or 'model'}: {type(m).__name__}(p={m.p}) draws random masks")
+    return bad
+
+
+# ----------------------------------------------------------------------------- schedule
+
+class _Schedule:
+    """Batch composition of every model of a chunk at every step (MATH.md §2), built on the fly.
+
+    Models are (seed, left-out index or −1 for the full run). ``steps()`` yields per optimizer step
+    ``(idx [M, W] int64, w [M, W], active [M] bool or None, evaluate_after: bool)``.
+    """
+
+    def __init__(self, n: int, batch: int, mode: str, epochs: int | None, steps: int | None,
+                 eval_every: int | None, seeds: list, loo: list, dtype, device):
+        self.n, self.B, self.mode, self.epochs, self.total_steps, self.eval_every = (
+            n, batch, mode, epochs, steps, eval_every)
+        self.device, self.dtype = device, dtype
+        M = len(seeds)
+        self.M = M
+        uniq = sorted(set(seeds))
+        self.sid = torch.tensor([uniq.index(s) for s in seeds], device=device)
+        self.loo = torch.tensor(loo, dtype=torch.int64, device=device)
+        is_loo = self.loo >= 0
+        removes = mode == "remove"
+        self.count = torch.where(is_loo & removes, n - 1, n)  # points per epoch
+        self.nb = (self.count + batch - 1) // batch  # batches per epoch
+        nb_min = int(self.nb.min())
+        self.slots = int(self.nb.max())
+        self.n_epochs = epochs if epochs is not None else -(-steps // nb_min)
+        perms = []
+        for s in uniq:
+            g = torch.Generator().manual_seed(s)
+            perms.append(torch.stack([torch.randperm(n, generator=g) for _ in range(self.n_epochs)]))
+        self.perms = torch.stack(perms).to(device)  # [S, E, N]
+        if removes:
+            # position of each model's left-out index in each epoch's permutation (N: nothing removed)
+            inv = torch.argsort(self.perms, dim=-1)  # inv[s, e, i] = position of i
+            pos = inv[self.sid, :, self.loo.clamp(min=0)]  # [M, E]
+            self.pos = torch.where(is_loo[:, None], pos, torch.full_like(pos, n))
+        self.width = batch if removes else batch + 1
+        self.ar = torch.arange(batch, device=device)
+        self.rows = torch.arange(M, device=device)
+
+    def total_model_steps(self) -> int:
+        if self.epochs is not None:
+            return int(self.nb.sum()) * self.epochs
+        return self.M * self.total_steps
+
+    def _batches(self, s0: int, s1: int):
+        """Index rows [S, M, W], weights [S, M, W] and active [S, M] of global steps s0 ≤ s < s1.
+
+        Epoch training: step s is batch slot k = s mod slots of epoch s div slots (slots = the most
+        batches per epoch of any model), a model without that slot is inactive. Step training: model
+        m's step s is batch s mod nb_m of its epoch s div nb_m (its own epoch boundaries)."""
+        N, B = self.n, self.B
+        s = torch.arange(s0, s1, device=self.device)[:, None]  # [S, 1]
+        if self.epochs is not None:
+            e, k = (s // self.slots).expand(-1, self.M), (s % self.slots).expand(-1, self.M)
+            active = k < self.nb
+        else:
+            e, k = s // self.nb, s % self.nb
+            active = torch.ones_like(e, dtype=torch.bool)
+        J = k[..., None] * B + self.ar  # [S, M, B] positions in the (reduced) epoch order
+        valid = (J < self.count[:, None]) & active[..., None]
+        if self.mode == "remove":
+            pos = self.pos[self.rows, e]  # [S, M]
+            J = J + (J >= pos[..., None]).to(J.dtype)
+        row = self.sid * self.n_epochs + e  # [S, M]
+        idx = self.perms.view(-1, N)[row[..., None], J.clamp_(max=N - 1)]
+        cnt = valid.sum(-1, keepdim=True).clamp_(min=1).to(self.dtype)
+        w = valid.to(self.dtype) / cnt
+        if self.mode == "downweight":
+            # the left-out point's own term: −ℓ(z_i)/N at every step (weight 0 for the full run)
+            extra = self.loo.clamp(min=0).expand(idx.shape[0], -1)[..., None]
+            w_extra = (self.loo >= 0).to(self.dtype).expand(idx.shape[0], -1)[..., None] * (-1.0 / N)
+            idx, w = torch.cat([idx, extra], -1), torch.cat([w, w_extra], -1)
+        return idx, w, active
+
+    def steps(self, block: int = 64):
+        total = self.epochs * self.slots if self.epochs is not None else self.total_steps
+        all_active = self.epochs is None or bool((self.nb == self.slots).all())
+        for s0 in range(0, total, block):
+            idx, w, active = self._batches(s0, min(total, s0 + block))
+            for q in range(idx.shape[0]):
+                s = s0 + q + 1  # steps done after this one
+                if self.epochs is not None:
+                    evaluate = s % self.slots == 0
+                else:
+                    evaluate = s == total or s % self.eval_every == 0
+                yield idx[q], w[q], None if all_active else active[q], evaluate
+
+
+# ----------------------------------------------------------------------------- gradient paths
+
+class _FlatParams:
+    """Parameters of M models in one flat buffer: one contiguous [M, numel] block per tensor."""
+
+    def __init__(self, named: list, M: int, dtype, device):
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.segments = [p.numel() for _, p in named]
+        total = M * sum(self.segments)
+        self.theta = torch.empty(total, dtype=dtype, device=device)
+        self.grad = torch.zeros(total, dtype=dtype, device=device)
+        self.M = M
+        self.params = self._views(self.theta)
+        self.grads = self._views(self.grad)
+        for v, (_, p) in zip(self.params, named):
+            v.copy_(p.detach().to(dtype).expand_as(v))
+
+    def _views(self, flat):
+        out, off = [], 0
+        for shape, n in zip(self.shapes, self.segments):
+            out.append(flat[off:off + self.M * n].view(self.M, *shape))
+            off += self.M * n
+        return out
+
+
+def _output_grad(task: Task, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """d(Σ_k w_k ℓ_k)/d out for outputs [M, W, C] (or [M, W]) and targets [M, W(, ...)]."""
+    if type(task) is MSETask:
+        f = out.reshape(w.shape)
+        return (2 * (f - y.reshape(w.shape).to(out.dtype)) * w).reshape(out.shape)
+    if type(task) is CrossEntropyTask:
+        g = torch.softmax(out, -1)
+        g.scatter_add_(-1, y[..., None].long(), torch.full_like(g[..., :1], -1.0))
+        return g.mul_(w[..., None])
+    o = out.detach().requires_grad_(True)
+    C = out.shape[2:] if out.dim() > 2 else ()
+    loss = task.loss(o.reshape(-1, *C), y.reshape(-1, *y.shape[2:])).reshape(w.shape)
+    return torch.autograd.grad((loss * w).sum(), o)[0]
+
+
+class _FusedMLP:
+    """Batched forward/backward of M MLPs written out as GEMMs over the model axis, into buffers
+    allocated once per chunk (a fresh multi-MiB tensor per op would cost page faults every step)."""
+
+    def __init__(self, layers, flat: _FlatParams, width: int):
+        self.flat, self.M = flat, flat.M
+        self.layers = []  # (W view, b view or None, gW view, gb view or None, act fwd, act backward_)
+        k = 0
+        for lin, act in layers:
+            W, gW = flat.params[k], flat.grads[k]
+            k += 1
+            b = gb = None
+            if lin.bias is not None:
+                b, gb = flat.params[k], flat.grads[k]
+                k += 1
+            self.layers.append((W, b, gW, gb) + (act if act else (None, None)))
+        dtype, dev = flat.theta.dtype, flat.theta.device
+        d0 = layers[0][0].in_features
+        self.X = torch.empty(self.M, width, d0, dtype=dtype, device=dev)
+        # pre-activations (activations in place where the derivative needs only them) and the
+        # gradients with respect to each hidden layer's output
+        self.Z = [torch.empty(self.M, width, lin.out_features, dtype=dtype, device=dev) for lin, _ in layers]
+        self.G = [torch.empty(self.M, width, lin.out_features, dtype=dtype, device=dev) for lin, _ in layers[:-1]]
+
+    def forward(self, x: torch.Tensor, keep: bool):
+        """Outputs [M, n, C] for inputs [M, n, d0] (or shared [n, d0]); with ``keep`` into the
+        training buffers, returning every layer's (z, h) for :meth:`grad`."""
+        h, hs = x, [x]
+        for l, (W, b, _, _, act, _) in enumerate(self.layers):
+            if keep:
+                z = self.Z[l]
+                if b is not None:
+                    torch.baddbmm(b[:, None, :], h, W.transpose(1, 2), out=z)
+                else:
+                    torch.bmm(h, W.transpose(1, 2), out=z)
+            else:
+                z = torch.matmul(h, W.transpose(1, 2))
+                if b is not None:
+                    z += b[:, None, :]
+            h = act(z) if act is not None else z
+            hs.append((z, h))
+        return h, hs
+
+    def grad(self, x_train, y_train, task, idx, w):
+        M, Wd = idx.shape
+        torch.index_select(x_train, 0, idx.view(-1), out=self.X.view(M * Wd, -1))
+        out, hs = self.forward(self.X, keep=True)
+        g = _output_grad(task, out, y_train[idx], w)
+        for l in range(len(self.layers) - 1, -1, -1):
+            W, b, gW, gb, _, _ = self.layers[l]
+            h_in = hs[0] if l == 0 else hs[l][1]
+            torch.bmm(g.transpose(1, 2), h_in, out=gW)
+            if gb is not None:
+                torch.sum(g, 1, out=gb)
+            if l > 0:
+                z, h = hs[l]
+                backward_ = self.layers[l - 1][5]
+                g_in = self.G[l - 1]
+                if W.shape[1] == 1:  # one output: the input gradient is an outer product
+                    torch.mul(g, W, out=g_in)
+                else:
+                    torch.bmm(g, W, out=g_in)
+                if backward_ is not None:
+                    backward_(g_in, z, h)
+                g = g_in
+
+    def test_losses(self, x_test, y_test, task) -> torch.Tensor:
+        out, _ = self.forward(x_test, keep=False)
+        return _per_model_losses(task, out, y_test)
+
+
+def _per_model_losses(task: Task, out: torch.Tensor, y_test: torch.Tensor) -> torch.Tensor:
+    M, n = out.shape[:2]
+    y = y_test.expand(M, *y_test.shape).reshape(M * n, *y_test.shape[1:])
+    return task.loss(out.reshape(M * n, *out.shape[2:]), y).reshape(M, n)
+
+
+class _Generic:
+    """vmap over the models of grad of the weighted per-sample loss, for any nn.Module."""
+
+    def __init__(self, base: nn.Module, flat: _FlatParams, buffers: dict):
+        self.base, self.flat, self.buffers = base, flat, buffers
+
+    def _params(self):
+        return dict(zip(self.flat.names, self.flat.params))
+
+    def grad(self, x_train, y_train, task, idx, w):
+        base, buffers = self.base, self.buffers
+
+        def weighted_loss(params, x, y, wt):
+            out = functional_call(base, (params, buffers), (x,))
+            return (task.loss(out, y) * wt).sum()
+
+        base.train()
+        grads = vmap(grad(weighted_loss))(self._params(), x_train[idx], y_train[idx], w)
+        for name, g in zip(self.flat.names, self.flat.grads):
+            g.copy_(grads[name])
+
+    def test_losses(self, x_test, y_test, task) -> torch.Tensor:
+        base, buffers = self.base, self.buffers
+
+        def losses(params):
+            return task.loss(functional_call(base, (params, buffers), (x_test,)), y_test)
+
+        base.eval()
+        with torch.no_grad():
+            return vmap(losses)(self._params())
+
+
+# ----------------------------------------------------------------------------- the engine
+
+def _tensor_digest(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name}: expected an (inputs, targets) pair of tensors, got {type(pair).__name__}")
+    x, y = pair
+    check_tensor(f"{name}[0] (inputs)", x, ndim=range(1, 10))
+    check_tensor(f"{name}[1] (targets)", y, ndim=range(1, 10), device=x.device)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: inputs and targets must have the same number of samples, got "
+                         f"{x.shape[0]} and {y.shape[0]}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}[0] (inputs): expected a floating-point tensor, got {x.dtype}")
+    return x, y
+
+
+def _probe_activations(model: nn.Module, x: torch.Tensor) -> int:
+    """Sum of the output sizes of all leaf modules for one sample (activation memory per sample)."""
+    total = [0]
+
+    def hook(m, args, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out[:1].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total[0], 1)
+
+
+def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int | None = None,
+                  steps: int | None = None, optimizer: str = "sgd", lr: float | None = None,
+                  batch_size: int | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
+                  mode: str = "remove", eval_every="epoch", dtype: torch.dtype = torch.float32, device=None,
+                  max_memory: int = 2**30, checkpoint_dir=None, loss="mse", progress=True,
+                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, path: str | None = None,
+                  models_per_chunk: int | None = None) -> FurtherTrainingResult:
+    """Leave-one-out further training of every (model, seed) run at once (module docstring, MATH.md §2).
+
+    Args:
+        model: the final model θ* (an nn.Module; not modified). Its per-sample losses must not depend on
+            the other samples of a batch (no BatchNorm in training, no Dropout).
+        train, test: ``(inputs, targets)`` pairs; inputs ``[N, ...]`` floating point, targets ``[N]``
+            (class indices for "cross_entropy", reals for "mse"; ``[N, 1]`` also for "mse").
+        loo_indices: distinct training indices in [0, N) to leave out (model 1 + j leaves out the j-th).
+        seeds: distinct non-negative integer seeds (one generator per run, see the module docstring).
+        epochs / steps: exactly one: number of epochs, or of optimizer steps per run.
+        optimizer: "sgd" (``torch.optim.SGD``: momentum, weight_decay), "adam" (L2 weight decay) or
+            "adamw" (decoupled); ``betas`` and ``eps`` for the Adam family. lr > 0, batch_size >= 1.
+        mode: "remove" or "downweight".
+        eval_every: "epoch" (with ``epochs``) or an int k (with ``steps``): evaluate after every k steps
+            and after the last one.
+        dtype: float32 or float64 for parameters and arithmetic (inputs are cast). device: default
+            the model's.
+        max_memory: bytes for one chunk of models (parameters, gradients, state, activations).
+        checkpoint_dir: where to checkpoint after each chunk (and resume from); None: no checkpoint.
+        loss: "mse" (ℓ = (f − y)², nn.MSELoss per sample), "cross_entropy" (nn.CrossEntropyLoss per
+            sample) or a :class:`~fimoda_kernels.tasks.Task` (its ``loss`` gives per-sample losses).
+        progress: True for a tqdm bar (models·steps/s), False for none, or a callable receiving a
+            dict(done=, total=, chunk=, chunks=) after each chunk (an exception raised there stops the
+            run after the chunk's checkpoint).
+        path: None (fused when the model is an MLP the fused path supports, else generic), "fused" or
+            "generic". models_per_chunk: cap on the models trained together (default: memory-bounded;
+            at most 64 on CPU, see _CPU_MODELS_PER_CHUNK).
+
+    Returns:
+        :class:`FurtherTrainingResult`.
+    """
+    # ---- validation
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
+    x_tr, y_tr = _check_pair("train", train)
+    x_te, y_te = _check_pair("test", test)
+    N = x_tr.shape[0]
+    if N < 2:
+        raise ValueError(f"train: expected at least 2 samples, got {N}")
+    if x_te.shape[1:] != x_tr.shape[1:]:
+        raise ValueError(f"test[0] (inputs): expected samples of shape {tuple(x_tr.shape[1:])} (as train), "
+                         f"got {tuple(x_te.shape[1:])}")
+    if isinstance(loo_indices, torch.Tensor):
+        loo_indices = loo_indices.tolist()
+    if not isinstance(loo_indices, (list, tuple)) or not loo_indices:
+        raise ValueError(f"loo_indices: expected a non-empty sequence of training indices, got {loo_indices!r:.80}")
+    loo_indices = [check_int(f"loo_indices[{j}]", i, min_value=0, max_value=N - 1) for j, i in enumerate(loo_indices)]
+    if len(set(loo_indices)) != len(loo_indices):
+        dup = sorted({i for i in loo_indices if loo_indices.count(i) > 1})
+        raise ValueError(f"loo_indices: expected distinct indices, got duplicates {dup[:10]}")
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.tolist()
+    if isinstance(seeds, int) or not isinstance(seeds, (list, tuple, range)) or len(seeds) == 0:
+        raise ValueError(f"seeds: expected a non-empty sequence of integer seeds, got {seeds!r:.80}")
+    seeds = [check_int(f"seeds[{r}]", s, min_value=0, max_value=2**63 - 1) for r, s in enumerate(seeds)]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct seeds, got {seeds}")
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"epochs, steps: expected exactly one of them, got epochs={epochs!r}, steps={steps!r}")
+    epochs = None if epochs is None else check_int("epochs", epochs, min_value=1)
+    steps = None if steps is None else check_int("steps", steps, min_value=1)
+    optimizer = check_choice("optimizer", optimizer, ("sgd", "adam", "adamw"))
+    if lr is None:
+        raise ValueError("lr: expected a learning rate > 0, got None")
+    lr = check_float("lr", lr, positive=True)
+    if batch_size is None:
+        raise ValueError("batch_size: expected an integer >= 1, got None")
+    batch_size = check_int("batch_size", batch_size, min_value=1)
+    momentum = check_float("momentum", momentum, min_value=0.0)
+    if momentum >= 1 or (momentum and optimizer != "sgd"):
+        raise ValueError(f"momentum: expected a number in [0, 1) with optimizer 'sgd' (0 otherwise), got "
+                         f"{momentum} with {optimizer!r}")
+    weight_decay = check_float("weight_decay", weight_decay, min_value=0.0)
+    betas = tuple(check_float(f"betas[{k}]", b, min_value=0.0) for k, b in enumerate(betas))
+    if len(betas) != 2 or max(betas) >= 1:
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas}")
+    eps = check_float("eps", eps, positive=True)
+    mode = check_choice("mode", mode, ("remove", "downweight"))
+    if eval_every == "epoch":
+        if epochs is None:
+            raise ValueError("eval_every: 'epoch' needs epochs=; with steps= give an int number of steps")
+        eval_steps = None
+    else:
+        eval_steps = check_int("eval_every", eval_every, min_value=1)
+        if steps is None:
+            raise ValueError(f"eval_every: an int ({eval_steps}) needs steps=; with epochs= use 'epoch'")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
+    device = torch.device(device) if device is not None else named[0][1].device
+    max_memory = check_int("max_memory", max_memory, min_value=1)
+    task = get_task(loss)
+    if path is not None:
+        check_choice("path", path, ("fused", "generic"))
+    if models_per_chunk is not None:
+        models_per_chunk = check_int("models_per_chunk", models_per_chunk, min_value=1)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress: expected a bool or a callable, got {type(progress).__name__}")
+
+    base = copy.deepcopy(model).to(device=device, dtype=dtype)
+    problems = _generic_problems(base)
+    if problems:
+        raise ValueError("model: the sequential protocol cannot be batched for it: " + "; ".join(problems))
+    x_tr, x_te = x_tr.to(device=device, dtype=dtype), x_te.to(device=device, dtype=dtype)
+    y_tr, y_te = y_tr.to(device), y_te.to(device)
+    if y_tr.is_floating_point():
+        y_tr, y_te = y_tr.to(dtype), y_te.to(dtype)
+    with torch.no_grad():  # validates model/targets/loss compatibility on two samples
+        base.eval()
+        probe = task.loss(base(x_tr[:2]), y_tr[:2])
+        task.loss(base(x_te[:1]), y_te[:1])
+    if probe.shape != (2,):
+        raise ValueError(f"loss: expected one loss per sample, got shape {tuple(probe.shape)} for 2 samples")
+
+    mlp = _mlp_layers(base)
+    if path == "fused" and isinstance(mlp, str):
+        raise ValueError(f"path: 'fused' needs an MLP: {mlp}")
+    use_fused = path != "generic" and not isinstance(mlp, str)
+
+    # ---- config, fingerprint, plan
+    n_models = len(loo_indices) + 1
+    config = dict(optimizer=optimizer, lr=lr, batch_size=batch_size, momentum=momentum,
+                  weight_decay=weight_decay, betas=list(betas), eps=eps, mode=mode, epochs=epochs, steps=steps,
+                  eval_every=eval_every, dtype=str(dtype).replace("torch.", ""), loss=getattr(task, "name", repr(task)),
+                  loo_indices=loo_indices, seeds=seeds, n_train=N, n_test=x_te.shape[0],
+                  path="fused" if use_fused else "generic", device=device.type)
+    h = hashlib.sha256()
+    for _, p in named:
+        _tensor_digest(h, p)
+    for t in (x_tr, y_tr, x_te, y_te):
+        _tensor_digest(h, t)
+    config["data_sha256"] = h.hexdigest()
+
+    itemsize = torch.finfo(dtype).bits // 8
+    P = sum(p.numel() for _, p in named)
+    n_state = (optimizer != "sgd") + (optimizer != "sgd" or momentum != 0)
+    act = _probe_activations(base, x_tr)
+    width = batch_size + (mode == "downweight")
+    per_model = itemsize * (P * (2 + n_state + (0 if use_fused else 3))
+                            + act * (3 * width + x_te.shape[0]) + x_tr[0].numel() * width)
+    fit = max(1, max_memory // per_model)
+    cap = models_per_chunk or (_CPU_MODELS_PER_CHUNK if device.type == "cpu" else fit)
+    chunk = min(fit, cap)
+    config["models_per_chunk"] = chunk
+    pairs = [(r, j) for r in range(len(seeds)) for j in range(n_models)]  # seed-major
+    chunks = [pairs[a:a + chunk] for a in range(0, len(pairs), chunk)]
+
+    if epochs is not None:
+        eval_points = list(range(epochs + 1))
+    else:
+        eval_points = [0] + [s for s in range(eval_steps, steps + 1, eval_steps)]
+        if eval_points[-1] != steps:
+            eval_points.append(steps)
+    eval_unit = "epoch" if epochs is not None else "step"
+    losses = torch.full((len(eval_points), x_te.shape[0], n_models, len(seeds)), float("nan"), dtype=dtype)
+    done = torch.zeros(n_models, len(seeds), dtype=torch.bool)
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Path(checkpoint_dir) / _CHECKPOINT_NAME
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            saved = json.loads(state["config_json"])
+            if saved != config:
+                diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+                raise ValueError(f"checkpoint_dir: {ckpt} was written by a run with different arguments "
+                                 f"(differing: {', '.join(diff)}); use another directory or the same arguments")
+            losses, done = state["losses"], state["done"]
+
+    # ---- run
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        nb_full, nb_loo = -(-N // batch_size), -(-(N - (mode == "remove")) // batch_size)
+        per_run = [steps] * 2 if steps is not None else [nb_full * epochs, nb_loo * epochs]
+        todo = sum(per_run[j > 0] for (r, j) in pairs if not bool(done[j, r]))
+        bar = tqdm(total=todo, unit="model·step", unit_scale=True, desc="further training", dynamic_ncols=True)
+    try:
+        for ci, pairs_c in enumerate(chunks):
+            if all(bool(done[j, r]) for r, j in pairs_c):
+                continue
+            seeds_c = [seeds[r] for r, _ in pairs_c]
+            loo_c = [-1 if j == 0 else loo_indices[j - 1] for _, j in pairs_c]
+            sched = _Schedule(N, batch_size, mode, epochs, steps, eval_steps, seeds_c, loo_c, dtype, device)
+            out = _train_chunk(base, named, mlp if use_fused else None, sched, task, x_tr, y_tr, x_te, y_te,
+                               optimizer, lr, momentum, weight_decay, betas, eps, bar)
+            if not bool(torch.isfinite(out).all()):
+                bad = torch.nonzero(~torch.isfinite(out).all(0).all(0))[0].item()
+                r, j = pairs_c[bad]
+                raise ValueError(f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
+                                 f"model {j} ({'full data' if j == 0 else f'leaving out {loo_indices[j - 1]}'}) "
+                                 f"with lr={lr}; lower the learning rate")
+            for m, (r, j) in enumerate(pairs_c):
+                losses[:, :, j, r] = out[:, :, m].cpu()
+                done[j, r] = True
+            if ckpt is not None:
+                _atomic_save(dict(format=_FORMAT, config_json=json.dumps(config, sort_keys=True),
+                                  losses=losses, done=done), ckpt)
+            if callable(progress):
+                progress(dict(done=int(done.sum()), total=done.numel(), chunk=ci, chunks=len(chunks)))
+    finally:
+        if bar is not None:
+            bar.close()
+    return FurtherTrainingResult(losses, eval_points, eval_unit, loo_indices, seeds, config)
+
+
+def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_te, optimizer, lr, momentum,
+                 weight_decay, betas, eps, bar) -> torch.Tensor:
+    """Train the chunk's models; test losses [n_evals, n_test, M]."""
+    M, dtype, device = sched.M, x_tr.dtype, x_tr.device
+    flat = _FlatParams(named, M, dtype, device)
+    if mlp is not None:
+        engine = _FusedMLP(mlp, flat, sched.width)
+    else:
+        buffers = {n: b for n, b in base.named_buffers()}
+        engine = _Generic(base, flat, buffers)
+    s1, s2 = state_buffers(optimizer, momentum, flat.theta)
+    step = torch.zeros(M, dtype=torch.int64, device=device)
+    update = EnsembleStepper(optimizer, lr, momentum, weight_decay, betas, eps, segments=flat.segments,
+                             device=device, dtype=dtype)
+    evals = []
+    with torch.no_grad():
+        evals.append(engine.test_losses(x_te, y_te, task).T)
+    for idx, w, active, evaluate in sched.steps():
+        if mlp is not None:
+            with torch.no_grad():
+                engine.grad(x_tr, y_tr, task, idx, w)
+        else:
+            engine.grad(x_tr, y_tr, task, idx, w)
+        step += 1 if active is None else active.to(torch.int64)
+        with torch.no_grad():
+            update(flat.theta, flat.grad, step, s1, s2, active)
+            if evaluate:
+                evals.append(engine.test_losses(x_te, y_te, task).T)
+        if bar is not None:
+            bar.update(M if active is None else int(active.sum()))
+    return torch.stack(evals)

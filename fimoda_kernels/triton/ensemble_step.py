@@ -1,0 +1,77 @@
+"""One optimizer step for M models at once in Triton (layout and formulas:
+fimoda_kernels/ops/ensemble_step.py). Grid (entry tiles, models, parameter blocks); the hyperparameters
+come in a small tensor of the parameters' dtype (Triton passes Python floats as float32, which would
+round float64 runs), the per-model (active, a, b) table in float64."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ensemble_step_kernel(params, grads, s1, s2, coef, segments, hyper, M,
+                          OPT: tl.constexpr, MOMENTUM: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr):
+    j = tl.program_id(2)
+    m = tl.program_id(1).to(tl.int64)
+    base = tl.zeros((), dtype=tl.int64)
+    for k in range(0, j):
+        base += M * tl.load(segments + k)
+    n = tl.load(segments + j)
+    DT = params.dtype.element_ty
+    active = tl.load(coef + 3 * m)
+    a = tl.load(coef + 3 * m + 1)
+    b = tl.load(coef + 3 * m + 2)
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    limit = tl.where(active != 0.0, n, 0)  # an inactive model: every entry masked
+    mask = e < limit
+    i = base + m * n + e
+    neg_lr = tl.load(hyper + 0)
+    mom = tl.load(hyper + 1)
+    wd = tl.load(hyper + 2)
+    one_m_b1 = tl.load(hyper + 3)
+    b2 = tl.load(hyper + 4)
+    one_m_b2 = tl.load(hyper + 5)
+    eps = tl.load(hyper + 6)
+    decay = tl.load(hyper + 7)
+    d = tl.load(grads + i, mask=mask, other=0.0)
+    q = tl.load(params + i, mask=mask, other=0.0)
+    if OPT == 0:
+        if DECAY:
+            d = d + wd * q
+        if MOMENTUM:
+            buf = tl.load(s1 + i, mask=mask, other=0.0)
+            d = tl.where(a != 0.0, d, buf * mom + d)
+            tl.store(s1 + i, d, mask=mask)
+        tl.store(params + i, q + neg_lr * d, mask=mask)
+    else:
+        if OPT == 2:
+            q = q * decay
+        elif DECAY:
+            d = d + wd * q
+        m0 = tl.load(s1 + i, mask=mask, other=0.0)
+        v0 = tl.load(s2 + i, mask=mask, other=0.0)
+        m1 = m0 + one_m_b1 * (d - m0)
+        v = v0 * b2 + one_m_b2 * (d * d)
+        denom = tl.sqrt(v) / b.to(DT) + eps
+        tl.store(s1 + i, m1, mask=mask)
+        tl.store(s2 + i, v, mask=mask)
+        tl.store(params + i, q + ((-a).to(DT) * m1) / denom, mask=mask)
+
+
+def ensemble_step(params, grads, state1, state2, coef, segments, optimizer: int, hp) -> None:
+    """In place on the flat contiguous ``params`` (see ops/ensemble_step.py for the arguments)."""
+    M = coef.shape[0]
+    if M == 0:
+        return
+    device = params.device
+    seg = torch.tensor(segments, dtype=torch.int64, device=device)
+    hyper = torch.tensor(hp, dtype=params.dtype, device=device)
+    interpret = device.type == "cpu"
+    block = 1024 if interpret else 512  # the interpreter pays per program: few, large blocks
+    block = min(block, triton.next_power_of_2(max(segments)))
+    grid = (triton.cdiv(max(segments), block), M, len(segments))
+    if grid[1] > 65535 or grid[2] > 65535:
+        raise ValueError(f"triton ensemble_step: at most 65535 models and parameter blocks, got {M}, {len(segments)}")
+    s1 = state1 if state1 is not None else params  # never read when unused (constexpr flags)
+    s2 = state2 if state2 is not None else params
+    _ensemble_step_kernel[grid](params, grads, s1, s2, coef, seg, hyper, M, OPT=optimizer,
+                                MOMENTUM=hp[1] != 0.0, DECAY=hp[2] != 0.0, BLOCK=block)

@@ -1,0 +1,126 @@
+"""ensemble_step vs torch.optim applied model by model (fresh random parameters, gradients and state;
+odd block sizes; models at different steps, some inactive), on every backend."""
+import pytest
+import torch
+from helpers import randn, rel
+
+from fimoda_kernels.ops.ensemble_step import _ensemble_step_reference, ensemble_step
+
+SEGMENTS = (7, 1, 33)  # per-model block sizes: a 1-entry bias, sizes not multiples of any tile
+CONFIGS = [("sgd", 0.0, 0.0), ("sgd", 0.9, 0.0), ("sgd", 0.8, 0.05), ("adam", 0.0, 0.0), ("adam", 0.0, 0.1),
+           ("adamw", 0.0, 0.1)]
+
+
+def _inputs(M, dtype, device, seed=0):
+    P = sum(SEGMENTS)
+    p = randn(M * P, dtype=dtype, device=device, seed=seed)
+    g = randn(M * P, dtype=dtype, device=device, seed=seed + 1)
+    s1 = randn(M * P, dtype=dtype, device=device, seed=seed + 2)
+    s2 = randn(M * P, dtype=dtype, device=device, seed=seed + 3).abs()
+    return p, g, s1, s2
+
+
+def _blocks(flat, M, m):
+    """Model m's parameter tensors (views) in the block layout."""
+    out, off = [], 0
+    for n in SEGMENTS:
+        out.append(flat[off:off + M * n].view(M, n)[m])
+        off += M * n
+    return out
+
+
+def _torch_optim(p, g, s1, s2, step, active, optimizer, lr, momentum, wd, betas, eps):
+    """Each active model stepped by torch.optim with its state loaded (the oracle)."""
+    M = step.shape[0]
+    p, s1, s2 = p.clone(), s1.clone(), s2.clone()
+    for m in range(M):
+        if not active[m]:
+            continue
+        params = [t.clone().requires_grad_(True) for t in _blocks(p, M, m)]
+        for t, gr in zip(params, _blocks(g, M, m)):
+            t.grad = gr.clone()
+        t_m = int(step[m])
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
+            if momentum and t_m > 1:
+                for t, b in zip(params, _blocks(s1, M, m)):
+                    opt.state[t]["momentum_buffer"] = b.clone()
+        else:
+            cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+            opt = cls(params, lr=lr, weight_decay=wd, betas=betas, eps=eps)
+            for t, a, b in zip(params, _blocks(s1, M, m), _blocks(s2, M, m)):
+                opt.state[t] = dict(step=torch.tensor(float(t_m - 1)), exp_avg=a.clone(), exp_avg_sq=b.clone())
+        opt.step()
+        for t, dst in zip(params, _blocks(p, M, m)):
+            dst.copy_(t.detach())
+        if optimizer != "sgd" or momentum:
+            for t, dst in zip(params, _blocks(s1, M, m)):
+                dst.copy_(opt.state[t]["momentum_buffer" if optimizer == "sgd" else "exp_avg"])
+        if optimizer != "sgd":
+            for t, dst in zip(params, _blocks(s2, M, m)):
+                dst.copy_(opt.state[t]["exp_avg_sq"])
+    return p, s1, s2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("optimizer,momentum,wd", CONFIGS)
+def test_matches_torch_optim(backend_device, dtype, optimizer, momentum, wd):
+    backend, device = backend_device
+    M = 5
+    p, g, s1, s2 = _inputs(M, dtype, device)
+    step = torch.tensor([1, 2, 7, 1, 3], device=device)
+    active = torch.tensor([True, True, False, True, True], device=device)
+    kw = dict(optimizer=optimizer, lr=0.03, momentum=momentum, weight_decay=wd, betas=(0.8, 0.95), eps=1e-6)
+    want = _torch_optim(p.cpu().double(), g.cpu().double(), s1.cpu().double(), s2.cpu().double(), step.cpu(),
+                        active.cpu(), optimizer, 0.03, momentum, wd, (0.8, 0.95), 1e-6)
+    s1_in = s1 if optimizer != "sgd" or momentum else None
+    s2_in = s2 if optimizer != "sgd" else None
+    sentinel = p.clone()
+    ensemble_step(p, g, step, state1=s1_in, state2=s2_in, active=active, segments=SEGMENTS, backend=backend, **kw)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert rel(p, want[0]) < tol
+    if s1_in is not None:
+        assert rel(s1, want[1]) < tol
+    if s2_in is not None:
+        assert rel(s2, want[2]) < tol
+    # the inactive model is untouched, bit for bit
+    assert torch.equal(_blocks(p, M, 2)[0], _blocks(sentinel, M, 2)[0])
+
+
+@pytest.mark.parametrize("M,segments", [(1, (1,)), (3, (1025,)), (2, (3, 2049, 5))])
+def test_odd_sizes_match_reference(backend_device, M, segments):
+    backend, device = backend_device
+    P = sum(segments)
+    p = randn(M, P, dtype=torch.float32, device=device, seed=4)
+    g, s1 = randn(M, P, device=device, seed=5), randn(M, P, device=device, seed=6)
+    s2 = randn(M, P, device=device, seed=7).abs()
+    step = torch.arange(1, M + 1, device=device)
+    ref = [t.cpu().double() for t in (p, g, s1, s2)]
+    from fimoda_kernels.ops.ensemble_step import hyperparameters, model_coefficients
+    coef = model_coefficients(step.cpu(), None, "adamw", 0.01, (0.9, 0.999))
+    _ensemble_step_reference(ref[0].view(-1), ref[1].view(-1), ref[2].view(-1), ref[3].view(-1), coef, segments,
+                             "adamw", hyperparameters("adamw", 0.01, 0.0, 0.02, (0.9, 0.999), 1e-8))
+    ensemble_step(p, g, step, optimizer="adamw", lr=0.01, weight_decay=0.02, state1=s1, state2=s2,
+                  segments=segments, backend=backend)
+    assert rel(p, ref[0]) < 1e-6 and rel(s1, ref[2]) < 1e-6 and rel(s2, ref[3]) < 1e-6
+
+
+def test_bad_inputs():
+    p, g = torch.randn(2, 4), torch.randn(2, 4)
+    step = torch.tensor([1, 1])
+    with pytest.raises(ValueError, match="lr"):
+        ensemble_step(p, g, step, optimizer="sgd", lr=0.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        ensemble_step(p, g, step, optimizer="rmsprop", lr=0.1)
+    with pytest.raises(ValueError, match="state1"):
+        ensemble_step(p, g, step, optimizer="sgd", lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="segments"):
+        ensemble_step(p, g, step, optimizer="sgd", lr=0.1, segments=(3,))
+    with pytest.raises(ValueError, match="step"):
+        ensemble_step(p, g, torch.tensor([1, 0]), optimizer="sgd", lr=0.1)
+    with pytest.raises(ValueError, match="step"):
+        ensemble_step(p, g, torch.tensor([1, 1, 1]), optimizer="sgd", lr=0.1)
+    with pytest.raises(TypeError, match="grads"):
+        ensemble_step(p, g.double(), step, optimizer="sgd", lr=0.1)
+    with pytest.raises(ValueError, match="betas"):
+        ensemble_step(p, g, step, optimizer="adam", lr=0.1, betas=(0.9, 1.0), state1=p.clone(), state2=p.clone())

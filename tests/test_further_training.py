@@ -1,0 +1,337 @@
+"""further_train vs the sequential protocol: one nn.Module copy per run, torch.optim, a DataLoader
+over the run's own per-epoch order (MATH.md §2), for both modes, SGD/Adam/AdamW, regression and
+classification, both gradient paths; eq. 13/17 by hand; save/load; checkpoint and resume; bad inputs."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
+
+from fimoda_kernels import FurtherTrainingResult, further_train
+from fimoda_kernels.tasks import MSETask
+
+
+class EpochOrder(Sampler):
+    """The run's order: one torch.randperm(N, generator=g) per epoch, the left-out index deleted."""
+
+    def __init__(self, n, g, drop=None):
+        self.n, self.g, self.drop = n, g, drop
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.g)
+        if self.drop is not None:
+            perm = perm[perm != self.drop]
+        return iter(perm.tolist())
+
+    def __len__(self):
+        return self.n - (self.drop is not None)
+
+
+def sequential(model, train, test, loo, seeds, *, epochs=None, steps=None, eval_every=None, optimizer="sgd",
+               lr=0.05, batch_size=4, momentum=0.0, weight_decay=0.0, mode="remove", loss="mse",
+               dtype=torch.float64):
+    """The paper's protocol, one run at a time. Returns losses [n_evals, n_test, n_loo + 1, n_seeds]."""
+    X, Y = train
+    Xt, Yt = test
+    N = X.shape[0]
+    X, Xt = X.to(dtype), Xt.to(dtype)
+    if Y.is_floating_point():
+        Y, Yt = Y.to(dtype), Yt.to(dtype)
+    crit = nn.MSELoss(reduction="none") if loss == "mse" else nn.CrossEntropyLoss(reduction="none")
+
+    def per_sample(out, y):
+        return crit(out.reshape(-1), y.reshape(-1)) if loss == "mse" else crit(out, y)
+
+    def test_loss(m):
+        m.eval()
+        with torch.no_grad():
+            return per_sample(m(Xt), Yt)
+
+    rows = []
+    for r, seed in enumerate(seeds):
+        for j, i in enumerate([None] + list(loo)):
+            m = copy.deepcopy(model).to(dtype)
+            opt = {"sgd": lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum, weight_decay=weight_decay),
+                   "adam": lambda p: torch.optim.Adam(p, lr=lr, weight_decay=weight_decay),
+                   "adamw": lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=weight_decay)}[optimizer](m.parameters())
+            g = torch.Generator().manual_seed(seed)
+            drop = i if mode == "remove" else None
+            loader = DataLoader(TensorDataset(X, Y), batch_size=batch_size, sampler=EpochOrder(N, g, drop))
+            evals, t = [test_loss(m)], 0
+            for _ in range(epochs if epochs is not None else 10**9):
+                m.train()
+                for xb, yb in loader:
+                    lb = per_sample(m(xb), yb).mean()
+                    if mode == "downweight" and i is not None:
+                        lb = lb - per_sample(m(X[i:i + 1]), Y[i:i + 1])[0] / N
+                    opt.zero_grad()
+                    lb.backward()
+                    opt.step()
+                    t += 1
+                    if steps is not None and (t % eval_every == 0 or t == steps):
+                        evals.append(test_loss(m))
+                        m.train()
+                    if t == steps:
+                        break
+                if epochs is not None:
+                    evals.append(test_loss(m))
+                if t == steps:
+                    break
+            rows.append(torch.stack(evals))
+    L = torch.stack(rows, -1)  # [n_evals, n_test, runs]
+    return L.reshape(L.shape[0], L.shape[1], len(seeds), len(loo) + 1).transpose(2, 3)
+
+
+def data(task="mse", n=23, n_test=7, d=5, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X, Xt = torch.randn(n, d, generator=g), torch.randn(n_test, d, generator=g)
+    if task == "mse":
+        Y, Yt = torch.randn(n, generator=g), torch.randn(n_test, generator=g)
+    else:
+        Y, Yt = torch.randint(0, classes, (n,), generator=g), torch.randint(0, classes, (n_test,), generator=g)
+    return (X, Y), (Xt, Yt)
+
+
+def mlp(d=5, out=1, act=nn.Tanh, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 16), act(), nn.Linear(16, 12), act(), nn.Linear(12, out))
+
+
+class Residual(nn.Module):
+    """Not an nn.Sequential MLP: takes the generic path."""
+
+    def __init__(self, d=5, out=1):
+        super().__init__()
+        torch.manual_seed(1)
+        self.inp, self.norm, self.head = nn.Linear(d, 8), nn.LayerNorm(8), nn.Linear(8, out)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(torch.tanh(self.norm(h)) + h)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+OPTIMIZERS = [dict(optimizer="sgd"), dict(optimizer="sgd", momentum=0.9, weight_decay=0.01),
+              dict(optimizer="adam", weight_decay=0.01), dict(optimizer="adamw", weight_decay=0.1)]
+
+
+def test_random_sampler_draws_two_permutations_per_epoch():
+    """Why the reference uses its own sampler: RandomSampler(generator=g) uses draw 2e for epoch e
+    (the second randperm of each epoch feeds an empty tail), not one randperm per epoch."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sampler = RandomSampler(range(10), generator=g1)
+    epochs = [list(sampler) for _ in range(2)]
+    draws = [torch.randperm(10, generator=g2).tolist() for _ in range(4)]
+    assert epochs[0] == draws[0]
+    if epochs[1] != draws[1]:
+        assert epochs[1] == draws[2]
+    g = torch.Generator().manual_seed(3)
+    order = [list(EpochOrder(10, g)) for _ in range(2)]
+    assert order == draws[:2]
+
+
+@pytest.mark.parametrize("mode", ["remove", "downweight"])
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+@pytest.mark.parametrize("task", ["mse", "cross_entropy"])
+def test_equals_sequential_float64(mode, opt, task):
+    train, test = data(task)
+    model = mlp(out=1 if task == "mse" else 3, act=nn.ReLU if task == "mse" else nn.Tanh)
+    kw = dict(epochs=2, lr=0.05, batch_size=5, mode=mode, loss=task, **opt)
+    ref = sequential(model, train, test, [3, 0, 22], [1, 5], **kw)
+    for path in ("fused", "generic"):
+        res = further_train(model, train, test, [3, 0, 22], [1, 5], dtype=torch.float64, path=path,
+                            progress=False, **kw)
+        assert res.losses.shape == (3, 7, 4, 2) and res.eval_points == [0, 1, 2]
+        assert rel(res.losses, ref) < 1e-10, path
+        assert res.config["path"] == path
+
+
+@pytest.mark.parametrize("mode", ["remove", "downweight"])
+@pytest.mark.parametrize("opt", [OPTIMIZERS[1], OPTIMIZERS[2]], ids=["sgd-momentum", "adam"])
+def test_equals_sequential_float32(mode, opt):
+    train, test = data("mse", n=40)
+    model = mlp(act=nn.GELU)
+    kw = dict(epochs=2, lr=0.02, batch_size=8, mode=mode, **opt)
+    ref = sequential(model, train, test, [7, 39], [2], dtype=torch.float32, **kw)
+    for path in ("fused", "generic"):
+        res = further_train(model, train, test, [7, 39], [2], path=path, progress=False, **kw)
+        assert res.losses.dtype == torch.float32
+        assert rel(res.losses, ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["remove", "downweight"])
+def test_steps_and_uneven_batches(mode):
+    """N = 21, B = 5: the full run has 5 batches per epoch (the last of 1 point), a remove run 4, so
+    epochs end at different steps; evaluation every 3 steps and after the last."""
+    train, test = data("mse", n=21)
+    model = mlp(act=nn.Sigmoid)
+    for kw in (dict(epochs=3), dict(steps=11, eval_every=3)):
+        kw.update(optimizer="adam", lr=0.01, batch_size=5, mode=mode)
+        ref = sequential(model, train, test, [4, 20], [0, 9], **kw)
+        res = further_train(model, train, test, [4, 20], [0, 9], dtype=torch.float64, progress=False, **kw)
+        if "steps" in kw:
+            assert res.eval_points == [0, 3, 6, 9, 11] and res.eval_unit == "step"
+        assert rel(res.losses, ref) < 1e-10
+
+
+def test_generic_path_for_other_modules():
+    train, test = data("mse")
+    model = Residual()
+    kw = dict(epochs=2, optimizer="sgd", momentum=0.5, lr=0.05, batch_size=6)
+    for mode in ("remove", "downweight"):
+        ref = sequential(model, train, test, [1, 2], [4], mode=mode, **kw)
+        res = further_train(model, train, test, [1, 2], [4], mode=mode, dtype=torch.float64, progress=False, **kw)
+        assert res.config["path"] == "generic"
+        assert rel(res.losses, ref) < 1e-10
+
+
+def test_task_object_and_column_targets():
+    """A Task instance is accepted and [N, 1] regression targets equal [N] ones."""
+    (X, Y), (Xt, Yt) = data("mse")
+    model = mlp()
+    kw = dict(epochs=1, lr=0.05, batch_size=4, dtype=torch.float64, progress=False)
+    a = further_train(model, (X, Y), (Xt, Yt), [0], [0], loss=MSETask(), **kw)
+    b = further_train(model, (X, Y[:, None]), (Xt, Yt[:, None]), [0], [0], loss="mse", **kw)
+    assert torch.equal(a.losses, b.losses)
+
+
+def test_model_untouched_and_t0_is_the_given_model():
+    train, test = data("mse")
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    res = further_train(model, train, test, [0, 1], [0, 1], epochs=1, lr=0.1, batch_size=4,
+                        dtype=torch.float64, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    with torch.no_grad():
+        want = (model.double()(test[0].double()).squeeze(1) - test[1].double()) ** 2
+    assert torch.allclose(res.losses[0], want[:, None, None].expand(-1, 3, 2), rtol=1e-14, atol=0)
+
+
+def test_gold_by_hand():
+    g = torch.Generator().manual_seed(0)
+    L = torch.rand(2, 3, 4, 3, generator=g, dtype=torch.float64)  # evals, tests, 1 + 3 loo, 3 seeds
+    res = FurtherTrainingResult(L, [0, 1], "epoch", [5, 6, 7], [10, 11, 12], {})
+    mean13 = torch.empty(2, 3, 3, dtype=torch.float64)
+    full17 = torch.empty(2, 3, 3, dtype=torch.float64)
+    sub = torch.empty(2, 3, 3, dtype=torch.float64)
+    for t in range(2):
+        for z in range(3):
+            for i in range(3):
+                d13 = [L[t, z, 1 + i, r] - sum(L[t, z, 1 + j, r] for j in range(3)) / 3 for r in range(3)]
+                d17 = [L[t, z, 1 + i, r] - L[t, z, 0, r] for r in range(3)]
+                mean13[t, z, i], full17[t, z, i] = sum(d13) / 3, sum(d17) / 3
+                sub[t, z, i] = (d13[0] + d13[2]) / 2
+    assert torch.allclose(res.gold(), mean13, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(res.gold("full"), full17, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(res.gold(seeds=[10, 12]), sub, rtol=1e-12, atol=1e-15)
+    # eq. 13 is eq. 17 with its mean over the LOO runs subtracted
+    assert torch.allclose(res.gold("mean"), full17 - full17.mean(-1, keepdim=True), atol=1e-14)
+    with pytest.raises(ValueError, match="seeds"):
+        res.gold(seeds=[3])
+    with pytest.raises(ValueError, match="adjust"):
+        res.gold("median")
+
+
+def test_save_load(tmp_path):
+    train, test = data("mse")
+    res = further_train(mlp(), train, test, [2], [0], epochs=1, lr=0.1, batch_size=4, progress=False)
+    res.save(tmp_path / "r.pt")
+    back = FurtherTrainingResult.load(tmp_path / "r.pt")
+    assert torch.equal(back.losses, res.losses) and back.eval_points == res.eval_points
+    assert back.config == res.config and back.seeds == res.seeds and back.loo_indices == res.loo_indices
+    assert back.config["lr"] == 0.1 and back.config["optimizer"] == "sgd"
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_resume_after_interruption(tmp_path, path):
+    train, test = data("mse")
+    model = mlp()
+    kw = dict(epochs=2, optimizer="adam", lr=0.01, batch_size=4, models_per_chunk=3, path=path)
+    full = further_train(model, train, test, [0, 3, 5, 7], [1, 2], progress=False, **kw)  # 10 runs, 4 chunks
+    calls = []
+
+    def stop_after_two(info):
+        calls.append(info)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        further_train(model, train, test, [0, 3, 5, 7], [1, 2], checkpoint_dir=tmp_path, progress=stop_after_two, **kw)
+    assert calls[-1]["done"] == 6 and calls[-1]["chunks"] == 4
+    seen = []
+    res = further_train(model, train, test, [0, 3, 5, 7], [1, 2], checkpoint_dir=tmp_path, progress=seen.append, **kw)
+    assert [c["chunk"] for c in seen] == [2, 3]  # the first two chunks were not trained again
+    assert torch.equal(res.losses, full.losses)
+    with pytest.raises(ValueError, match="different arguments.*lr"):
+        further_train(model, train, test, [0, 3, 5, 7], [1, 2], checkpoint_dir=tmp_path, progress=False,
+                      **{**kw, "lr": 0.02})
+
+
+def test_chunking_does_not_change_results():
+    train, test = data("mse")
+    model = mlp()
+    kw = dict(epochs=2, lr=0.05, batch_size=4, mode="remove", dtype=torch.float64, progress=False)
+    a = further_train(model, train, test, [0, 3, 5], [1, 2], models_per_chunk=1, **kw)
+    b = further_train(model, train, test, [0, 3, 5], [1, 2], max_memory=10**9, **kw)
+    assert rel(a.losses, b.losses) < 1e-13
+
+
+def test_bad_inputs():
+    train, test = data("mse")
+    model = mlp()
+    kw = dict(epochs=1, lr=0.1, batch_size=4, progress=False)
+    cases = [
+        (ValueError, "loo_indices.*distinct", dict(loo_indices=[1, 1])),
+        (ValueError, r"loo_indices\[1\].*<= 22", dict(loo_indices=[1, 23])),
+        (ValueError, "loo_indices", dict(loo_indices=[-1])),
+        (ValueError, "loo_indices", dict(loo_indices=[])),
+        (ValueError, "seeds", dict(seeds=[])),
+        (ValueError, "seeds.*distinct", dict(seeds=[1, 1])),
+        (ValueError, "lr", dict(lr=0.0)),
+        (ValueError, "lr", dict(lr=-1.0)),
+        (ValueError, "epochs, steps", dict(steps=3)),
+        (ValueError, "epochs, steps", dict(epochs=None)),
+        (ValueError, "eval_every", dict(epochs=None, steps=3)),
+        (ValueError, "eval_every", dict(eval_every=2)),
+        (ValueError, "mode", dict(mode="drop")),
+        (ValueError, "optimizer", dict(optimizer="rmsprop")),
+        (ValueError, "momentum", dict(optimizer="adam", momentum=0.9)),
+        (ValueError, "batch_size", dict(batch_size=0)),
+        (TypeError, "dtype", dict(dtype=torch.float16)),
+        (ValueError, "path.*fused", dict(path="fused", model=Residual())),
+        (ValueError, "BatchNorm", dict(model=nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)))),
+        (ValueError, "Dropout", dict(model=nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 1)))),
+        (ValueError, "test", dict(test=(torch.randn(3, 4), torch.randn(3)))),
+        (ValueError, "train", dict(train=(torch.randn(5, 5), torch.randn(4)))),
+        (ValueError, "model_out", dict(model=mlp(out=2))),
+    ]
+    for exc, pattern, over in cases:
+        args = dict(model=model, train=train, test=test, loo_indices=[0, 1], seeds=[0], **kw)
+        args.update(over)
+        with pytest.raises(exc, match=pattern):
+            further_train(**args)
+
+
+def test_divergence_is_an_error():
+    train, test = data("mse")
+    with pytest.raises(ValueError, match="diverged"):
+        further_train(mlp(), train, test, [0], [0], epochs=3, lr=1e6, batch_size=4, progress=False)
+
+
+@pytest.mark.triton
+def test_engine_with_triton_update(monkeypatch):
+    """The engine's optimizer update through the Triton kernel (interpreter on CPU) gives the cpu result."""
+    from helpers import triton_module
+
+    triton_module("ensemble_step")
+    train, test = data("mse", n=12)
+    kw = dict(epochs=1, optimizer="adam", lr=0.01, batch_size=5, dtype=torch.float64, progress=False)
+    want = further_train(mlp(), train, test, [0, 11], [3], **kw)
+    monkeypatch.setenv("FIMODA_BACKEND", "triton")
+    got = further_train(mlp(), train, test, [0, 11], [3], **kw)
+    assert rel(got.losses, want.losses) < 1e-12

@@ -12,9 +12,9 @@ seed and trained briefly by seeded SGD so it is a plausible final model, not a s
 Impl ``fimoda``: every method of ``fimoda_kernels.METHODS`` with ``attribute``'s defaults (the paper
 code's), except LiSSA / LiSSA-H where a depth-5000 call is predicted slower than --max-call-s: then
 the case is timed at the largest depth that fits (printed, ``extra.depth``; sized from short probe
-runs) and the time at depth 5000 is extrapolated linearly from it and a depth-1 call (``extra.extrapolated_s``; the fixed part,
-gradients and scoring, is the depth-1 time). ``ekfac`` is skipped, with the reason printed, while
-``fimoda_kernels.EKFAC`` is missing.
+runs) and the time at depth 5000 is extrapolated linearly (``extra.extrapolated_s``: the per-step
+time from that run and a depth-1 call, or from the probes when the run is too short to measure it).
+``ekfac`` is skipped, with the reason printed, while ``fimoda_kernels.EKFAC`` is missing.
 
 Impl ``dattri`` (dattri 0.3.0, ``IFAttributor*`` on an ``AttributionTask`` whose loss is the batch mean
 of (f − y)², i.e. our per-sample ℓ averaged; one DataLoader batch for the whole training set and one
@@ -185,7 +185,7 @@ def linear_probe(label, make_fn, most=None):
         print(f"FAIL {label}: {type(e).__name__}: {e}", flush=True)
         harness._FAILED.append(label)
         return None
-    return t1, max((tk - t1) / (k - 1), 1e-9)
+    return t1, max((tk - t1) / (k - 1), 1e-9), k
 
 
 def probe_depth(args, label, make_fn, target):
@@ -194,18 +194,26 @@ def probe_depth(args, label, make_fn, target):
     probe = linear_probe(label, make_fn, most=target)
     if probe is None:
         return None
-    t1, per_step = probe
+    t1, per_step, k = probe
     predicted = t1 + per_step * (target - 1)
     if predicted <= args.max_call_s:
-        return target, t1
+        return target, (t1, per_step, k)
     depth = max(4, min(target, 1 + int((args.max_call_s - t1) / per_step)))
     print(f"NOTE {label}: depth {target} predicted {fmt_time(predicted)} > --max-call-s {args.max_call_s:g}; "
           f"timed at depth {depth}, the depth-{target} time extrapolated linearly", flush=True)
-    return depth, t1
+    return depth, (t1, per_step, k)
 
 
-def extrapolate(t_depth, t1, depth, target):
-    return t_depth if depth >= target else t1 + (t_depth - t1) * (target - 1) / max(depth - 1, 1)
+def extrapolate(t_depth, depth, target, probe):
+    """Time at depth ``target`` from the time at ``depth``, linearly: the per-step time from this run
+    and the depth-1 probe when the run is longer than the probe's k steps, else the probe's (a few
+    steps' difference drowns in the noise of a loaded machine)."""
+    if depth >= target:
+        return t_depth
+    t1, per_step, k = probe
+    if depth > k and t_depth > t1:
+        per_step = (t_depth - t1) / (depth - 1)
+    return t_depth + per_step * (target - depth)
 
 
 # ----------------------------------------------------------------------------- dattri
@@ -324,13 +332,13 @@ def main(argv=None) -> int:
                 probe = probe_depth(args, label, lambda d, method=method: attr(method, depth=d, **kw), target_depth)
                 if probe is None:
                     continue
-                depth, t1 = probe
+                depth, probe = probe
                 kw["depth"] = depth
                 extra = dict(depth=depth, target_depth=target_depth)
             post = None
             if method in LISSA:
-                post = lambda out, t, t1=t1, depth=depth: dict(  # noqa: E731
-                    extrapolated_s=extrapolate(t, t1, depth, target_depth), scale=float(out.info["lissa"]["scale"]))
+                post = lambda out, t, probe=probe, depth=depth: dict(  # noqa: E731
+                    extrapolated_s=extrapolate(t, depth, target_depth, probe), scale=float(out.info["lissa"]["scale"]))
             out, rec = measure(args, method, "fimoda", attr_scores(method, **kw), shape(method), extra=extra, post=post,
                                predict=method not in LISSA)
             if out is None:
@@ -391,13 +399,14 @@ def main(argv=None) -> int:
                 probe = linear_probe(f"{OP} {args.device} cg {impl} {name} (iteration probe)", make, most=iters)
                 if probe is None:  # the first case has no previous one to predict from: probe
                     continue
-                t1, per_iter = probe
+                t1, per_iter, _ = probe
                 predicted = t1 + per_iter * (iters - 1)
                 if predicted > args.max_call_s:
                     print(f"SKIP {OP} {args.device} cg {impl} {name}: predicted {fmt_time(predicted)} per call "
                           f"({iters} iterations, from 1- and k-iteration runs) > --max-call-s {args.max_call_s:g}",
                           flush=True)
-                    summary.append((name, "cg", impl, recs["cg"]["median_s"], predicted, predicted / recs["cg"]["median_s"],
+                    t_ours = recs["cg"]["median_s"]
+                    summary.append((name, "cg", impl, t_ours, predicted, predicted / t_ours,
                                     None, f"not run: predicted {fmt_time(predicted)} > --max-call-s"))
                     continue
                 compare("cg", impl, make(iters), ours["cg"], recs["cg"], mapping, extra=extra, predict=False)
@@ -423,7 +432,7 @@ def main(argv=None) -> int:
                                 min(depth, target_depth))
             if probe is None:
                 continue
-            d_depth, t1 = probe
+            d_depth, probe = probe
             d_depth = min(d_depth, depth)
             ours_cmp, t_ours = ours["lissa_h"], recs["lissa_h"]["extra"]["extrapolated_s"]
             if d_depth < depth:  # ours again at dattri's depth, for the cosine
@@ -433,7 +442,7 @@ def main(argv=None) -> int:
             print(f"  dattri lissa: {mapping}", flush=True)
 
             def post(out, t):
-                t_d = extrapolate(t, t1, d_depth, target_depth)
+                t_d = extrapolate(t, d_depth, target_depth, probe)
                 return dict(cos_vs_fimoda=mean_cos(out, ours_cmp), mapping=mapping, extrapolated_s=t_d,
                             time_ratio_vs_fimoda=t_d / t_ours)
             out, rec = measure(args, "lissa_h", "dattri", dattri_lissa(d_depth), shape("lissa_h"), extra=extra,
@@ -457,7 +466,8 @@ def main(argv=None) -> int:
         print(f"{'case':<8} {'method':<9} {'impl':<24} {'fimoda':>9} {'dattri':>9} {'ratio':>8} {'cosine':>8}  note")
         for case, method, impl, t_o, t_d, ratio, cos, note in summary:
             print(f"{case:<8} {method:<9} {impl:<24} {fmt_time(t_o):>9} {fmt_time(t_d):>9} "
-                  f"{'–' if ratio is None else f'{ratio:.3g}':>8} {'–' if cos is None else f'{cos:.4f}':>8}  {note}")
+                  f"{'–' if ratio is None else f'{ratio:.3g}':>8} "
+                  f"{'–' if cos is None else f'{cos:.4f}':>8}  {note}")
     return finish()
 
 

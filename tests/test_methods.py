@@ -250,3 +250,14 @@ def test_bad_method_and_options():
         fk.attribute_scores("grad_dot", model, "mse", train, None, self_influence=False)
     assert set(fk.METHODS) == {"grad_dot", "grad_cos", "cg", "lissa", "lissa_h", "trak", "ekfac", "datainf",
                                "generalized_if"}
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_ekfac_method_is_the_fitted_estimator(problem, strategy):
+    model, task, train, test = problem
+    out = fk.attribute("ekfac", model, task, train, test, strategy=strategy, damping=0.01, batch_size=16)
+    est = fk.EKFAC(model, task, strategy=strategy, damping=0.01).fit(*train, batch_size=16)
+    assert rel(out, est.scores(*train, *test)) < 1e-12
+    # with damping far above the curvature, (G + λI)^{-1} ≈ I/λ: the scores approach Grad-Dot / λ
+    big = fk.attribute("ekfac", model, task, train, test, strategy=strategy, damping=1e4)
+    assert rel(big * 1e4, fk.attribute("grad_dot", model, task, train, test)) < 1e-3

@@ -12,6 +12,7 @@ from .ops.project import kronecker_dims, project, project_linear
 from .ops.projection_matrix import projection_matrix
 from .projection import project_model
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
+from .experiment import StudyConfig, run_study
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "grad_dot", "grad_dot_factored", "grad_dot_model",
     "per_sample_grads", "capture_linear", "param_layout",
     "Task", "MSETask", "CrossEntropyTask", "get_task",
+    "StudyConfig", "run_study",
 ]

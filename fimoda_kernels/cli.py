@@ -118,7 +118,7 @@ def _config(args):
 def main(argv=None) -> int:
     """Entry point of ``fimoda``; returns the exit status (0 ok, 2 bad input; the console script
     and ``python -m fimoda_kernels`` pass it to ``sys.exit``)."""
-    from .experiment import StudyConfigError, run_study
+    from .experiment import MissingDependencyError, StudyConfigError, run_study
 
     parser = build_parser()
     try:
@@ -131,6 +131,9 @@ def main(argv=None) -> int:
         msg = " ".join(str(e).split())  # one line, whatever the message held
         print(f"fimoda: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except MissingDependencyError as e:
+        print(f"fimoda: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fimoda: interrupted (finished stages are cached; re-run to resume)", file=sys.stderr)
         return 130

@@ -54,6 +54,10 @@ class StudyConfigError(ValueError):
     """A study configuration that cannot run (bad value, unknown method, n_loo > n_train, …)."""
 
 
+class MissingDependencyError(ImportError):
+    """An optional dependency of the study runner (scikit-learn, scipy, matplotlib, tqdm) is absent."""
+
+
 @dataclass
 class StudyConfig:
     """Everything a study depends on. ``None`` fields take documented defaults at run time."""
@@ -424,6 +428,15 @@ def _gold_stage(config, data, model, final_key, final_lr, stages, train, test):
     return result, further_lr, seeds
 
 
+def _check_study_dependencies(config: StudyConfig) -> None:
+    import importlib.util
+
+    needed = ["sklearn", "scipy"] + (["matplotlib"] if config.plots else []) + (["tqdm"] if config.progress else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"the study runner needs {', '.join(missing)}: pip install 'fimoda_kernels[study]'")
+
+
 # ------------------------------------------------------------------------------------------- main
 
 def run_study(config: StudyConfig) -> StudyResult:
@@ -433,6 +446,7 @@ def run_study(config: StudyConfig) -> StudyResult:
 
     if not isinstance(config, StudyConfig):
         raise TypeError(f"config: expected a StudyConfig, got {type(config).__name__}")
+    _check_study_dependencies(config)
     t_start = time.perf_counter()
     timings = {}
     t = time.perf_counter()

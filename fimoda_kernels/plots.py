@@ -34,6 +34,8 @@ def _colors(methods):
 def plot_curves(curves: dict, metric: str, path: str, title: str = "") -> str:
     """``metric`` ("cosine" or "spearman") mean ± SEM vs evaluation point, per method."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = _colors(curves)
     for m, c in curves.items():
@@ -41,6 +43,7 @@ def plot_curves(curves: dict, metric: str, path: str, title: str = "") -> str:
         mean, sem = np.asarray(c[f"{metric}_mean"]), np.nan_to_num(np.asarray(c[f"{metric}_sem"]))
         ax.plot(x, mean, label=m, color=colors[m], lw=1.6, marker="o" if len(x) < 8 else None, ms=3)
         ax.fill_between(x, mean - sem, mean + sem, color=colors[m], alpha=0.2, lw=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("further-training epochs")
     ax.set_ylabel("cosine similarity to gold" if metric == "cosine" else "Spearman ρ with gold")
     ax.axhline(0, color="grey", lw=0.6)
@@ -80,8 +83,11 @@ def plot_seed_study(methods: dict, path: str, title: str = "") -> str:
 
 def plot_mislabel(gold_auc: dict, methods: dict, path: str, title: str = "") -> str:
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4.5))
     x = np.asarray(gold_auc["eval_points"], float)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(x, np.asarray(gold_auc["auc"], float), color="black", lw=2, label="gold (further training)")
     colors = _colors(methods)
     for m, e in methods.items():

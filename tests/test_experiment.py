@@ -54,10 +54,10 @@ def _check_study(res, dataset, methods):
     npz = np.load(f"{out}/scores.npz")
     gold = npz["gold"]
     assert gold.shape == (4, z, 10) and np.isfinite(gold).all()
-    # t = 0: every model is θ*, the mean-adjusted gold is 0 up to the rounding of the mean
-    assert np.abs(gold[0]).max() <= 1e-6 * max(np.abs(gold).max(), 1e-30)
+    # t = 0: every model is θ*, the mean-adjusted gold is 0 up to float32 rounding of the O(1) losses
+    assert np.abs(gold[0]).max() < 1e-5
     assert np.abs(gold[1:]).max() > 0
-    np.testing.assert_allclose(gold.sum(axis=2), 0.0, atol=1e-5 * np.abs(gold).max())  # eq. 13 centres over S
+    np.testing.assert_allclose(gold.sum(axis=2), 0.0, atol=2e-5)  # eq. 13 centres over S (float32 losses)
     np.testing.assert_array_equal(npz["loo_indices"], results["data"]["loo_indices"])
 
     with open(f"{out}/curves.csv") as fh:

@@ -42,6 +42,11 @@ def load_further_training(path):
     return _pkg().FurtherTrainingResult.load(path)
 
 
-def gold(result, adjust: str, seeds=None) -> torch.Tensor:
-    """``[n_evals, n_test, n_loo]``; ``seeds``: indices along the result's seed axis."""
-    return result.gold(adjust=adjust, seeds=seeds)
+def gold(result, adjust: str, seed_positions=None) -> torch.Tensor:
+    """``[n_evals, n_test, n_loo]`` averaged over the seeds at ``seed_positions`` (indices along
+    the result's seed axis; None: all). ``FurtherTrainingResult.gold`` selects by seed *value*
+    (``result.seeds``), so positions are translated here."""
+    if seed_positions is None:
+        return result.gold(adjust=adjust)
+    values = list(getattr(result, "seeds", range(result.losses.shape[-1])))
+    return result.gold(adjust=adjust, seeds=[values[k] for k in seed_positions])

@@ -495,8 +495,13 @@ def run_study(config: StudyConfig) -> StudyResult:
                                      "first": auc[0], "peak": np.nanmax(auc) if np.isfinite(auc).any() else None,
                                      "peak_at": eval_points[keep][int(np.nanargmax(auc))] if np.isfinite(auc).any() else None}
 
+    group_golds = {}  # one gold per seed group, shared by every method's seed-count study
+
     def gold_for_seeds(group):
-        return api.gold(result, config.adjust, seeds=group).double().cpu().numpy()[:, :n_test]
+        key = tuple(group)
+        if key not in group_golds:
+            group_golds[key] = api.gold(result, config.adjust, list(group)).double().cpu().numpy()[:, :n_test]
+        return group_golds[key]
 
     for m, rec in method_recs.items():
         if rec["error"] is not None:

@@ -58,11 +58,12 @@ def _nonzero_t(eval_points) -> np.ndarray:
     return np.asarray(eval_points) != 0
 
 
-def similarity_curves(gold, scores, eval_points) -> dict:
+def similarity_curves(gold, scores, eval_points, spearman_too: bool = True) -> dict:
     """Per-test-point cosine and Spearman between ``gold[t, z, :]`` and ``scores[:, z]`` for every
     evaluation point t ≠ 0, with mean ± SEM over test points. Returns a dict of arrays:
     ``eval_points [E]``, ``cosine``/``spearman [E, Z]``, ``cosine_mean``/``cosine_sem``/``cosine_n``,
-    ``spearman_mean``/``spearman_sem``/``spearman_n`` ``[E]``."""
+    ``spearman_mean``/``spearman_sem``/``spearman_n`` ``[E]`` (the Spearman entries only with
+    ``spearman_too``: ranking is the expensive part)."""
     gold = np.asarray(gold, np.float64)
     scores = np.asarray(scores, np.float64)
     if gold.ndim != 3 or scores.shape != (gold.shape[2], gold.shape[1]):
@@ -72,7 +73,7 @@ def similarity_curves(gold, scores, eval_points) -> dict:
     g = gold[keep]
     a = scores.T[None]  # [1, Z, S]
     out = {"eval_points": np.asarray(eval_points)[keep]}
-    for name, fn in (("cosine", cosine_similarity), ("spearman", spearman)):
+    for name, fn in (("cosine", cosine_similarity), ("spearman", spearman))[:2 if spearman_too else 1]:
         v = fn(g, a)
         out[name] = v
         out[f"{name}_mean"], out[f"{name}_sem"], out[f"{name}_n"] = mean_sem(v, axis=1)
@@ -106,7 +107,7 @@ def seed_count_study(gold_for_seeds: Callable[[Sequence[int]], np.ndarray], n_se
     for r in (divisors(n_seeds) if group_sizes is None else group_sizes):
         if n_seeds % r:
             raise ValueError(f"group_sizes: {r} does not divide n_seeds = {n_seeds}")
-        cos = [similarity_curves(gold_for_seeds(list(range(s, s + r))), scores, eval_points)["cosine"]
+        cos = [similarity_curves(gold_for_seeds(list(range(s, s + r))), scores, eval_points, False)["cosine"]
                for s in range(0, n_seeds, r)]  # each [E, Z]
         stacked = np.concatenate(cos, axis=1)  # [E, groups · Z]
         mean, sem, _ = mean_sem(stacked, axis=1)

@@ -56,6 +56,20 @@ def _fraction(text):
     return v
 
 
+def _method_option(text):
+    import ast
+
+    key, sep, value = text.partition("=")
+    method, dot, name = key.partition(".")
+    if not (sep and dot and method and name.isidentifier()):
+        raise argparse.ArgumentTypeError(f"expected METHOD.NAME=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass  # a plain string such as form=gn
+    return method, name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fimoda", description="Final-model-only data attribution (FiMODA) studies.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -72,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV task (default: regression)")
     r.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help="'all' (default) or method names, space or comma separated")
+    r.add_argument("--option", dest="options", metavar="METHOD.NAME=VALUE", action="append", default=[],
+                   type=_method_option, help="a method option passed to attribute(), e.g. lissa.depth=1000 "
+                                             "(repeatable; values are Python literals or strings)")
     r.add_argument("--seeds", type=_positive_int, default=10, help="further-training seeds R (default: 10)")
     r.add_argument("--epochs", type=_positive_int, default=50, help="further-training epochs (default: 50)")
     r.add_argument("--n-loo", type=_positive_int, default=100, help="LOO training points (default: 100)")
@@ -105,9 +122,13 @@ def _config(args):
     if args.csv is not None and args.target is None:
         raise _UsageError("--csv needs --target COLUMN")
     methods = [m for chunk in args.methods for m in chunk.split(",") if m]
+    options = {}
+    for method, name, value in args.options:
+        options.setdefault(method, {})[name] = value
     return StudyConfig(
         dataset=args.dataset or "diabetes", csv=args.csv, target=args.target, drop=tuple(args.drop),
-        task=args.task, methods="all" if methods == ["all"] else tuple(methods), seeds=args.seeds,
+        task=args.task, methods="all" if methods == ["all"] else tuple(methods), method_options=options,
+        seeds=args.seeds,
         epochs=args.epochs, n_loo=args.n_loo, n_test=args.n_test, final_lr=args.final_lr,
         final_epochs=args.final_epochs, batch_size=args.batch_size, further_lr=args.further_lr,
         optimizer=args.optimizer, mode=args.mode, adjust=args.adjust, mislabel_fraction=args.mislabel_fraction,

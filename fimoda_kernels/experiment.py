@@ -36,7 +36,7 @@ import torch
 
 from . import _study_api as api
 from ._validate import check_choice, check_float, check_int
-from .datasets import EMBEDDED_DATASETS, Dataset, DatasetError, load_csv, load_embedded
+from .datasets import EMBEDDED_DATASETS, Dataset, load_csv, load_embedded
 from .models import build_model, default_training, evaluate_model, task_for, train_final_model
 
 __all__ = ["StudyConfig", "StudyConfigError", "StudyResult", "run_study"]

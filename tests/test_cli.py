@@ -44,6 +44,7 @@ def _bad(capsys, argv, match):
     (["run", "--target", "y"], "--target/--drop apply to --csv only"),
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
     (["run", "--device", "tpu"], "device:"),
+    (["run", "--option", "lissa.depth"], "expected METHOD.NAME=VALUE, got 'lissa.depth'"),
     (["walk"], "invalid choice: 'walk'"),
     ([], "expected a command"),
 ])
@@ -69,6 +70,23 @@ def test_cuda_without_device(capsys):
 def test_unknown_method(capsys, tmp_path):
     _bad(capsys, ["run", "--methods", "grad_dot,magic", "--out", str(tmp_path / "o"), "--n-loo", "5"],
          "methods: unknown 'magic'")
+
+
+def test_method_options_reach_the_config(monkeypatch):
+    import fimoda_kernels.experiment as experiment
+
+    seen = {}
+
+    def fake_run_study(config):
+        seen["config"] = config
+        raise experiment.StudyConfigError("stop here")
+
+    monkeypatch.setattr(experiment, "run_study", fake_run_study)
+    assert main(["run", "--option", "lissa.depth=1000", "--option", "generalized_if.form=gn",
+                 "--option", "lissa.scale=50.0", "--methods", "lissa", "generalized_if"]) == 2
+    cfg = seen["config"]
+    assert cfg.method_options == {"lissa": {"depth": 1000, "scale": 50.0}, "generalized_if": {"form": "gn"}}
+    assert cfg.methods == ("lissa", "generalized_if") and cfg.seeds == 10 and cfg.dataset == "diabetes"
 
 
 def test_python_m_exit_status_and_one_line():

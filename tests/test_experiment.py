@@ -106,8 +106,12 @@ def _check_study(res, dataset, methods):
 @pytest.mark.parametrize("dataset", ["diabetes", "breast_cancer", "digits"])
 def test_small_study_every_artifact(tmp_path, dataset):
     methods = ("grad_dot", "grad_cos")
-    res = run_study(_config(tmp_path, dataset, methods))
-    _check_study(res, dataset, methods)
+    # digits: a seeded subset of its 180 test points keeps the CNN study quick (and tests n_test)
+    res = run_study(_config(tmp_path, dataset, methods, **({"n_test": 40} if dataset == "digits" else {})))
+    results = _check_study(res, dataset, methods)
+    if dataset == "digits":
+        idx = results["data"]["test_indices"]
+        assert len(idx) == 40 and idx == sorted(set(idx)) and max(idx) < 180
 
 
 def test_all_methods(tmp_path):

@@ -21,6 +21,7 @@ from .ops.ekfac import (ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondi
                         kfac_eigenvalues, kfac_factors)
 from .further_training import FurtherTrainingResult, further_train
 from .ops.ensemble_step import ensemble_step
+from .experiment import StudyConfig, run_study
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,5 @@ __all__ = [
     "EKFAC", "kfac_factors", "ekfac_eigenbases", "ekfac_eigen_correction", "kfac_eigenvalues",
     "ekfac_precondition", "ekfac_scores",
     "further_train", "FurtherTrainingResult", "ensemble_step",
+    "StudyConfig", "run_study",
 ]

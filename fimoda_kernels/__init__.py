@@ -4,10 +4,16 @@ Public API (see README.md); ops take and return torch tensors and accept ``backe
 ("cuda", "triton", "cpu", "torch" or None for the fastest that can run).
 """
 from ._dispatch import BACKENDS, FallbackWarning, available_backends
+from .ekfac import EKFAC
+from .experiment import StudyConfig, run_study
+from .further_training import FurtherTrainingResult, further_train
 from .grads import capture_linear, param_layout, per_sample_grads
+from .hvp import HVPOperator, gn_hvp, hessian_hvp
 from .inner_products import grad_dot_model, grad_dot_vectors
 from .methods import METHODS, OPTIONS, Scores, attribute, attribute_scores, self_influence
-from .hvp import HVPOperator, gn_hvp, hessian_hvp
+from .ops.ekfac import (ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondition, ekfac_scores,
+                        kfac_eigenvalues, kfac_factors)
+from .ops.ensemble_step import ensemble_step
 from .ops.grad_dot import grad_dot, grad_dot_factored
 from .ops.lissa_update import lissa_update
 from .ops.philox import philox4x32
@@ -16,12 +22,6 @@ from .ops.projection_matrix import projection_matrix
 from .projection import project_model
 from .solvers import CGBreakdownError, CGNotConvergedWarning, LiSSADivergedError, cg, lissa, lissa_scale_ladder
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
-from .ekfac import EKFAC
-from .ops.ekfac import (ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondition, ekfac_scores,
-                        kfac_eigenvalues, kfac_factors)
-from .further_training import FurtherTrainingResult, further_train
-from .ops.ensemble_step import ensemble_step
-from .experiment import StudyConfig, run_study
 
 __version__ = "0.1.0"
 

@@ -383,6 +383,7 @@ def _method_stage(config, data, model, final_key, methods, stages, train, test):
                 _save_atomic(rec, path)
             cached = False
         stages.record(f"method:{m}", key, cached, time.perf_counter() - t0)
+        rec["options"] = opts
         out[m] = rec
     return out
 
@@ -514,6 +515,7 @@ def run_study(config: StudyConfig) -> StudyResult:
         pc = metrics.peak(c["cosine_mean"], c["cosine_sem"], c["eval_points"])
         ps = metrics.peak(c["spearman_mean"], c["spearman_sem"], c["eval_points"])
         entry = {"seconds": rec["seconds"], "self_seconds": rec["self_seconds"], "cached": False,
+                 "options": rec["options"],
                  "peak_cosine": pc, "peak_spearman": ps,
                  "cosine_first": {"value": c["cosine_mean"][0], "sem": c["cosine_sem"][0], "at": c["eval_points"][0]},
                  "cosine_last": {"value": c["cosine_mean"][-1], "sem": c["cosine_sem"][-1], "at": c["eval_points"][-1]},

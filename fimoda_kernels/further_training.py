@@ -50,6 +50,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ._validate import check_choice, check_float, check_int, check_tensor
+from .grads import activation_numel
 from .ops.ensemble_step import EnsembleStepper, state_buffers
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
 
@@ -460,24 +461,6 @@ def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _probe_activations(model: nn.Module, x: torch.Tensor) -> int:
-    """Sum of the output sizes of all leaf modules for one sample (activation memory per sample)."""
-    total = [0]
-
-    def hook(m, args, out):
-        if isinstance(out, torch.Tensor):
-            total[0] += out[:1].numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return max(total[0], 1)
-
-
 def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int | None = None,
                   steps: int | None = None, optimizer: str = "sgd", lr: float | None = None,
                   batch_size: int | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
@@ -623,7 +606,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     itemsize = torch.finfo(dtype).bits // 8
     P = sum(p.numel() for _, p in named)
     n_state = (optimizer != "sgd") + (optimizer != "sgd" or momentum != 0)
-    act = _probe_activations(base, x_tr)
+    act = activation_numel(base, x_tr)
     width = batch_size + (mode == "downweight")
     per_model = itemsize * (P * (2 + n_state + (0 if use_fused else 3))
                             + act * (3 * width + x_te.shape[0]) + x_tr[0].numel() * width)

@@ -425,3 +425,23 @@ def for_sample_chunks(n: int, max_memory: int, fn, first: int = 8) -> None:
 def capture_linear(model: nn.Module) -> LinearCapture:
     """A :class:`LinearCapture` of ``model``: use as a context manager or call ``.run(...)``."""
     return LinearCapture(model)
+
+
+def activation_numel(model: nn.Module, x: torch.Tensor) -> int:
+    """Values output by every leaf module for one sample (``x[:1]``), the per-sample activation
+    estimate the chunking of HVPs and ensemble training sizes its chunks by."""
+    total = [0]
+
+    def hook(module, args, out):
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                total[0] += t.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, total[0])

@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ._validate import check_choice, check_int, check_tensor
-from .grads import _check_batch, capture_linear, for_sample_chunks
+from .grads import _check_batch, activation_numel, capture_linear, for_sample_chunks
 from .tasks import Task
 
 __all__ = ["HVPOperator", "gn_hvp", "hessian_hvp"]
@@ -45,25 +45,6 @@ __all__ = ["HVPOperator", "gn_hvp", "hessian_hvp"]
 # generic path's chunking: primal + tangent activations of the jvp, the saved activations and the
 # cotangents of the vjp (GN), and one more level of derivatives for forward-over-reverse (Hessian).
 _ACT_COPIES = {"gn": 8, "hessian": 16}
-
-
-def _activation_numel(model: nn.Module, x: torch.Tensor) -> int:
-    """Values of every module output for one sample (the chunking's activation estimate)."""
-    total = [0]
-
-    def hook(module, args, out):
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                total[0] += t.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return max(1, total[0])
 
 
 class _LinearLayer:
@@ -104,7 +85,7 @@ class HVPOperator:
         self.num_params = sum(s.numel for s in slots)
         self.num_samples = inputs.shape[0]
         self._names = [s.name for s in slots]
-        self._act = _activation_numel(model, inputs)
+        self._act = activation_numel(model, inputs)
         self._itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._q = self._curvature() if self.kind == "gn" else None
         self._layers = None

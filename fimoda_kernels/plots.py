@@ -16,6 +16,17 @@ import numpy as np
 __all__ = ["plot_curves", "plot_seed_study", "plot_mislabel", "write_all"]
 
 
+def _finish(plt, fig, ax, path: str, title: str) -> str:
+    """Title, grid, legend; write the PNG and free the figure."""
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -47,13 +58,7 @@ def plot_curves(curves: dict, metric: str, path: str, title: str = "") -> str:
     ax.set_xlabel("further-training epochs")
     ax.set_ylabel("cosine similarity to gold" if metric == "cosine" else "Spearman ρ with gold")
     ax.axhline(0, color="grey", lw=0.6)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title)
 
 
 def plot_seed_study(methods: dict, path: str, title: str = "") -> str:
@@ -100,13 +105,7 @@ def plot_mislabel(gold_auc: dict, methods: dict, path: str, title: str = "") -> 
     ax.set_xlabel("further-training epochs")
     ax.set_ylabel("mislabel detection AUC (self-influence)")
     ax.set_ylim(0, 1.02)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title)
 
 
 def write_all(out: str, results: dict, curves: dict, title: str = "") -> list[str]:

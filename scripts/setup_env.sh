@@ -18,8 +18,8 @@ pip_q numpy triton pybind11 cmake ninja setuptools wheel
 SO=$(ls "$ROOT"/fimoda_kernels/_C*.so 2>/dev/null | head -n 1 || true)
 if [ -z "$SO" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/python/src" "$ROOT/CMakeLists.txt" "$ROOT/setup.py" -newer "$SO" 2>/dev/null | head -n 1)" ] \
    || ! "$PY" -c "import fimoda_kernels" 2>/dev/null; then
-  (cd "$ROOT" && pip_q --no-build-isolation -e ".[test]")
+  (cd "$ROOT" && pip_q --no-build-isolation -e ".[test,study]")
 else
-  pip_q pytest hypothesis scipy scikit-learn
+  pip_q pytest hypothesis scipy scikit-learn matplotlib tqdm
 fi
 export PATH="$VENV/bin:$PATH"

@@ -169,12 +169,13 @@ class EKFAC:
 
     # ------------------------------------------------------------------------- fit / scores
 
-    def fit(self, inputs, targets=None, batch_size: int = 256, cache_bytes: int = 256 * 2**20) -> "EKFAC":
+    def fit(self, inputs, targets=None, batch_size: int = 256, cache_bytes: int = 2**30) -> "EKFAC":
         """Fit factors, eigenbases, eigenvalues and damping on the training data: ``inputs`` and
         ``targets`` tensors (batched by ``batch_size``), or a DataLoader yielding (inputs, targets)
         with ``targets=None``. "kfac" needs one pass over the data; "ekfac" a second one for the
         eigenvalue correction, which reuses the first pass's captured (a, s) when they take at most
-        ``cache_bytes`` (0 disables the cache; the data are then read, and labels sampled, again).
+        ``cache_bytes`` (default 1 GiB, the library-wide memory budget; 0 disables the cache: the
+        data are then read, and labels sampled, again).
         Non-finite values raise, naming the layer and the batch. Returns ``self``."""
         cache_bytes = check_int("cache_bytes", cache_bytes, min_value=0)
         self.layer_names = None

@@ -33,8 +33,9 @@ for the test set, so dattri's full-data curvature is one batch and its CG / LiSS
   φ(f(θ*) + J(θ − θ*)), whose gradient at θ* is ours and whose Hessian is exactly G: the same
   equations as ours, so its cosine isolates the solver from the curvature choice.
 - LiSSA: dattri's ``IFAttributorLiSSA`` runs the recursion h ← g + (1 − d)h − H_b h / s, result h/s,
-  exactly ours (MATH.md §5, effective damping d·s) but with the true Hessian: it is compared with our
-  ``lissa_h`` (same curvature) with d = our damping (100·λ₀), s = the scale our run resolved,
+  MATH.md §5's (effective damping d·s) but with the true Hessian: it is compared with our ``lissa_h``
+  (same curvature), whose damping is torch-influence's absolute λ = 100·λ₀, with d = λ/s and s = the
+  scale our run resolved,
   batch 128, the same depth (capped as above; then ours is re-run at dattri's depth for the cosine and
   both times are extrapolated to depth 5000). dattri draws its minibatches without replacement from
   torch's global generator (seeded here) and independently per test point; ours share one seeded
@@ -79,7 +80,7 @@ MAPPINGS = {
     "cg": "dattri IFAttributorCG(regularization=λ, max_iter=our max CG iterations), λ = our 100·λ₀; dattri: "
           "true Hessian, x₀ = g_z, fixed iteration count; ours: Gauss–Newton, tol 1e-6",
     "lissa_h": "dattri IFAttributorLiSSA(damping=d, scaling=s, batch_size=128, recursion_depth=same), "
-               "d = our 100·λ₀, s = our resolved scale; both true Hessian, effective damping d·s",
+               "d = λ/s with λ = our 100·λ₀ and s = our resolved scale; both true Hessian, effective damping λ",
 }
 
 
@@ -417,7 +418,8 @@ def main(argv=None) -> int:
         if args.impl and "dattri" not in args.impl:
             pass
         elif "lissa_h" in ours:
-            d, s = info["lissa_h"]["damping"], float(info["lissa_h"]["lissa"]["scale"])
+            # ours: absolute λ (torch-influence's damp); dattri's d is relative (effective d·s): d = λ/s
+            d, s = info["lissa_h"]["lissa"]["damping"], float(info["lissa_h"]["lissa"]["scale"])
             depth = recs["lissa_h"]["extra"]["depth"]
             kw = dict(damping=d, scaling=s, batch_size=min(128, n))
 

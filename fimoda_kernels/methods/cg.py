@@ -40,15 +40,15 @@ def resolve_damping(model, task, train, opts, factor: float = 100.0) -> float:
     return opts.damping if opts.damping is not None else factor * base_damping(model, task, train, opts.max_memory)
 
 
-def solve_test_grads(model, task, train, test, opts, damping):
-    """(G + λI)^{-1} g_z for every test point, ``[n_test, p]``, and the solver's info."""
-    hvp = gn_hvp(model, task, train[0], train[1])
+def solve(model, task, train, rhs, opts, damping):
+    """(G + λI)^{-1} for every row of ``rhs [r, p]`` (one batched CG), and the solver's info."""
+    hvp = gn_hvp(model, task, train[0], train[1], max_memory=opts.max_memory)
     kwargs = {} if opts.max_iter is None else {"max_iter": opts.max_iter}
-    return cg_solve(hvp, dense_loss_grads(model, task, test, opts.max_memory), damping, tol=opts.tol, **kwargs)
+    return cg_solve(hvp, rhs, damping, tol=opts.tol, **kwargs)
 
 
 def cg(model, task, train, test, opts):
     damping = resolve_damping(model, task, train, opts)
-    X, info = solve_test_grads(model, task, train, test, opts, damping)
+    X, info = solve(model, task, train, dense_loss_grads(model, task, test, opts.max_memory), opts, damping)
     scores = grad_dot_vectors(model, task, train[0], train[1], X, "loss", opts.max_memory)
     return scores, {"damping": damping, "cg": info}

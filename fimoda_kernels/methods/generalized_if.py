@@ -16,18 +16,16 @@ import dataclasses
 import torch
 
 from .._validate import check_choice
-from ..hvp import gn_hvp
 from ..inner_products import grad_dot_vectors
-from ..solvers import cg as cg_solve
-from ._common import flat_params, mean_loss_grad, outputs
-from .cg import CGOptions, resolve_damping, solve_test_grads
+from ._common import dense_loss_grads, flat_params, mean_loss_grad, outputs
+from .cg import CGOptions, resolve_damping, solve
 
 FORMS = ("gn", "eq16")
 
 
 @dataclasses.dataclass
 class GeneralizedIFOptions(CGOptions):
-    """Attributes (besides :class:`CGOptions`'s damping, tol, max_iter, used for both solves):
+    """Attributes (besides :class:`CGOptions`'s damping, tol, max_iter, used for the one batched solve):
         form: "gn" (Corollary 2, default) or "eq16" (gradients re-evaluated at θ* + Δ_D).
     """
     form: str = "gn"
@@ -38,18 +36,13 @@ class GeneralizedIFOptions(CGOptions):
         return self
 
 
-def newton_step(model, task, train, damping, opts) -> tuple[torch.Tensor, dict]:
-    """Δ_D = −(G + λI)^{-1} ∇R_D(θ*), ``[1, p]``."""
-    kwargs = {} if opts.max_iter is None else {"max_iter": opts.max_iter}
-    x, info = cg_solve(gn_hvp(model, task, train[0], train[1]), mean_loss_grad(model, task, train).detach(),
-                       damping, tol=opts.tol, **kwargs)
-    return -x, info
-
-
 def generalized_if(model, task, train, test, opts):
     damping = resolve_damping(model, task, train, opts)
-    delta, newton_info = newton_step(model, task, train, damping, opts)
-    X, info = solve_test_grads(model, task, train, test, opts, damping)
+    # one batched CG: the test gradients and ∇R_D (its solution gives Δ_D = −(G + λI)^{-1} ∇R_D)
+    rhs = torch.cat([dense_loss_grads(model, task, test, opts.max_memory),
+                     mean_loss_grad(model, task, train).detach()])
+    sol, info = solve(model, task, train, rhs, opts, damping)
+    X, delta = sol[:-1], -sol[-1:]
     if opts.form == "gn":
         FX = grad_dot_vectors(model, task, train[0], train[1], torch.cat([X, delta]), "output", opts.max_memory)
         _, d1, d2 = outputs(model, task, train)
@@ -60,5 +53,4 @@ def generalized_if(model, task, train, test, opts):
             torch.nn.utils.vector_to_parameters(
                 torch.nn.utils.parameters_to_vector(flat_params(shifted)) + delta[0], flat_params(shifted))
         scores = grad_dot_vectors(shifted, task, train[0], train[1], X, "loss", opts.max_memory)
-    return scores, {"damping": damping, "newton_step_norm": float(delta.norm()), "newton_cg": newton_info,
-                    "cg": info}
+    return scores, {"damping": damping, "newton_step_norm": float(delta.norm()), "cg": info}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import check_int
+from ._validate import FLOAT_DTYPES, check_int, check_tensor
 from .grads import _check_batch, capture_linear, for_sample_chunks, per_sample_grads
 from .ops.grad_dot import cosine_normalize_, factored_sq_norms, grad_dot, grad_dot_factored
 
@@ -169,10 +169,10 @@ def grad_dot_vectors(model: nn.Module, task, inputs: torch.Tensor, targets: torc
     """
     task, slots = _check_batch(model, task, inputs, targets, wrt)
     p = sum(s.numel for s in slots)
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != p:
-        shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+    check_tensor("vectors", vectors, ndim=2, dtypes=FLOAT_DTYPES, device=inputs.device, finite=True)
+    if vectors.shape[1] != p:
         raise ValueError(f"vectors: expected a [r, {p}] tensor (p = the model's trainable parameters), "
-                         f"got {shape}")
+                         f"got shape {tuple(vectors.shape)}")
     max_memory = check_int("max_memory", max_memory, min_value=1)
     n, r = inputs.shape[0], vectors.shape[0]
     out = None

@@ -1,9 +1,12 @@
 """grad_dot_model == grad_dot of torch.func per-sample gradients, with either form per layer."""
 import pytest
 import torch
+from torch import nn
 
 import fimoda_kernels as fk
 import fimoda_kernels.inner_products as ip
+from fimoda_kernels.grads import per_sample_grads
+from helpers import randn, rel
 from test_projection import CASES, float64_case
 
 
@@ -54,3 +57,30 @@ def test_bad_input():
         fk.grad_dot_model(model, "mse", (x, y), (x, y[:2]))
     with pytest.raises(TypeError, match="normalize: expected a bool"):
         fk.grad_dot_model(model, "mse", (x, y), (x, y), normalize="yes")
+
+
+@pytest.mark.parametrize("wrt", ["loss", "output"])
+def test_grad_dot_vectors_matches_materialized(wrt):
+    # Conv2d (T > 1), a LayerNorm (uncovered: materialized) and Linear layers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 3)).double()
+    x = randn(9, 2, 4, 4, dtype=torch.float64, seed=1)
+    y = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2))
+    p = sum(q.numel() for q in model.parameters())
+    V = randn(5, p, dtype=torch.float64, seed=3)
+    ref = per_sample_grads(model, "cross_entropy", x, y, wrt) @ V.T
+    out = fk.grad_dot_vectors(model, "cross_entropy", x, y, V, wrt, max_memory=4096)  # several chunks
+    assert rel(out, ref) < 1e-12
+
+
+def test_grad_dot_vectors_rejects_bad_vectors():
+    model = nn.Linear(3, 1).double()
+    x, y = randn(4, 3, dtype=torch.float64), randn(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"vectors: expected a \[r, 4\] tensor"):
+        fk.grad_dot_vectors(model, "mse", x, y, randn(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="vectors: expected a 2-D tensor"):
+        fk.grad_dot_vectors(model, "mse", x, y, randn(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="vectors: expected finite values"):
+        fk.grad_dot_vectors(model, "mse", x, y, torch.full((1, 4), float("nan"), dtype=torch.float64))
+    with pytest.raises(TypeError, match="vectors: expected dtype"):
+        fk.grad_dot_vectors(model, "mse", x, y, torch.ones(1, 4, dtype=torch.int64))

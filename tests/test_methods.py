@@ -248,6 +248,10 @@ def test_bad_method_and_options():
         fk.attribute("grad_dot", model, "mse", train[0], test)
     with pytest.raises(ValueError, match="test"):
         fk.attribute_scores("grad_dot", model, "mse", train, None, self_influence=False)
+    bad = train[0].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="train: inputs contain NaN or Inf"):
+        fk.attribute("cg", model, "mse", (bad, train[1]), test)
     assert set(fk.METHODS) == {"grad_dot", "grad_cos", "cg", "lissa", "lissa_h", "trak", "ekfac", "datainf",
                                "generalized_if"}
 

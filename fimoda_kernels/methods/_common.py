@@ -33,6 +33,9 @@ def as_pair(name: str, data) -> tuple[torch.Tensor, torch.Tensor]:
                         f"got {type(data).__name__}")
     if data[0].shape[0] == 0:
         raise ValueError(f"{name}: expected at least one sample, got 0")
+    for what, t in zip(("inputs", "targets"), data):
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: {what} contain NaN or Inf")
     return data[0], data[1]
 
 

@@ -98,6 +98,24 @@ def _traker():
     return make
 
 
+def _fast_jl(device):
+    """traker's CudaProjector (the fast_jl CUDA extension) on --device cuda, or None where missing.
+    It needs k % 512 == 0 and float16/float32 grads; its P depends on the GPU's SM count."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        from trak.projectors import CudaProjector, ProjectionType
+        import fast_jl  # noqa: F401 - CudaProjector imports it lazily; fail here, not mid-benchmark
+    except Exception as e:  # noqa: BLE001 - optional peer
+        print(f"fast_jl: peer missing ({type(e).__name__}: {e})", flush=True)
+        return None
+
+    def make(p, k, kind, device):
+        return CudaProjector(p, k, 0, ProjectionType.rademacher if kind == "rademacher" else ProjectionType.normal,
+                             device=device, max_batch_size=32)
+    return make
+
+
 def _vs(extra: dict, **baseline_s) -> dict:
     """run_case kwargs recording ratios to impls timed earlier in the case: extra[<name>_s] = their
     median, and via ``rates`` extra[<name>_s_per_s] = their median / this impl's median."""
@@ -118,6 +136,8 @@ def _rel_err(x, y) -> float:
 def main(argv=None) -> int:
     args = parse_args(__doc__, argv, add_arguments=lambda p: (
         p.set_defaults(max_call_s=MAX_CALL_S),
+        p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                       help="grads / layer inputs dtype (gemm_limit multiplies in it; traker runs on float32 only)"),
         p.add_argument("--time-limit", type=float, default=None,
                        help="start no new case after this many seconds (default: full cpu "
                             f"{TIME_LIMIT_S['full']:g}, full cuda {TIME_LIMIT_S['full-cuda']:g}, "
@@ -127,10 +147,11 @@ def main(argv=None) -> int:
     from fimoda_kernels.ops.project import project, project_linear
 
     t_start = time.perf_counter()
-    device, dtype = torch.device(args.device), torch.float32
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     time_limit = args.time_limit or TIME_LIMIT_S[args.mode if args.quick or device.type == "cpu" else "full-cuda"]
     tile_bytes = getattr(project_mod, "_TILE_BYTES", 32 * 2**20)
-    make_traker = _traker()
+    make_traker = _traker() if dtype == torch.float32 else None  # BasicProjector multiplies in float32 only
+    make_fast_jl = _fast_jl(device)
     ours = {}  # op -> our backends on this device ("torch" is timed as "reference")
     for op_name in ("project", "project_linear"):
         backends = fk.available_backends(op_name, args.device)
@@ -159,9 +180,9 @@ def main(argv=None) -> int:
         shape, flops = dict(kind=kind, n=n, p=p, k=k), 2 * n * p * k
         if out_of_time(f"project {fmt_shape(shape)}"):
             continue
-        G = Lazy(lambda n=n, p=p: torch.randn(n, p, generator=gen, dtype=dtype, device=device), n * p * 4)
+        G = Lazy(lambda n=n, p=p: torch.randn(n, p, generator=gen, device=device).to(dtype), n * p * dtype.itemsize)
         P = Lazy(lambda p=p, k=k, kind=kind: fk.projection_matrix(p, k, SEED, kind, dtype=dtype, device=device),
-                 p * k * 4)
+                 p * k * dtype.itemsize)
         out_bytes = n * k * 4
         common = dict(shape=shape, dtype=dtype, flops=flops)
         recs = {}
@@ -176,9 +197,12 @@ def main(argv=None) -> int:
         t_gemm = recs["gemm_limit"] and recs["gemm_limit"]["median_s"]
         if not args.impl and kind not in checked and P.value is not None:
             checked.add(kind)  # the same P on both sides: equal up to float32 summation order
+            # vs float32 products of the same inputs (a float16/bfloat16 gemm_limit rounds its output)
+            want = torch.matmul(G().float(), fk.projection_matrix(p, k, SEED, kind, device=device))
             for b in ours["project"]:
                 check(f"project {kind} n={n} p={p} k={k} {b}",
-                      _rel_err(project(G(), k, SEED, kind, backend=b), torch.matmul(G(), P())), "gemm_limit")
+                      _rel_err(project(G(), k, SEED, kind, backend=b), want), "float32 G @ P")
+            del want
         P.drop()
         gc.collect()
         if make_traker is not None:
@@ -189,11 +213,19 @@ def main(argv=None) -> int:
                                       **_vs(dict(block_size=blk, resident_bytes=p * blk * 4), gemm_limit=t_gemm),
                                       **common)
             proj.drop()
+        if make_fast_jl is not None and k % 512 == 0 and dtype in (torch.float16, torch.float32):
+            proj = Lazy(lambda p=p, k=k, kind=kind: make_fast_jl(p, k, kind, device))
+            recs["fast_jl"] = run_case(args, "project", "fast_jl", lambda: proj().project(G(), model_id=0),
+                                       needs_bytes=G.pending_bytes() + 2 * out_bytes + GiB,
+                                       **_vs({}, gemm_limit=t_gemm), **common)
+            proj.drop()
         t_traker = recs.get("traker") and recs["traker"]["median_s"]
+        t_fast_jl = recs.get("fast_jl") and recs["fast_jl"]["median_s"]
         for b in ours["project"]:
             recs[b] = run_case(args, "project", b, lambda b=b: project(G(), k, SEED, kind, backend=b),
                                needs_bytes=G.pending_bytes() + out_bytes + tile_bytes + GiB // 4,
-                               **_vs(mem_model(b, 1, out_bytes), gemm_limit=t_gemm, traker=t_traker), **common)
+                               **_vs(mem_model(b, 1, out_bytes), gemm_limit=t_gemm, traker=t_traker, fast_jl=t_fast_jl),
+                               **common)
         summary.append(("project", shape, recs, ours["project"], t_gemm, t_traker))
         _cleanup(G)
 
@@ -204,8 +236,8 @@ def main(argv=None) -> int:
         shape, flops = dict(kind=kind, n=n, d_in=d_in, d_out=d_out, bias=True, k=k), 2 * n * p * k
         if out_of_time(f"project_linear {fmt_shape(shape)}") or not ours["project"]:
             continue
-        a = torch.randn(n, d_in, generator=gen, dtype=dtype, device=device)
-        s = torch.randn(n, d_out, generator=gen, dtype=dtype, device=device)
+        a = torch.randn(n, d_in, generator=gen, device=device).to(dtype)
+        s = torch.randn(n, d_out, generator=gen, device=device).to(dtype)
 
         def materialize(a=a, s=s):  # [n, d_out·d_in + d_out]: weight (row-major) then bias, T = 1
             return torch.cat([torch.einsum("no,nc->noc", s, a).flatten(1), s], 1)
@@ -236,7 +268,7 @@ def main(argv=None) -> int:
                                **_vs(mem_model(b, 2, out_bytes), materialize=t_mat, traker=t_traker), **common)
         if not args.impl and "linear" not in checked:
             checked.add("linear")
-            want = project(materialize(), k, SEED, kind, backend=fastest)
+            want = project(materialize(a.float(), s.float()), k, SEED, kind, backend=fastest)  # float32 products
             for b in ours["project_linear"]:
                 check(f"project_linear n={n} d={d_in}x{d_out} k={k} {b}",
                       _rel_err(project_linear(a, s, k, SEED, bias=True, kind=kind, backend=b), want),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (H200, CUDA 13, torch 2.11, triton 3.6, no network): build, info,
-# CUDA tests, GPU benchmarks, full tests; everything lands in $OUT within BUDGET_S (< 8 min).
+# GPU tests, GPU benchmarks (with the peers found in .whl/); everything lands in $OUT within BUDGET_S.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          (from the repo root, or anywhere)
-# Env: BUDGET_S (450), BENCH_ARGS (e.g. --quick), FIMODA_BENCH_SHA (git sha for the records: the
+# Env: BUDGET_S (450), BENCH_ARGS (e.g. --quick), BENCHES (name:max_s[:arg...] list), FIMODA_BENCH_SHA (git sha for the records: the
 # copied tree may have no .git), PYTHON (python3), DEVICE (cuda; cpu only for a dry run elsewhere).
 # $OUT holds at most 8 files when it comes back: gpu_check.log (all steps), summary.txt (exit codes),
 # RESULTS.md, results/<op>.jsonl (packed into results.tgz if that would exceed 8 files).
@@ -44,20 +44,41 @@ step() {
 }
 
 echo "gpu_check: $(date -u +%FT%TZ) sha=$FIMODA_BENCH_SHA python=$PY device=$DEVICE budget=${BUDGET_S}s" | tee -a "$LOG"
-step nvidia-smi 20 40 nvidia-smi
-step build-pip 240 3 "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
-if ((LAST_RC != 0 && LAST_RC != 124)); then   # a timed-out build would time out again
-  step build-inplace 180 3 "$PY" setup.py build_ext --inplace
+step nvidia-smi 20 12 nvidia-smi
+# peers (bench extra) travel as files in .whl/ (git-ignored): pure-Python wheels go to /tmp/site; fast_jl
+# (traker's CUDA projector, an sdist pinned to sm_70, which CUDA 13 dropped) builds for sm_90 in the
+# background while ours builds
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step peers-install 60 2 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+FJL_PID=
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
+if compgen -G ".whl/fast_jl-*.tar.gz" >/dev/null; then
+  mkdir -p /tmp/fjl && tar xzf .whl/fast_jl-*.tar.gz -C /tmp/fjl
+  sed -i "s/7.0+PTX/9.0/" /tmp/fjl/fast_jl-*/setup.py
+  (set +e; cd /tmp/fjl/fast_jl-* && timeout 300 "$PY" -m pip install --no-index --no-build-isolation --no-deps \
+    --target /tmp/site . >"$OUT/fast_jl_build.log" 2>&1; echo "fast_jl build rc=$?" >>"$OUT/fast_jl_build.log") &
+  FJL_PID=$!
+fi
+step build 240 3 "$PY" setup.py build_ext --inplace
 step info 60 40 "$PY" -m fimoda_kernels.info
-step pytest-cuda 120 3 "$PY" -m pytest -p no:cacheprovider -m cuda -q tests
-# benchmarks before the full suite: the GPU numbers are what this machine is for
-for bench in benchmarks/bench_*.py; do
-  [ -e "$bench" ] || continue
+# every test that runs on the GPU (cuda backends, compiled triton kernels, cuda models), 8 processes
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+# shellcheck disable=SC2086
+step pytest-gpu 200 3 "$PY" -m pytest -p no:cacheprovider $XDIST -q -m "cuda or triton" tests
+if [ -n "$FJL_PID" ]; then wait "$FJL_PID" || true; tail -n 2 "$OUT/fast_jl_build.log" | tee -a "$LOG"; fi
+# the GPU numbers, most wanted first; BENCH_ARGS applies to each (e.g. --quick)
+bench() {  # bench NAME MAX_S ARGS...
+  local name=$1 max=$2; shift 2
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  step "$(basename "$bench" .py)" 150 40 "$PY" "$bench" --device "$DEVICE" --out "$OUT/results" ${BENCH_ARGS:-}
+  step "$name${*:+ $*}" "$max" 30 "$PY" "benchmarks/$name.py" --device "$DEVICE" --out "$OUT/results" ${BENCH_ARGS:-} "$@"
+}
+for spec in ${BENCHES:-"bench_projection:100:--time-limit:70" bench_further_training:90 bench_ekfac:60 \
+    "bench_projection:60:--dtype:bfloat16:--time-limit:40" bench_grad_dot:45 bench_methods:60 bench_solvers:60}; do
+  IFS=: read -r -a parts <<<"$spec"
+  bench "${parts[@]}"
 done
-step pytest-all 150 3 "$PY" -m pytest -p no:cacheprovider -q tests
 
 RESERVE_S=0
 step render 30 2 "$PY" benchmarks/render_results.py --results "$OUT/results" --output "$OUT/RESULTS.md"

@@ -89,13 +89,22 @@ class Implementation:
     unsupported_reasons: Callable[..., list[str]]
 
 
+def _tensors_of(args):
+    """The tensors among ``args``, also inside lists and tuples (grad_dot_factored takes lists)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _tensors_of(a)
+
+
 def _on_tensor_device(fn):
     """Run a native CUDA implementation with its first tensor argument's device current: the
     kernels launch on the current device, the tensors may live on another (cuda:1, ...)."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        device = next(_tensors_of(args)).device
         with torch.cuda.device(device):
             return fn(*args, **kwargs)
 

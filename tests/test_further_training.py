@@ -325,13 +325,14 @@ def test_divergence_is_an_error():
 
 @pytest.mark.triton
 def test_engine_with_triton_update(monkeypatch):
-    """The engine's optimizer update through the Triton kernel (interpreter on CPU) gives the cpu result."""
-    from helpers import triton_module
+    """The engine's optimizer update through the Triton kernel (on the GPU where there is one, else
+    the interpreter on CPU) gives the cpu result."""
+    from helpers import TRITON_DEVICE, triton_module
 
     triton_module("ensemble_step")
     train, test = data("mse", n=12)
     kw = dict(epochs=1, optimizer="adam", lr=0.01, batch_size=5, dtype=torch.float64, progress=False)
     want = further_train(mlp(), train, test, [0, 11], [3], **kw)
     monkeypatch.setenv("FIMODA_BACKEND", "triton")
-    got = further_train(mlp(), train, test, [0, 11], [3], **kw)
+    got = further_train(mlp(), train, test, [0, 11], [3], device=TRITON_DEVICE, **kw)
     assert rel(got.losses, want.losses) < 1e-12

@@ -8,7 +8,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _ensemble_step_kernel(params, grads, s1, s2, coef, segments, hyper, M,
+def _ensemble_step_kernel(params_ptr, grads, s1, s2, coef, segments, hyper, M,
                           OPT: tl.constexpr, MOMENTUM: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(2)
     m = tl.program_id(1).to(tl.int64)
@@ -16,7 +16,7 @@ def _ensemble_step_kernel(params, grads, s1, s2, coef, segments, hyper, M,
     for k in range(0, j):
         base += M * tl.load(segments + k)
     n = tl.load(segments + j)
-    DT = params.dtype.element_ty
+    DT = params_ptr.dtype.element_ty
     active = tl.load(coef + 3 * m)
     a = tl.load(coef + 3 * m + 1)
     b = tl.load(coef + 3 * m + 2)
@@ -33,7 +33,7 @@ def _ensemble_step_kernel(params, grads, s1, s2, coef, segments, hyper, M,
     eps = tl.load(hyper + 6)
     decay = tl.load(hyper + 7)
     d = tl.load(grads + i, mask=mask, other=0.0)
-    q = tl.load(params + i, mask=mask, other=0.0)
+    q = tl.load(params_ptr + i, mask=mask, other=0.0)
     if OPT == 0:
         if DECAY:
             d = d + wd * q
@@ -41,7 +41,7 @@ def _ensemble_step_kernel(params, grads, s1, s2, coef, segments, hyper, M,
             buf = tl.load(s1 + i, mask=mask, other=0.0)
             d = tl.where(a != 0.0, d, buf * mom + d)
             tl.store(s1 + i, d, mask=mask)
-        tl.store(params + i, q + neg_lr * d, mask=mask)
+        tl.store(params_ptr + i, q + neg_lr * d, mask=mask)
     else:
         if OPT == 2:
             q = q * decay
@@ -54,7 +54,7 @@ def _ensemble_step_kernel(params, grads, s1, s2, coef, segments, hyper, M,
         denom = tl.sqrt(v) / b.to(DT) + eps
         tl.store(s1 + i, m1, mask=mask)
         tl.store(s2 + i, v, mask=mask)
-        tl.store(params + i, q + ((-a).to(DT) * m1) / denom, mask=mask)
+        tl.store(params_ptr + i, q + ((-a).to(DT) * m1) / denom, mask=mask)
 
 
 def ensemble_step(params, grads, state1, state2, coef, segments, optimizer: int, hp) -> None:

@@ -150,7 +150,10 @@ def _config(n: int, m: int, d: int, dtype: torch.dtype, device: torch.device) ->
         caps = _GPU_CONFIG_LOW
     else:
         caps = _GPU_CONFIG
-    bn = min(caps[0], max(16, triton.next_power_of_2(n)))
+    # On the GPU, BLOCK_N is fixed (not fitted to n): the in-tile row norms are reduced in an order
+    # set by the tile layout, so a chunk of train rows (grad_dot's top-k path) must see the same
+    # layout as the whole set to score bitwise alike.
+    bn = caps[0] if device.type == "cuda" else min(caps[0], max(16, triton.next_power_of_2(n)))
     bm = min(caps[1], max(16, triton.next_power_of_2(m)))
     bd = min(caps[2], max(16 if dtype != torch.float64 else 1, triton.next_power_of_2(max(d, 1))))
     return bn, bm, bd, caps[3]
@@ -190,12 +193,13 @@ def grad_dot_factored(A, S, B, R) -> torch.Tensor:
     if n == 0 or m == 0 or not layers:
         return torch.zeros(n, m, dtype=out_dtype, device=device)
     out = torch.empty(n, m, dtype=out_dtype, device=device)
-    d_max = max(max(a.shape[1], s.shape[1]) for a, s, _, _ in layers)
-    bn, bm, bd, num_warps = _config(n, m, d_max, dtype, device)
+    bn, bm, _, num_warps = _config(n, m, 1, dtype, device)
     num_m_tiles = triton.cdiv(m, bm)
     grid = (triton.cdiv(n, bn) * num_m_tiles,)
     native = _native(dtype, device)
     for l, (a, s, b, r) in enumerate(layers):
+        # BLOCK_D from this layer alone: a layer adds bitwise the same whatever the other layers are
+        bd = _config(n, m, max(a.shape[1], s.shape[1]), dtype, device)[2]
         _factored_kernel[grid](a, s, b, r, out, n, m, a.shape[1], s.shape[1], num_m_tiles, ACCUMULATE=l > 0,
                                NATIVE=native, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=num_warps)
     return out

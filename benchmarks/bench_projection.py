@@ -144,7 +144,20 @@ def main(argv=None) -> int:
                             f"quick {TIME_LIMIT_S['quick']:g})")))
     import fimoda_kernels as fk
     from fimoda_kernels.ops import project as project_mod  # also registers the ops "project", "project_linear"
-    from fimoda_kernels.ops.project import project, project_linear
+    from fimoda_kernels.ops.project import project as _project, project_linear as _project_linear
+
+    def fused(fn):  # backend "cuda_fused": the cuda backend with its tensor-core path switched off
+        def call(*a, backend=None, **kw):
+            if backend != "cuda_fused":
+                return fn(*a, backend=backend, **kw)
+            project_mod.USE_TENSOR_CORES = False
+            try:
+                return fn(*a, backend="cuda", **kw)
+            finally:
+                project_mod.USE_TENSOR_CORES = True
+        return call
+
+    project, project_linear = fused(_project), fused(_project_linear)
 
     t_start = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -156,8 +169,13 @@ def main(argv=None) -> int:
     for op_name in ("project", "project_linear"):
         backends = fk.available_backends(op_name, args.device)
         ours[op_name] = [b for b in backends if b != "torch"]
+        if "cuda" in backends and dtype != torch.float64:  # also the fused FMA kernel the tensor cores replace
+            ours[op_name].append("cuda_fused")
         print(f"{op_name}: backends available on {args.device}: {backends}", flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
+
+    def selected(backends):  # the backends --impl lets run (all by default)
+        return [b for b in backends if not args.impl or b in args.impl]
     failures, summary, checked = [], [], set()
 
     def out_of_time(label) -> bool:
@@ -195,11 +213,11 @@ def main(argv=None) -> int:
                                       needs_bytes=G.pending_bytes() + P.nbytes + out_bytes + 2 * GiB,
                                       extra=dict(resident_bytes=P.nbytes), **common)
         t_gemm = recs["gemm_limit"] and recs["gemm_limit"]["median_s"]
-        if not args.impl and kind not in checked and P.value is not None:
+        if kind not in checked and P.value is not None:
             checked.add(kind)  # the same P on both sides: equal up to float32 summation order
             # vs float32 products of the same inputs (a float16/bfloat16 gemm_limit rounds its output)
             want = torch.matmul(G().float(), fk.projection_matrix(p, k, SEED, kind, device=device))
-            for b in ours["project"]:
+            for b in selected(ours["project"]):
                 check(f"project {kind} n={n} p={p} k={k} {b}",
                       _rel_err(project(G(), k, SEED, kind, backend=b), want), "float32 G @ P")
             del want
@@ -266,10 +284,10 @@ def main(argv=None) -> int:
                                lambda b=b: project_linear(a, s, k, SEED, bias=True, kind=kind, backend=b),
                                needs_bytes=out_bytes + 2 * tile_bytes + GiB // 4,
                                **_vs(mem_model(b, 2, out_bytes), materialize=t_mat, traker=t_traker), **common)
-        if not args.impl and "linear" not in checked:
+        if "linear" not in checked and (not args.impl or "materialize_then_project" in args.impl):
             checked.add("linear")
             want = project(materialize(a.float(), s.float()), k, SEED, kind, backend=fastest)  # float32 products
-            for b in ours["project_linear"]:
+            for b in selected(ours["project_linear"]):
                 check(f"project_linear n={n} d={d_in}x{d_out} k={k} {b}",
                       _rel_err(project_linear(a, s, k, SEED, bias=True, kind=kind, backend=b), want),
                       "materialize_then_project")

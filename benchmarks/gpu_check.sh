@@ -75,7 +75,8 @@ bench() {  # bench NAME MAX_S ARGS...
   step "$name${*:+ $*}" "$max" 30 "$PY" "benchmarks/$name.py" --device "$DEVICE" --out "$OUT/results" ${BENCH_ARGS:-} "$@"
 }
 for spec in ${BENCHES:-"bench_projection:100:--time-limit:70" bench_further_training:90 bench_ekfac:60 \
-    "bench_projection:60:--dtype:bfloat16:--time-limit:40" bench_grad_dot:45 bench_methods:60 bench_solvers:60}; do
+    "bench_projection:60:--dtype:bfloat16:--time-limit:40" bench_grad_dot:45 "bench_methods:60:--cases:energy" \
+    bench_solvers:60}; do
   IFS=: read -r -a parts <<<"$spec"
   bench "${parts[@]}"
 done

@@ -210,7 +210,51 @@ void check_args(int dtype, int kind, int64_t n, int64_t k, const char* what) {
   }
 }
 
+// One thread per element of a row (grid-stride over columns), one block row per source row (grid-stride
+// over rows): no division per element; reads coalesce along the row.
+template <typename In>
+__global__ void split_bf16_kernel(const In* __restrict__ src, int64_t rows, int64_t cols, int64_t ld,
+                                  __nv_bfloat16* __restrict__ dst, int parts) {
+  const int64_t plane = rows * cols;
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < cols; j += int64_t(gridDim.x) * blockDim.x) {
+      float r = to_acc(src[i * ld + j]);
+      for (int q = 0; q < parts; ++q) {
+        const __nv_bfloat16 h = __float2bfloat16_rn(r);
+        dst[q * plane + i * cols + j] = h;
+        r -= __bfloat162float(h);  // exact: h is r rounded to 8 significant bits
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void split_bf16(const void* src, int dtype, int64_t rows, int64_t cols, int64_t ld, void* dst, int parts,
+                std::uintptr_t stream) {
+  require_device();
+  const char* what = "split_bf16";
+  if (dtype != 0 && dtype != 1) {
+    throw std::invalid_argument("split_bf16: dtype code must be 0 (float32) or 1 (float16), got " +
+                                std::to_string(dtype));
+  }
+  if (parts < 1 || parts > 3 || rows < 0 || cols < 0 || ld < cols) {
+    throw std::invalid_argument("split_bf16: expected 1 <= parts <= 3, rows, cols >= 0 and ld >= cols");
+  }
+  if (rows == 0 || cols == 0) return;
+  const cudaStream_t st = as_stream(stream);
+  constexpr int kSplitThreads = 256;
+  const int64_t bx = ceil_div(cols, kSplitThreads);
+  const dim3 grid(static_cast<unsigned int>(bx < 64 ? bx : 64), static_cast<unsigned int>(rows < 65535 ? rows : 65535));
+  auto* out = static_cast<__nv_bfloat16*>(dst);
+  if (dtype == 0) {
+    split_bf16_kernel<float><<<grid, kSplitThreads, 0, st>>>(static_cast<const float*>(src), rows, cols, ld, out, parts);
+  } else {
+    split_bf16_kernel<__half><<<grid, kSplitThreads, 0, st>>>(static_cast<const __half*>(src), rows, cols, ld, out,
+                                                              parts);
+  }
+  check(cudaGetLastError(), what);
+}
 
 void project(const void* grads, int dtype, void* out, int64_t n, int64_t p, int64_t k, uint64_t seed,
              int kind, uint64_t row_offset, double scale, std::uintptr_t stream) {

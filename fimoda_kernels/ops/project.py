@@ -249,6 +249,81 @@ def _project_linear_triton(a3, s3, k, seed, kind, row_offset, bias):
     return kernel(a3.contiguous(), s3.contiguous(), k, seed, kind, row_offset, bias)
 
 
+# The cuda backend multiplies on tensor cores where it can (sm_80+, float32/16 and bfloat16 inputs):
+# P is generated unscaled (±1 exact in bfloat16) tile by tile into a reused buffer by the Philox
+# kernel, operands are split into bfloat16 parts (csrc/cuda/project.cu split_bf16: float32 → 3 parts,
+# float16 → 2, bfloat16 → itself; a Gaussian P tile → 3), and the products of the parts are summed
+# by cuBLAS bfloat16 GEMMs with float32 accumulation (torch.addmm(out_dtype=float32)), keeping the
+# pairs whose weight reaches 2^-24: the result matches float32 arithmetic, not TF32. Measured on an
+# H200 (benchmarks/RESULTS.md): the fused shared-memory FMA kernel (project_gemm_kernel) reached
+# ~25 TFLOP/s, half the float32 GEMM peak, Philox-bound; it stays for float64 and older GPUs.
+_MMA_TILE_BYTES = 64 * 2**20    # bfloat16 P parts per tile
+_MMA_SPLIT_BYTES = 256 * 2**20  # bfloat16 operand parts per tile
+_X_PARTS = {torch.float32: 3, torch.float16: 2, torch.bfloat16: 1}
+_TENSOR_CORES: dict = {}        # device index -> whether addmm(out_dtype=float32) runs there
+USE_TENSOR_CORES = True         # False: the fused FMA kernel everywhere (benchmarks compare both)
+
+
+def _tensor_cores(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TENSOR_CORES:
+        ok = torch.cuda.get_device_capability(index) >= (8, 0)
+        if ok:
+            try:  # float32 accumulation of bfloat16 products (torch >= 2.8 on CUDA)
+                x = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+                ok = torch.addmm(torch.zeros(2, 2, device=device), x, x, out_dtype=torch.float32).dtype == torch.float32
+            except (RuntimeError, TypeError):
+                ok = False
+        _TENSOR_CORES[index] = ok
+    return USE_TENSOR_CORES and _TENSOR_CORES[index]
+
+
+def _split_bf16(x: torch.Tensor, parts: int, buf: torch.Tensor) -> list[torch.Tensor]:
+    """bfloat16 parts of the float32/float16 matrix x (row stride x.stride(0)) written into buf."""
+    from .._dispatch import cuda_stream
+    from .._ext import _C
+
+    rows, cols = x.shape
+    out = buf[:parts * rows * cols].view(parts, rows, cols)
+    _C.split_bf16_cuda(x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, x.stride(0), out.data_ptr(), parts,
+                       cuda_stream(x.device))
+    return list(out)
+
+
+def _parts(x: torch.Tensor, buf: torch.Tensor) -> list[torch.Tensor]:
+    return [x] if x.dtype == torch.bfloat16 else _split_bf16(x, _X_PARTS[x.dtype], buf)
+
+
+def _mma_tile_rows(n: int, k: int, x_parts: int, p_parts: int) -> int:
+    return max(16, min(_MMA_TILE_BYTES // (2 * k * p_parts), _MMA_SPLIT_BYTES // (2 * max(n, 1) * x_parts)))
+
+
+def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows):
+    """Σ over (row_offset, X [n, r ≤ tile_rows], X's dtype = dtype, unit column stride) blocks of
+    X @ P[row_offset : row_offset + r] on tensor cores (see above); peak extra memory
+    2·n·k·4 + tile_rows·k·(4 + 2·p_parts) + 2·n·tile_rows·x_parts bytes."""
+    from .._dispatch import cuda_stream
+    from .._ext import _C
+
+    x_parts, p_parts = _X_PARTS[dtype], 1 if kind == "rademacher" else 3
+    out = torch.zeros(n, k, dtype=torch.float32, device=device)
+    tile = torch.empty(tile_rows, k, dtype=torch.float32, device=device)
+    p_buf = torch.empty(p_parts * tile_rows * k, dtype=torch.bfloat16, device=device)
+    x_buf = torch.empty(0 if x_parts == 1 else x_parts * n * tile_rows, dtype=torch.bfloat16, device=device)
+    for offset, X in blocks:
+        rows = X.shape[1]
+        P = tile[:rows]
+        _C.projection_matrix_cuda(P.data_ptr(), False, rows, k, seed, _KIND_CODE[kind], offset, 1.0,
+                                  cuda_stream(device))
+        Ps = [p_buf[:rows * k].view(rows, k).copy_(P)] if p_parts == 1 else _split_bf16(P, p_parts, p_buf)
+        Xs = _parts(X, x_buf)
+        for i, Xi in enumerate(Xs):
+            for j, Pj in enumerate(Ps):
+                if i + j < 3:  # the dropped pairs weigh <= 2^-24
+                    out = torch.addmm(out, Xi, Pj, out_dtype=torch.float32)
+    return out.mul_(1.0 / math.sqrt(k))
+
+
 @_PROJECT.register("cuda")
 def _project_cuda(grads, k, seed, kind, row_offset):
     from .._dispatch import cuda_stream
@@ -256,6 +331,10 @@ def _project_cuda(grads, k, seed, kind, row_offset):
 
     g = grads.contiguous()
     n, p = g.shape
+    if g.dtype != torch.float64 and n > 0 and _tensor_cores(g.device):
+        step = _mma_tile_rows(n, k, _X_PARTS[g.dtype], 1 if kind == "rademacher" else 3)
+        blocks = ((row_offset + p0, g[:, p0:p0 + step]) for p0 in range(0, p, step))
+        return _project_blocks_mma(blocks, n, k, seed, kind, g.dtype, g.device, min(step, max(p, 1)))
     out = torch.empty(n, k, dtype=_out_dtype(g.dtype), device=g.device)
     _C.project_cuda(g.data_ptr(), _DTYPE_CODE[g.dtype], out.data_ptr(), n, p, k, seed, _KIND_CODE[kind],
                     row_offset, 1.0 / math.sqrt(k), cuda_stream(g.device))
@@ -269,8 +348,49 @@ def _project_linear_cuda(a3, s3, k, seed, kind, row_offset, bias):
 
     a3, s3 = a3.contiguous(), s3.contiguous()
     n, T, d_in = a3.shape
+    d_out = s3.shape[2]
+    if a3.dtype != torch.float64 and n > 0 and d_in > 0 and _tensor_cores(a3.device):
+        return _project_linear_mma(a3, s3, k, seed, kind, row_offset, bias)
     out = torch.empty(n, k, dtype=_out_dtype(a3.dtype), device=a3.device)
     _C.project_linear_cuda(a3.data_ptr(), s3.data_ptr(), _DTYPE_CODE[a3.dtype], out.data_ptr(), n, T, d_in,
-                           s3.shape[2], bias, k, seed, _KIND_CODE[kind], row_offset, 1.0 / math.sqrt(k),
+                           d_out, bias, k, seed, _KIND_CODE[kind], row_offset, 1.0 / math.sqrt(k),
                            cuda_stream(a3.device))
     return out
+
+
+def _project_linear_mma(a3, s3, k, seed, kind, row_offset, bias):
+    """project_linear on tensor cores: the weight gradient formed block by block of output rows in
+    float32 ([n, rows·d_in] at a time: s_o·a_c products, or for T > 1 a float32 bmm over t with TF32
+    off), never whole, then multiplied as in _project_blocks_mma (float32 operands, 3 parts)."""
+    n, T, d_in = a3.shape
+    d_out = s3.shape[2]
+    p_parts = 1 if kind == "rademacher" else 3
+    step = _mma_tile_rows(n, k, 3, p_parts)
+    outs = max(1, step // d_in)  # output rows per block
+    a32, s32 = a3.float(), s3.float()
+
+    def blocks():
+        for o0 in range(0, d_out, outs):
+            o1 = min(d_out, o0 + outs)
+            if T == 1:
+                X = (s32[:, 0, o0:o1, None] * a32[:, 0, None, :]).reshape(n, -1)
+            else:
+                X = torch.bmm(s32[:, :, o0:o1].transpose(1, 2), a32).reshape(n, -1)
+            yield row_offset + o0 * d_in, X
+        if bias:
+            yield row_offset + d_out * d_in, s32.sum(1)
+
+    with _ieee_fp32():
+        return _project_blocks_mma(blocks(), n, k, seed, kind, torch.float32, a3.device,
+                                   max(outs * d_in, d_out if bias else 0))
+
+
+class _ieee_fp32:
+    """No TF32 in float32 matmuls inside (whatever the caller's global setting)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved

@@ -20,6 +20,11 @@ void init_project(py::module_& m) {
     fimoda::cuda::project_linear(ptr<const void>(a), ptr<const void>(s), dtype, ptr<void>(out), n, T, d_in,
                                  d_out, bias, k, seed, kind, row_offset, scale, stream);
   }, "projection of per-sample Linear gradients Σ_t s_t a_tᵀ (+ Σ_t s_t) without forming them");
+  m.def("split_bf16_cuda", [](std::uintptr_t src, int dtype, int64_t rows, int64_t cols, int64_t ld,
+                              std::uintptr_t dst, int parts, std::uintptr_t stream) {
+    py::gil_scoped_release release;
+    fimoda::cuda::split_bf16(ptr<const void>(src), dtype, rows, cols, ld, ptr<void>(dst), parts, stream);
+  }, "dst[q] = bfloat16 parts of src (float32: 3 parts to 2^-24, float16: 2 parts exactly)");
 #else
   (void)m;
 #endif

@@ -30,6 +30,14 @@ void project_linear(const void* a, const void* s, int dtype, void* out, int64_t 
                     int64_t d_out, bool bias, int64_t k, uint64_t seed, int kind, uint64_t row_offset,
                     double scale, std::uintptr_t stream);
 
+// The operand split of project's tensor-core path: for each element x of src [rows, cols] (row stride
+// ld; dtype 0 float32, 1 float16) writes parts (1..3) bfloat16 values dst[q, i, j] (dst [parts, rows,
+// cols] contiguous) with part_0 = bf16(x), part_q = bf16(x − Σ_{r<q} part_r): three parts hold every
+// float32 to 2^-24 relative, two every float16 exactly, so bfloat16 GEMMs with float32 accumulation
+// over the parts reproduce float32 products.
+void split_bf16(const void* src, int dtype, int64_t rows, int64_t cols, int64_t ld, void* dst, int parts,
+                std::uintptr_t stream);
+
 // out[n, m] = train[n, d] @ test[m, d]ᵀ (MATH.md §3 Grad-Dot); with normalize divided by
 // ‖train_i‖ ‖test_j‖ (Grad-Cos; the norms from the same inputs in the same pass; a zero norm gives 0).
 // train, test contiguous, dtype as project; out [n, m] float32 (float64 for dtype 3), overwritten;

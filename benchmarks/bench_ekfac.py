@@ -83,7 +83,7 @@ def kronfluence_runner(model, x_tr, y_tr, x_te, y_te, workdir):
 
 def cosines(ours, theirs):
     """(cosine of the flattened matrices, mean over queries of the per-query cosine); ours [n, m]."""
-    a, b = ours.double().T, theirs.double()
+    a, b = ours.double().cpu().T, theirs.double().cpu()  # kronfluence may hand back CPU tensors
     flat = float(F.cosine_similarity(a.flatten(), b.flatten(), 0))
     return flat, float(F.cosine_similarity(a, b, 1).mean())
 

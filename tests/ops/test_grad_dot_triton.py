@@ -119,7 +119,11 @@ def test_factored_accumulates_layers(tg, monkeypatch):
     out = tg.grad_dot_factored(A, S, B, R)
     assert torch.equal(out, tg.grad_dot_factored(A, S, B, R))
     parts = [tg.grad_dot_factored([a], [s], [b], [r]) for a, s, b, r in zip(A, S, B, R)]
-    assert torch.equal(out, parts[0] + parts[1] + parts[2])  # same fp32 additions in the same order
+    summed = parts[0] + parts[1] + parts[2]
+    if DEVICE == "cuda":  # compiled, the kernel may fuse product and accumulation into one FMA
+        assert _rel(out, summed) < 1e-6
+    else:  # the interpreter: the same fp32 additions in the same order
+        assert torch.equal(out, summed)
     assert _rel(out, _factored_ref(A, S, B, R)) < TOL
     zA, zS, zB, zR = _factors(20, 17, [(0, 4), (6, 0)], seed=3)
     assert torch.equal(tg.grad_dot_factored(zA + A, zS + S, zB + B, zR + R), out)

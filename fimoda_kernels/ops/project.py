@@ -83,7 +83,9 @@ def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", ro
     converted to float32 as it goes. (Measured on the tile step, 2-core AVX-512: a native AVX-512
     rank-update kernel with 4×32 register blocks reached 48–71 GFLOP/s, torch's addmm 218–289, so
     the GEMM stays torch's.) Peak extra memory ≈ n·k·4 + 32 MiB (+ n·32 MiB/(4k)·4 for
-    half inputs). Non-finite results raise ``ValueError``.
+    half inputs). cuda on sm_80+ multiplies on tensor cores over split bfloat16 operands (float32
+    accuracy; see the GPU-backends section below), peak extra memory ≈ 2·n·k·4 bytes + at most
+    ~450 MiB of tiles. Non-finite results raise ``ValueError``.
     """
     check_tensor("grads", grads, ndim=2, dtypes=FLOAT_DTYPES)
     n, p = grads.shape

@@ -25,7 +25,7 @@ case go through run_case's ``rates``: ``<name>_per_s`` = that count / this impl'
 fraction of the speed limit reached (project; the cpu goal "within 1.3x" is >= 0.77);
 ``materialize_s(_per_s)`` likewise vs materialize_then_project (project_linear); on cpu rows
 ``traker_s_per_s`` = traker time / cpu time (goal >= 2); ``mem_model_bytes`` = n·k·4 + P tile(s)
-of 32 MiB, the documented bound of the cpu path's extra memory; ``resident_bytes`` = memory an
+of 16 MiB, the documented bound of the cpu path's extra memory; ``resident_bytes`` = memory an
 impl holds between calls, not in its peak mem (gemm_limit's P, traker's P block).
 The script ends with a summary: cpu time / baseline time, traker time / cpu time, cpu peak mem.
 
@@ -56,7 +56,7 @@ GiB = 1 << 30
 CASES = {
     "full": [("rademacher", n, p, k) for n in (256, 1024, 4096) for p in (100_000, 1_000_000)
              for k in (512, 2048, 8192)] + [("gaussian", 1024, 100_000, 2048)],
-    # quick: p = 20000 at k = 512 spans two 32 MiB P tiles of the cpu path
+    # quick: p = 20000 at k = 512 spans several 16 MiB P tiles of the cpu path
     "quick": [("rademacher", 64, 1024, 256), ("rademacher", 64, 20_000, 512), ("gaussian", 64, 8192, 512)],
 }
 REF_MAX_PK = {"full": 100_000 * 512, "quick": 1024 * 256}  # reference only where p·k <= this
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
         p.set_defaults(max_call_s=MAX_CALL_S),
         p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                        help="grads / layer inputs dtype (gemm_limit multiplies in it; traker runs on float32 only)"),
+        p.add_argument("--n", default=None, help="comma-separated n values: run only those cases"),
         p.add_argument("--time-limit", type=float, default=None,
                        help="start no new case after this many seconds (default: full cpu "
                             f"{TIME_LIMIT_S['full']:g}, full cuda {TIME_LIMIT_S['full-cuda']:g}, "
@@ -194,6 +195,9 @@ def main(argv=None) -> int:
 
     # ----------------------------------------------------------------------------- project
     cases = sorted(CASES[args.mode], key=lambda case: (case[1] * case[2] * case[3], case[0] != "rademacher"))
+    if args.n:
+        keep = {int(v) for v in args.n.split(",")}
+        cases = [c for c in cases if c[1] in keep]
     for kind, n, p, k in cases:
         shape, flops = dict(kind=kind, n=n, p=p, k=k), 2 * n * p * k
         if out_of_time(f"project {fmt_shape(shape)}"):

@@ -206,7 +206,7 @@ class _Schedule:
     """Batch composition of every model of a chunk at every step (MATH.md §2), built on the fly.
 
     Models are (seed, left-out index or −1 for the full run). ``steps()`` yields per optimizer step
-    ``(idx [M, W] int64, w [M, W], active [M] bool or None, evaluate_after: bool)``.
+    ``(idx [M, W] int64, w [M, W], active [M] bool or None, evaluate_after: bool, active count: int)``.
     """
 
     def __init__(self, n: int, batch: int, mode: str, epochs: int | None, steps: int | None,
@@ -280,13 +280,14 @@ class _Schedule:
         all_active = self.epochs is None or bool((self.nb == self.slots).all())
         for s0 in range(0, total, block):
             idx, w, active = self._batches(s0, min(total, s0 + block))
+            counts = [self.M] * idx.shape[0] if all_active else active.sum(1).tolist()  # one sync per block
             for q in range(idx.shape[0]):
                 s = s0 + q + 1  # steps done after this one
                 if self.epochs is not None:
                     evaluate = s % self.slots == 0
                 else:
                     evaluate = s == total or s % self.eval_every == 0
-                yield idx[q], w[q], None if all_active else active[q], evaluate
+                yield idx[q], w[q], None if all_active else active[q], evaluate, counts[q]
 
 
 # ----------------------------------------------------------------------------- gradient paths
@@ -663,8 +664,9 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                 raise ValueError(f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
                                  f"model {j} ({'full data' if j == 0 else f'leaving out {loo_indices[j - 1]}'}) "
                                  f"with lr={lr}; lower the learning rate")
+            out = out.cpu()  # one device-to-host copy per chunk, not one per model
             for m, (r, j) in enumerate(pairs_c):
-                losses[:, :, j, r] = out[:, :, m].cpu()
+                losses[:, :, j, r] = out[:, :, m]
                 done[j, r] = True
             if ckpt is not None:
                 _atomic_save(dict(format=_FORMAT, config_json=json.dumps(config, sort_keys=True),
@@ -694,7 +696,7 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
     evals = []
     with torch.no_grad():
         evals.append(engine.test_losses(x_te, y_te, task).T)
-    for idx, w, active, evaluate in sched.steps():
+    for idx, w, active, evaluate, n_active in sched.steps():
         if mlp is not None:
             with torch.no_grad():
                 engine.grad(x_tr, y_tr, task, idx, w)
@@ -706,5 +708,5 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
             if evaluate:
                 evals.append(engine.test_losses(x_te, y_te, task).T)
         if bar is not None:
-            bar.update(M if active is None else int(active.sum()))
+            bar.update(n_active)
     return torch.stack(evals)

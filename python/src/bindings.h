@@ -19,3 +19,4 @@ void init_grad_dot(py::module_& m);
 void init_lissa_update(py::module_& m);
 void init_ekfac(py::module_& m);
 void init_ensemble_step(py::module_& m);
+void init_conv_patches(py::module_& m);

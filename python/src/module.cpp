@@ -31,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   init_lissa_update(m);
   init_ekfac(m);
   init_ensemble_step(m);
+  init_conv_patches(m);
 }

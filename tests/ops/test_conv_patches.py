@@ -1,0 +1,56 @@
+"""conv_patches: the native cpu pass equals the reference (unfold + transpose + bias column) exactly."""
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+from fimoda_kernels._ext import _C
+from fimoda_kernels.ops.conv_patches import _conv_patches_reference, conv_patches, output_size
+from helpers import randn
+
+BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(_C is None, reason="native module not built")), "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,s,p,d,bias", [(3, 1, 1, 1, True), ((2, 3), (2, 1), (0, 2), (1, 2), False),
+                                          (1, 1, 0, 1, True), (3, 2, 1, 2, True), ((1, 4), 3, (2, 0), 1, True)])
+def test_matches_reference(backend, dtype, k, s, p, d, bias):
+    x = randn(3, 5, 13, 10, dtype=dtype, seed=7)
+    out = conv_patches(x, k, s, p, d, bias, backend=backend)
+    ref = _conv_patches_reference(x, *(v if isinstance(v, tuple) else (v, v) for v in (k, s, p, d)), bias)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, ref)  # copies only: bitwise
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9), kh=st.integers(1, 4),
+       kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2), pw=st.integers(0, 2),
+       dh=st.integers(1, 2), dw=st.integers(1, 2), bias=st.booleans())
+def test_cpu_hypothesis(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, bias):
+    if _C is None:
+        pytest.skip("native module not built")
+    assume(output_size(h, kh, sh, ph, dh) >= 1 and output_size(w, kw, sw, pw, dw) >= 1)
+    x = randn(n, c, h, w, seed=n * 100 + c)
+    args = ((kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    assert torch.equal(conv_patches(x, *args, bias, backend="cpu"), _conv_patches_reference(x, *args, bias))
+
+
+def test_non_contiguous_input():
+    x = randn(2, 3, 8, 6, seed=3).transpose(2, 3)  # [2, 3, 6, 8], strided
+    want = _conv_patches_reference(x, (3, 3), (1, 1), (1, 1), (1, 1), True)
+    assert torch.equal(conv_patches(x, 3, 1, 1, backend="cpu" if _C is not None else "torch"), want)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda x: conv_patches(x[0], 3), ValueError, "x: expected a 4-D tensor"),
+    (lambda x: conv_patches(x, 0), ValueError, "kernel_size"),
+    (lambda x: conv_patches(x, 3, padding=-1), ValueError, "padding"),
+    (lambda x: conv_patches(x, 2.5), TypeError, "kernel_size: expected an int or a pair"),
+    (lambda x: conv_patches(x, 20), ValueError, "no output position"),
+    (lambda x: conv_patches(x.half(), 3, backend="cpu"), ValueError, "float32 or float64"),
+])
+def test_bad_input(call, err, match):
+    if _C is None and "float32 or float64" in match:
+        pytest.skip("native module not built")
+    with pytest.raises(err, match=match):
+        call(randn(2, 3, 8, 8))

@@ -251,6 +251,26 @@ def test_capture_conv2d(bias):
     assert c1.s.shape == (4, 30, 3) and cap.layers[2].T == 6 * 2
 
 
+def test_capture_conv_model_that_needs_nchw():
+    """run() feeds CPU conv nets channels_last; a model whose .view rejects that layout runs on the
+    input as given, with the same captured gradients."""
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3 * 5 * 4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc(h.view(h.shape[0], -1))  # .view needs NCHW-contiguous memory
+
+    model = ViewNet().to(D)
+    x, y = _ce_data(4, 2 * 5 * 4, 3)
+    x = x.reshape(4, 2, 5, 4)
+    with pytest.raises(RuntimeError):
+        model(x.contiguous(memory_format=torch.channels_last))
+    check_capture(model, "cross_entropy", x, y, n_layers=2)
+
+
 def test_capture_context_manager_matches_run():
     model, task = mlp(), MSETask()
     x, y = torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D)

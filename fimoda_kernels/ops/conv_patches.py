@@ -70,10 +70,9 @@ def _cpu_unsupported(x, *args, **kwargs) -> list[str]:
 def _conv_patches_cpu(x, k, s, p, d, bias, Ho, Wo):
     from .._ext import _C
 
-    x = x.contiguous()
     N, C, H, W = x.shape
     out = torch.empty(N, Ho * Wo, C * k[0] * k[1] + bias, dtype=x.dtype)
-    if out.numel():
-        _C.conv_patches_cpu(x.data_ptr(), out.data_ptr(), x.dtype == torch.float64, N, C, H, W, k[0], k[1],
-                            s[0], s[1], p[0], p[1], d[0], d[1], Ho, Wo, bias)
+    if out.numel():  # x read through its strides: channels_last (or any view) needs no copy
+        _C.conv_patches_cpu(x.data_ptr(), list(x.stride()), out.data_ptr(), x.dtype == torch.float64, N, C, H, W,
+                            k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], Ho, Wo, bias)
     return out

@@ -35,10 +35,14 @@ def test_cpu_hypothesis(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, bias):
     assert torch.equal(conv_patches(x, *args, bias, backend="cpu"), _conv_patches_reference(x, *args, bias))
 
 
-def test_non_contiguous_input():
-    x = randn(2, 3, 8, 6, seed=3).transpose(2, 3)  # [2, 3, 6, 8], strided
-    want = _conv_patches_reference(x, (3, 3), (1, 1), (1, 1), (1, 1), True)
-    assert torch.equal(conv_patches(x, 3, 1, 1, backend="cpu" if _C is not None else "torch"), want)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_strided_input(layout):
+    """The cpu kernel reads x through its strides (channels_last and views need no copy)."""
+    x = randn(2, 5, 9, 7, seed=3)
+    x = {"transposed": x.transpose(2, 3), "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "sliced": x[:, 1:4, ::2]}[layout]
+    want = _conv_patches_reference(x, (3, 2), (1, 2), (1, 1), (1, 1), True)
+    assert torch.equal(conv_patches(x, (3, 2), (1, 2), 1, backend="cpu" if _C is not None else "torch"), want)
 
 
 @pytest.mark.parametrize("call,err,match", [

@@ -34,12 +34,13 @@ template <typename T>
 void ensemble_step(T* params, const T* grads, T* state1, T* state2, const double* coef, const int64_t* segments,
                    int64_t n_segments, int64_t M, int optimizer, const double* hp);
 
-// Conv2d input patches [N, Ho·Wo, C·kh·kw (+1)] of a contiguous x [N, C, H, W] (T float or double):
+// Conv2d input patches [N, Ho·Wo, C·kh·kw (+1)] of x [N, C, H, W] with element strides strides[0..3]
+// (any layout, e.g. channels_last; T float or double):
 // out[n, oh·Wo + ow, (c·kh + i)·kw + j] = x[n, c, oh·sh − ph + i·dh, ow·sw − pw + j·dw], 0 outside the
 // image (torch's unfold order), then a column of ones when bias.
 template <typename T>
-void conv_patches(const T* x, T* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
-                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
-                  bool bias);
+void conv_patches(const T* x, const int64_t* strides, T* out, int64_t N, int64_t C, int64_t H, int64_t W,
+                  int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                  int64_t Ho, int64_t Wo, bool bias);
 
 }  // namespace fimoda::cpu

@@ -151,11 +151,11 @@ def main(argv=None) -> int:
         def call(*a, backend=None, **kw):
             if backend != "cuda_fused":
                 return fn(*a, backend=backend, **kw)
-            project_mod.USE_TENSOR_CORES = False
+            saved, project_mod.USE_TENSOR_CORES = project_mod.USE_TENSOR_CORES, False
             try:
                 return fn(*a, backend="cuda", **kw)
             finally:
-                project_mod.USE_TENSOR_CORES = True
+                project_mod.USE_TENSOR_CORES = saved
         return call
 
     project, project_linear = fused(_project), fused(_project_linear)

@@ -206,7 +206,7 @@ class _Schedule:
     """Batch composition of every model of a chunk at every step (MATH.md §2), built on the fly.
 
     Models are (seed, left-out index or −1 for the full run). ``steps()`` yields per optimizer step
-    ``(idx [M, W] int64, w [M, W], active [M] bool or None, evaluate_after: bool, active count: int)``.
+    ``(idx [M, W] int64, w [M, W], active [M] bool or None, evaluate_after: bool, active count or None)``.
     """
 
     def __init__(self, n: int, batch: int, mode: str, epochs: int | None, steps: int | None,
@@ -275,12 +275,15 @@ class _Schedule:
             idx, w = torch.cat([idx, extra], -1), torch.cat([w, w_extra], -1)
         return idx, w, active
 
-    def steps(self, block: int = 64):
+    def steps(self, block: int = 64, count: bool = False):
+        """See the class docstring; the active count is None unless ``count`` (it costs a device
+        sync per block of steps)."""
         total = self.epochs * self.slots if self.epochs is not None else self.total_steps
         all_active = self.epochs is None or bool((self.nb == self.slots).all())
         for s0 in range(0, total, block):
             idx, w, active = self._batches(s0, min(total, s0 + block))
-            counts = [self.M] * idx.shape[0] if all_active else active.sum(1).tolist()  # one sync per block
+            counts = ([self.M] * idx.shape[0] if all_active else active.sum(1).tolist()) if count \
+                else [None] * idx.shape[0]
             for q in range(idx.shape[0]):
                 s = s0 + q + 1  # steps done after this one
                 if self.epochs is not None:
@@ -696,7 +699,7 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
     evals = []
     with torch.no_grad():
         evals.append(engine.test_losses(x_te, y_te, task).T)
-    for idx, w, active, evaluate, n_active in sched.steps():
+    for idx, w, active, evaluate, n_active in sched.steps(count=bar is not None):
         if mlp is not None:
             with torch.no_grad():
                 engine.grad(x_tr, y_tr, task, idx, w)

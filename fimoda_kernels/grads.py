@@ -320,7 +320,7 @@ class LinearCapture:
             self._owner.update({prefix + n: rec for n, _ in m.named_parameters(recurse=False)})
         self._handles: list = []
         self._active = False
-        self._has_conv = any(isinstance(r.module, nn.Conv2d) for r in self._records)
+        self._channels_last = any(isinstance(r.module, nn.Conv2d) for r in self._records)  # see run()
 
     # -- results
     @staticmethod
@@ -403,15 +403,17 @@ class LinearCapture:
         is untouched). ``quantity``: optional ``(model_out, targets) -> Tensor[n]`` differentiated
         instead (e.g. f_i scaled per sample, or the loss at resampled labels). Returns ``self``."""
         task, _ = _check_batch(self.model, task, inputs, targets, wrt)
-        if self._has_conv and inputs.dim() == 4 and inputs.device.type == "cpu" and inputs.is_floating_point():
+        if (self._channels_last and inputs.dim() == 4 and inputs.device.type == "cpu"
+                and inputs.is_floating_point() and not any(m.training for m in self.model.modules())):
             # CPU convolution nets run ~2× faster in channels_last (torch's NCHW max-pool kernel is 10×
-            # slower); the math is the same, the rounding may differ in the last bits. A model that
-            # needs NCHW memory (e.g. .view after a conv) raises: it then runs on the input as given.
+            # slower); the math is the same, the rounding may differ in the last bits. Only in eval mode,
+            # where a forward has no side effects to repeat: a model that needs NCHW memory (e.g. .view
+            # after a conv) raises, and from then on this capture runs inputs as given.
             try:
                 return self._run(task, inputs.contiguous(memory_format=torch.channels_last), targets, wrt,
                                  quantity)
             except RuntimeError:
-                pass
+                self._channels_last = False
         return self._run(task, inputs, targets, wrt, quantity)
 
     def _run(self, task, inputs, targets, wrt, quantity) -> "LinearCapture":

@@ -71,7 +71,7 @@ def _conv_patches_cpu(x, k, s, p, d, bias, Ho, Wo):
     from .._ext import _C
 
     N, C, H, W = x.shape
-    out = torch.empty(N, Ho * Wo, C * k[0] * k[1] + bias, dtype=x.dtype)
+    out = torch.empty(N, Ho * Wo, C * k[0] * k[1] + bias, dtype=x.dtype, device=x.device)
     if out.numel():  # x read through its strides: channels_last (or any view) needs no copy
         _C.conv_patches_cpu(x.data_ptr(), list(x.stride()), out.data_ptr(), x.dtype == torch.float64, N, C, H, W,
                             k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], Ho, Wo, bias)

@@ -287,7 +287,8 @@ def _split_bf16(x: torch.Tensor, parts: int, buf: torch.Tensor) -> list[torch.Te
 
     rows, cols = x.shape
     out = buf[:parts * rows * cols].view(parts, rows, cols)
-    _C.split_bf16_cuda(x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, x.stride(0), out.data_ptr(), parts,
+    ld = x.stride(0) if rows > 1 else cols  # a single row may carry any stride(0)
+    _C.split_bf16_cuda(x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, ld, out.data_ptr(), parts,
                        cuda_stream(x.device))
     return list(out)
 
@@ -297,7 +298,16 @@ def _parts(x: torch.Tensor, buf: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _mma_tile_rows(n: int, k: int, x_parts: int, p_parts: int) -> int:
-    return max(16, min(_MMA_TILE_BYTES // (2 * k * p_parts), _MMA_SPLIT_BYTES // (2 * max(n, 1) * x_parts)))
+    """P-tile rows under both byte budgets, a multiple of 64 (aligned cuBLAS operands), at least 64."""
+    rows = min(_MMA_TILE_BYTES // (2 * k * p_parts), _MMA_SPLIT_BYTES // (2 * max(n, 1) * x_parts))
+    return max(64, rows // 64 * 64)
+
+
+def _columns(blocks, width: int):
+    """(offset, X) blocks cut into column chunks of at most ``width`` (P rows follow the columns)."""
+    for offset, X in blocks:
+        for c0 in range(0, X.shape[1], width):
+            yield offset + c0, X[:, c0:c0 + width]
 
 
 def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows):
@@ -314,6 +324,8 @@ def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows):
     x_buf = torch.empty(0 if x_parts == 1 else x_parts * n * tile_rows, dtype=torch.bfloat16, device=device)
     for offset, X in blocks:
         rows = X.shape[1]
+        if rows > tile_rows:  # the Philox kernel would write past the tile
+            raise RuntimeError(f"project (cuda): a block of {rows} columns exceeds the {tile_rows}-row P tile")
         P = tile[:rows]
         _C.projection_matrix_cuda(P.data_ptr(), False, rows, k, seed, _KIND_CODE[kind], offset, 1.0,
                                   cuda_stream(device))
@@ -361,13 +373,13 @@ def _project_linear_cuda(a3, s3, k, seed, kind, row_offset, bias):
 
 
 def _project_linear_mma(a3, s3, k, seed, kind, row_offset, bias):
-    """project_linear on tensor cores: the weight gradient formed block by block of output rows in
-    float32 ([n, rows·d_in] at a time: s_o·a_c products, or for T > 1 a float32 bmm over t with TF32
-    off), never whole, then multiplied as in _project_blocks_mma (float32 operands, 3 parts)."""
+    """project_linear on tensor cores: the weight gradient formed in float32 a few output rows at a
+    time ([n, rows·d_in]: s_o·a_c products, or for T > 1 a bmm over t with TF32 off), never whole,
+    cut into column chunks of at most one P tile (also the bias block), then multiplied as in
+    _project_blocks_mma (float32 operands, 3 parts)."""
     n, T, d_in = a3.shape
     d_out = s3.shape[2]
-    p_parts = 1 if kind == "rademacher" else 3
-    step = _mma_tile_rows(n, k, 3, p_parts)
+    step = _mma_tile_rows(n, k, 3, 1 if kind == "rademacher" else 3)
     outs = max(1, step // d_in)  # output rows per block
     a32, s32 = a3.float(), s3.float()
 
@@ -377,22 +389,26 @@ def _project_linear_mma(a3, s3, k, seed, kind, row_offset, bias):
             if T == 1:
                 X = (s32[:, 0, o0:o1, None] * a32[:, 0, None, :]).reshape(n, -1)
             else:
-                X = torch.bmm(s32[:, :, o0:o1].transpose(1, 2), a32).reshape(n, -1)
+                with _ieee_fp32():
+                    X = torch.bmm(s32[:, :, o0:o1].transpose(1, 2), a32).reshape(n, -1)
             yield row_offset + o0 * d_in, X
         if bias:
             yield row_offset + d_out * d_in, s32.sum(1)
 
-    with _ieee_fp32():
-        return _project_blocks_mma(blocks(), n, k, seed, kind, torch.float32, a3.device,
-                                   max(outs * d_in, d_out if bias else 0))
+    width = min(step, max(outs * d_in, d_out if bias else 0))
+    return _project_blocks_mma(_columns(blocks(), width), n, k, seed, kind, torch.float32, a3.device, width)
 
 
 class _ieee_fp32:
-    """No TF32 in float32 matmuls inside (whatever the caller's global setting)."""
+    """No TF32 in float32 matmuls inside: through ``fp32_precision`` where torch has it (reading the
+    legacy ``allow_tf32`` raises once a caller used the new API), else ``allow_tf32``. The setting is
+    process-global while inside."""
 
     def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
+        m = torch.backends.cuda.matmul
+        self.attr, value = ("fp32_precision", "ieee") if hasattr(m, "fp32_precision") else ("allow_tf32", False)
+        self.saved = getattr(m, self.attr)
+        setattr(m, self.attr, value)
 
     def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
+        setattr(torch.backends.cuda.matmul, self.attr, self.saved)

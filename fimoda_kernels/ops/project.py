@@ -280,21 +280,41 @@ def _tensor_cores(device: torch.device) -> bool:
     return USE_TENSOR_CORES and _TENSOR_CORES[index]
 
 
-def _split_bf16(x: torch.Tensor, parts: int, buf: torch.Tensor) -> list[torch.Tensor]:
-    """bfloat16 parts of the float32/float16 matrix x (row stride x.stride(0)) written into buf."""
-    from .._dispatch import cuda_stream
-    from .._ext import _C
+class _MMAPrimitives:
+    """The three device steps of the tensor-core path; tests substitute CPU emulations to check the
+    tiling around them (offsets, block widths, parts) without a GPU."""
 
+    @staticmethod
+    def fill(P: torch.Tensor, seed: int, kind: str, row_offset: int) -> None:
+        """P [rows, k] float32 contiguous ← unscaled P[row_offset : row_offset + rows] (±1 / N(0, 1))."""
+        from .._dispatch import cuda_stream
+        from .._ext import _C
+
+        _C.projection_matrix_cuda(P.data_ptr(), False, P.shape[0], P.shape[1], seed, _KIND_CODE[kind], row_offset,
+                                  1.0, cuda_stream(P.device))
+
+    @staticmethod
+    def split(x: torch.Tensor, parts: int, out: torch.Tensor) -> None:
+        """out [parts, rows, cols] bfloat16 ← the parts of the float32/float16 x (unit column stride)."""
+        from .._dispatch import cuda_stream
+        from .._ext import _C
+
+        rows, cols = x.shape
+        ld = x.stride(0) if rows > 1 else cols  # a single row may carry any stride(0)
+        _C.split_bf16_cuda(x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, ld, out.data_ptr(), parts,
+                           cuda_stream(x.device))
+
+    @staticmethod
+    def addmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """out + a @ b for bfloat16 a, b, accumulated and returned in float32."""
+        return torch.addmm(out, a, b, out_dtype=torch.float32)
+
+
+def _split(x: torch.Tensor, parts: int, buf: torch.Tensor, prims) -> list[torch.Tensor]:
     rows, cols = x.shape
     out = buf[:parts * rows * cols].view(parts, rows, cols)
-    ld = x.stride(0) if rows > 1 else cols  # a single row may carry any stride(0)
-    _C.split_bf16_cuda(x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, ld, out.data_ptr(), parts,
-                       cuda_stream(x.device))
+    prims.split(x, parts, out)
     return list(out)
-
-
-def _parts(x: torch.Tensor, buf: torch.Tensor) -> list[torch.Tensor]:
-    return [x] if x.dtype == torch.bfloat16 else _split_bf16(x, _X_PARTS[x.dtype], buf)
 
 
 def _mma_tile_rows(n: int, k: int, x_parts: int, p_parts: int) -> int:
@@ -310,13 +330,10 @@ def _columns(blocks, width: int):
             yield offset + c0, X[:, c0:c0 + width]
 
 
-def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows):
+def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows, prims=_MMAPrimitives):
     """Σ over (row_offset, X [n, r ≤ tile_rows], X's dtype = dtype, unit column stride) blocks of
     X @ P[row_offset : row_offset + r] on tensor cores (see above); peak extra memory
     2·n·k·4 + tile_rows·k·(4 + 2·p_parts) + 2·n·tile_rows·x_parts bytes."""
-    from .._dispatch import cuda_stream
-    from .._ext import _C
-
     x_parts, p_parts = _X_PARTS[dtype], 1 if kind == "rademacher" else 3
     out = torch.zeros(n, k, dtype=torch.float32, device=device)
     tile = torch.empty(tile_rows, k, dtype=torch.float32, device=device)
@@ -327,15 +344,21 @@ def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows):
         if rows > tile_rows:  # the Philox kernel would write past the tile
             raise RuntimeError(f"project (cuda): a block of {rows} columns exceeds the {tile_rows}-row P tile")
         P = tile[:rows]
-        _C.projection_matrix_cuda(P.data_ptr(), False, rows, k, seed, _KIND_CODE[kind], offset, 1.0,
-                                  cuda_stream(device))
-        Ps = [p_buf[:rows * k].view(rows, k).copy_(P)] if p_parts == 1 else _split_bf16(P, p_parts, p_buf)
-        Xs = _parts(X, x_buf)
+        prims.fill(P, seed, kind, offset)
+        Ps = [p_buf[:rows * k].view(rows, k).copy_(P)] if p_parts == 1 else _split(P, p_parts, p_buf, prims)
+        Xs = [X] if x_parts == 1 else _split(X, x_parts, x_buf, prims)
         for i, Xi in enumerate(Xs):
             for j, Pj in enumerate(Ps):
                 if i + j < 3:  # the dropped pairs weigh <= 2^-24
-                    out = torch.addmm(out, Xi, Pj, out_dtype=torch.float32)
+                    out = prims.addmm(out, Xi, Pj)
     return out.mul_(1.0 / math.sqrt(k))
+
+
+def _project_mma(g, k, seed, kind, row_offset, prims=_MMAPrimitives):
+    n, p = g.shape
+    step = _mma_tile_rows(n, k, _X_PARTS[g.dtype], 1 if kind == "rademacher" else 3)
+    blocks = ((row_offset + p0, g[:, p0:p0 + step]) for p0 in range(0, p, step))
+    return _project_blocks_mma(blocks, n, k, seed, kind, g.dtype, g.device, min(step, max(p, 1)), prims)
 
 
 @_PROJECT.register("cuda")
@@ -346,9 +369,7 @@ def _project_cuda(grads, k, seed, kind, row_offset):
     g = grads.contiguous()
     n, p = g.shape
     if g.dtype != torch.float64 and n > 0 and _tensor_cores(g.device):
-        step = _mma_tile_rows(n, k, _X_PARTS[g.dtype], 1 if kind == "rademacher" else 3)
-        blocks = ((row_offset + p0, g[:, p0:p0 + step]) for p0 in range(0, p, step))
-        return _project_blocks_mma(blocks, n, k, seed, kind, g.dtype, g.device, min(step, max(p, 1)))
+        return _project_mma(g, k, seed, kind, row_offset)
     out = torch.empty(n, k, dtype=_out_dtype(g.dtype), device=g.device)
     _C.project_cuda(g.data_ptr(), _DTYPE_CODE[g.dtype], out.data_ptr(), n, p, k, seed, _KIND_CODE[kind],
                     row_offset, 1.0 / math.sqrt(k), cuda_stream(g.device))
@@ -372,7 +393,7 @@ def _project_linear_cuda(a3, s3, k, seed, kind, row_offset, bias):
     return out
 
 
-def _project_linear_mma(a3, s3, k, seed, kind, row_offset, bias):
+def _project_linear_mma(a3, s3, k, seed, kind, row_offset, bias, prims=_MMAPrimitives):
     """project_linear on tensor cores: the weight gradient formed in float32 a few output rows at a
     time ([n, rows·d_in]: s_o·a_c products, or for T > 1 a bmm over t with TF32 off), never whole,
     cut into column chunks of at most one P tile (also the bias block), then multiplied as in
@@ -396,7 +417,8 @@ def _project_linear_mma(a3, s3, k, seed, kind, row_offset, bias):
             yield row_offset + d_out * d_in, s32.sum(1)
 
     width = min(step, max(outs * d_in, d_out if bias else 0))
-    return _project_blocks_mma(_columns(blocks(), width), n, k, seed, kind, torch.float32, a3.device, width)
+    return _project_blocks_mma(_columns(blocks(), width), n, k, seed, kind, torch.float32, a3.device, width,
+                               prims)
 
 
 class _ieee_fp32:

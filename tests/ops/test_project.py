@@ -100,6 +100,62 @@ def test_project_linear_cuda_tensor_cores(monkeypatch, T, dtype):
     assert _rel(out, ref) < 2e-6
 
 
+class _CPUPrimitives:
+    """CPU stand-ins for the device steps of cuda's tensor-core path (Philox fill, bfloat16 split,
+    float32-accumulating GEMM), so its tiling is tested on every machine."""
+
+    @staticmethod
+    def fill(P, seed, kind, row_offset):
+        from fimoda_kernels.ops.projection_matrix import _projection_matrix_reference
+
+        rows, k = P.shape
+        P.copy_(_projection_matrix_reference(rows, k, seed, kind, row_offset, torch.float64, "cpu") * math.sqrt(k))
+
+    @staticmethod
+    def split(x, parts, out):
+        r = x.float()
+        for q in range(parts):
+            out[q] = r.bfloat16()
+            r = r - out[q].float()
+
+    @staticmethod
+    def addmm(out, a, b):
+        return out + (a.double() @ b.double()).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_tensor_core_tiling(monkeypatch, dtype, kind):
+    """The tensor-core path's tiles, offsets and part pairs give float32 accuracy (device steps emulated)."""
+    monkeypatch.setattr(pr, "_MMA_TILE_BYTES", 2 * 33 * 192)  # 192-row tiles (Gaussian: 64): many, a partial last
+    grads = _randn(7, 1001, dtype=dtype, seed=11)
+    out = pr._project_mma(grads, 33, 2**63 + 5, kind, 2**32 - 100, prims=_CPUPrimitives)
+    ref = _project_reference(grads.double(), 33, 2**63 + 5, kind, 2**32 - 100)
+    assert _err(out, ref, grads) < 2e-6
+    row = _randn(1001, 1, seed=12).T  # one row with stride(0) = 1
+    assert _rel(pr._project_mma(row, 33, 1, kind, 0, prims=_CPUPrimitives),
+                _project_reference(row.double(), 33, 1, kind, 0)) < 2e-6
+
+
+@pytest.mark.parametrize("T,d_in,d_out,bias", [(1, 150, 300, True), (3, 200, 70, True), (1, 9, 5, False),
+                                               (4, 45, 23, True)])
+def test_tensor_core_linear_tiling(monkeypatch, T, d_in, d_out, bias):
+    """project_linear's tensor-core path: weight rows and the bias block wider than one P tile are cut
+    into column chunks at the right offsets (device steps emulated)."""
+    n, k = 5, 33
+    monkeypatch.setattr(pr, "_MMA_SPLIT_BYTES", 2 * n * 3 * 64)  # 64-row P tiles
+    a, s = _randn(n, T, d_in, seed=13), _randn(n, T, d_out, seed=14)
+    out = pr._project_linear_mma(a, s, k, 7, "gaussian", 2**33 + 1, bias, prims=_CPUPrimitives)
+    ref = _project_linear_reference(a.double(), s.double(), k, 7, "gaussian", 2**33 + 1, bias)
+    assert _rel(out, ref) < 2e-6
+
+
+def test_tensor_core_tile_guard():
+    X = _randn(3, 10)
+    with pytest.raises(RuntimeError, match="exceeds the 8-row P tile"):
+        pr._project_blocks_mma([(0, X)], 3, 4, 1, "rademacher", torch.float32, "cpu", 8, prims=_CPUPrimitives)
+
+
 def test_project_equals_materialized_matrix():
     """project == grads @ projection_matrix: one P for every entry point."""
     from fimoda_kernels import projection_matrix

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ._ext import _C
 from ._validate import check_choice, check_int, check_same_device, check_tensor
-from .ops.conv_patches import conv_patches
+from .ops.conv_patches import conv_patches, patches_backend
 from .tasks import Task, _is_transformed, get_task
 
 __all__ = ["ParamSlot", "param_layout", "per_sample_grads", "iter_per_sample_grads",
@@ -217,9 +216,8 @@ class CapturedLayer:
                                   total[0] // 2, total[0] - total[0] // 2))
                 pad = 0
             # one native pass on CPU (patches, bias column and all); torch's unfold elsewhere
-            native = _C is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             return conv_patches(x, m.kernel_size, m.stride, pad, m.dilation, bias=self.has_bias,
-                                backend="cpu" if native else "torch")
+                                backend=patches_backend(x))
         else:
             a = x if x.dim() == 2 else x.reshape(x.shape[0], -1, self.d_in)
         return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if self.has_bias else a

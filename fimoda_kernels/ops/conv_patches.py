@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import op
-from .._validate import check_tensor
+from .._validate import FLOAT_DTYPES, check_tensor
 
 _OP = op("conv_patches")
 _DTYPES = (torch.float32, torch.float64)
@@ -43,7 +43,7 @@ def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, 
     """Patches ``[N, Ho·Wo, C·kh·kw + bias]`` (contiguous, x's dtype) of ``x [N, C, H, W]`` for a
     Conv2d with these ``kernel_size``, ``stride``, symmetric ``padding`` and ``dilation`` (ints or
     pairs; groups = 1). backend: "cpu" (float32/float64 CPU tensors), "torch" or None."""
-    check_tensor("x", x, ndim=4)
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     k, s, p, d = (_pair(n, v) for n, v in (("kernel_size", kernel_size), ("stride", stride),
                                            ("padding", padding), ("dilation", dilation)))
     if min(k) < 1 or min(s) < 1 or min(d) < 1 or min(p) < 0:
@@ -55,6 +55,13 @@ def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, 
                          f"has no output position")
     impl = _OP.select(backend, x.device, x)
     return impl.fn(x, k, s, p, d, bool(bias), Ho, Wo)
+
+
+def patches_backend(x: torch.Tensor) -> str:
+    """"cpu" where the native pass takes x (built module, CPU tensor, float32/float64), else "torch".
+    The capture names the backend itself, so FIMODA_BACKEND (meant for the public ops) never sends
+    this internal op to a backend it lacks."""
+    return "torch" if _OP.reasons("cpu", x.device, x) else "cpu"
 
 
 @_OP.register("torch")

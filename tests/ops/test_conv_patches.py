@@ -47,6 +47,7 @@ def test_strided_input(layout):
 
 @pytest.mark.parametrize("call,err,match", [
     (lambda x: conv_patches(x[0], 3), ValueError, "x: expected a 4-D tensor"),
+    (lambda x: conv_patches(x.long(), 3), TypeError, "x: expected dtype"),
     (lambda x: conv_patches(x, 0), ValueError, "kernel_size"),
     (lambda x: conv_patches(x, 3, padding=-1), ValueError, "padding"),
     (lambda x: conv_patches(x, 2.5), TypeError, "kernel_size: expected an int or a pair"),

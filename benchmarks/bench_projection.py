@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     time_limit = args.time_limit or TIME_LIMIT_S[args.mode if args.quick or device.type == "cpu" else "full-cuda"]
-    tile_bytes = getattr(project_mod, "_TILE_BYTES", 32 * 2**20)
+    tile_bytes = project_mod._TILE_BYTES
     make_traker = _traker() if dtype == torch.float32 else None  # BasicProjector multiplies in float32 only
     make_fast_jl = _fast_jl(device)
     ours = {}  # op -> our backends on this device ("torch" is timed as "reference")

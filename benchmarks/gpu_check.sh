@@ -2,8 +2,9 @@
 # One call on a lent GPU machine (H200, CUDA 13, torch 2.11, triton 3.6, no network): build, info,
 # GPU tests, GPU benchmarks (with the peers found in .whl/); everything lands in $OUT within BUDGET_S.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          (from the repo root, or anywhere)
-# Env: BUDGET_S (450), BENCH_ARGS (e.g. --quick), BENCHES (name:max_s[:arg...] list), FIMODA_BENCH_SHA (git sha for the records: the
-# copied tree may have no .git), PYTHON (python3), DEVICE (cuda; cpu only for a dry run elsewhere).
+# Env: BUDGET_S (450), BENCH_ARGS (e.g. --quick), BENCHES (name[:max_s[:arg...]] list), FIMODA_BENCH_SHA
+# (git sha for the records: the copied tree may have no .git), PYTHON (python3), DEVICE (cuda; cpu only
+# for a dry run elsewhere).
 # $OUT holds at most 8 files when it comes back: gpu_check.log (all steps), summary.txt (exit codes),
 # RESULTS.md, results/<op>.jsonl (packed into results.tgz if that would exceed 8 files).
 set -euo pipefail

@@ -217,7 +217,8 @@ __global__ void split_bf16_kernel(const In* __restrict__ src, int64_t rows, int6
                                   __nv_bfloat16* __restrict__ dst, int parts) {
   const int64_t plane = rows * cols;
   for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
-    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < cols; j += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < cols;
+         j += int64_t(gridDim.x) * blockDim.x) {
       float r = to_acc(src[i * ld + j]);
       for (int q = 0; q < parts; ++q) {
         const __nv_bfloat16 h = __float2bfloat16_rn(r);
@@ -245,10 +246,12 @@ void split_bf16(const void* src, int dtype, int64_t rows, int64_t cols, int64_t 
   const cudaStream_t st = as_stream(stream);
   constexpr int kSplitThreads = 256;
   const int64_t bx = ceil_div(cols, kSplitThreads);
-  const dim3 grid(static_cast<unsigned int>(bx < 64 ? bx : 64), static_cast<unsigned int>(rows < 65535 ? rows : 65535));
+  const dim3 grid(static_cast<unsigned int>(bx < 64 ? bx : 64),
+                  static_cast<unsigned int>(rows < 65535 ? rows : 65535));
   auto* out = static_cast<__nv_bfloat16*>(dst);
   if (dtype == 0) {
-    split_bf16_kernel<float><<<grid, kSplitThreads, 0, st>>>(static_cast<const float*>(src), rows, cols, ld, out, parts);
+    split_bf16_kernel<float><<<grid, kSplitThreads, 0, st>>>(static_cast<const float*>(src), rows, cols, ld, out,
+                                                             parts);
   } else {
     split_bf16_kernel<__half><<<grid, kSplitThreads, 0, st>>>(static_cast<const __half*>(src), rows, cols, ld, out,
                                                               parts);

@@ -273,7 +273,8 @@ def _tensor_cores(device: torch.device) -> bool:
         if ok:
             try:  # float32 accumulation of bfloat16 products (torch >= 2.8 on CUDA)
                 x = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-                ok = torch.addmm(torch.zeros(2, 2, device=device), x, x, out_dtype=torch.float32).dtype == torch.float32
+                out = torch.addmm(torch.zeros(2, 2, device=device), x, x, out_dtype=torch.float32)
+                ok = out.dtype == torch.float32
             except (RuntimeError, TypeError):
                 ok = False
         _TENSOR_CORES[index] = ok

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit  # "params_ptr", not "params": Triton 3.6's generated argument binder shadows that name
 def _ensemble_step_kernel(params_ptr, grads, s1, s2, coef, segments, hyper, M,
                           OPT: tl.constexpr, MOMENTUM: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(2)

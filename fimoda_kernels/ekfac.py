@@ -235,11 +235,12 @@ class EKFAC:
         """``Tensor[n_train, n_test]``: g_zᵀ (G + λI)^{-1} g_i (loss gradients at the true labels;
         positive = the training point is helpful). Inputs: tensors or DataLoaders of (inputs,
         targets) with the matching targets argument None. Test gradients are preconditioned once
-        (held as ``n_test × Σ_l d_out·d_in`` values); training points stream in batches, scored in
-        factored form or in chunks of rotated gradients, whichever is faster per layer (``form``, see
-        :func:`ekfac_scores`)."""
-        W = self.precondition(test_inputs, test_targets, batch_size)
-        rows = [ekfac_scores(layers, self.eigenbases, W, form=form, backend=self.backend)
+        (held as ``n_test × Σ_l d_out·d_in`` values) and rotated back to the original basis, so the
+        training points, streamed in batches, are scored unrotated (``basis="original"`` of
+        :func:`ekfac_scores`), in factored form or in chunks of per-sample gradients, whichever is
+        faster per layer (``form``)."""
+        W = self.precondition(test_inputs, test_targets, batch_size, basis="original")
+        rows = [ekfac_scores(layers, self.eigenbases, W, form=form, backend=self.backend, basis="original")
                 for layers in self._layer_batches(self._batches(train_inputs, train_targets, batch_size, "train_"),
                                                   curvature=False)]
         if not rows:

@@ -10,7 +10,8 @@ Public ops (each takes the layers' ``(a, s)`` as recorded by :func:`capture_line
 - :func:`ekfac_eigen_correction`: Λ[o, j] = (1/N) Σ_i ((Q_Sᵀ S_iᵀ A_i Q_A)[o, j])², streamed. The
   vectors are rotated by one GEMM (a Q_A, s Q_S); then T = 1 is a GEMM of the squared rotated
   vectors, (s̃²)ᵀ(ã²), and T > 1 a fused kernel that forms each sample's rotated gradient tile, squares
-  it and accumulates it, without storing an [n, d_out, d_in] tensor.
+  it and accumulates it, without storing an [n, d_out, d_in] tensor (cpu: batched GEMMs over chunks,
+  rotating S_iᵀA_i instead of the vectors where that costs fewer flops, as for conv layers).
 - :func:`ekfac_precondition`: (G_EKFAC + λI)^{-1} on the test gradients: rotate, divide by Λ + λ and
   (``basis="original"``) rotate back. Default damping: kronfluence's 0.1 × mean(Λ) per layer.
 - :func:`ekfac_scores`: scores Σ_t s̃_{i,t}ᵀ W_z ã_{i,t} of training points i against preconditioned
@@ -23,7 +24,7 @@ The cpu backend is chunked torch (the machine's BLAS), not csrc/cpu: every kerne
 batched GEMM plus an O(output) epilogue, and on this class of machine torch's GEMM runs at the
 square-GEMM peak (~180 GFLOP/s on 2 cores, TOOLCHAIN.md), which a hand-written OpenMP loop does not
 reach; the chunks keep temporaries under 16 MiB. A syrk would halve the accumulate's flops, but torch
-exposes none and the accumulate is < 1% of a fit (NOTES-ekfac.md).
+exposes none (the accumulate is ~25% of a fit of bench_ekfac's CNN, ~10% of its end to end).
 """
 from __future__ import annotations
 
@@ -247,8 +248,7 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
             if a.shape[2] != Q_A.shape[0] or s.shape[2] != Q_S.shape[0]:
                 raise ValueError(f"batches[{b}][{l}]: expected widths d_in={Q_A.shape[0]}, d_out={Q_S.shape[0]} "
                                  f"(as the eigenbases of {labels[l]}), got {a.shape[2]}, {s.shape[2]}")
-            ar, sr = _rotate(a, s, Q_A, Q_S, L.dtype)
-            impl.fn(L, sr, ar)
+            impl.fn(L, s, a, Q_S, Q_A)
             if not bool(torch.isfinite(L).all()):
                 raise ValueError(f"ekfac_eigen_correction: non-finite values (NaN or Inf) for {labels[l]} "
                                  f"in batch {b} (check the inputs, targets and parameters)")
@@ -258,37 +258,60 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
 
 
 @_CORRECTION.register("torch")
-def _correction_torch(L, sr, ar):
-    L.add_(torch.einsum("nto,nti->noi", sr.double(), ar.double()).pow(2).sum(0))
+def _correction_torch(L, s, a, Q_S, Q_A):
+    ar, sr = _rotate(a, s, Q_A, Q_S, torch.float64)
+    L.add_(torch.einsum("nto,nti->noi", sr, ar).pow(2).sum(0).to(L.dtype))
+
+
+def _gradient_first(T: int, d_out: int, d_in: int) -> bool:
+    """Whether forming each sample's S_iᵀA_i before rotating it costs fewer flops than rotating the
+    T vectors first: per sample T·(d_in² + d_out²) (vector rotations) against d_out·d_in·(d_in + d_out)
+    (Q_Sᵀ G Q_A); the T·d_out·d_in of the batched GEMM is common to both."""
+    return T > 1 and T * (d_in * d_in + d_out * d_out) > d_out * d_in * (d_in + d_out)
 
 
 @_CORRECTION.register("cpu")
-def _correction_cpu(L, sr, ar):
-    """T = 1: (s̃²)ᵀ(ã²) GEMM; T > 1: batched GEMMs Σ_t s̃_t ã_tᵀ for chunks of samples (≤ 16 MiB of
-    [chunk, d_out, d_in]), squared in place and summed into L."""
-    n, T, d_out = sr.shape
-    d_in = ar.shape[2]
-    if T == 1:
-        L.addmm_(sr[:, 0].square().T, ar[:, 0].square())
-        return
+def _correction_cpu(L, s, a, Q_S, Q_A):
+    """T = 1: (s̃²)ᵀ(ã²) GEMM. T > 1: chunks of samples (≤ 16 MiB of [chunk, d_out, d_in]) through
+    batched GEMMs, squared in place and summed into L, in the cheaper order (:func:`_gradient_first`):
+    rotate the vectors then Σ_t s̃_t ã_tᵀ, or Σ_t s_t a_tᵀ then rotate it (the conv layers: a 3 × 3
+    conv's T·d_in² rotations of patches cost 3-10× the per-sample ones)."""
+    n, T, d_out = s.shape
+    d_in = a.shape[2]
     rows = max(1, _CHUNK_BYTES // (L.element_size() * d_out * d_in))
+    if not _gradient_first(T, d_out, d_in):
+        ar, sr = _rotate(a, s, Q_A, Q_S, L.dtype)
+        if T == 1:
+            L.addmm_(sr[:, 0].square().T, ar[:, 0].square())
+            return
+        for i0 in range(0, n, rows):
+            P = torch.bmm(sr[i0:i0 + rows].transpose(1, 2), ar[i0:i0 + rows])
+            L.add_(P.square_().sum(0))
+        return
+    Q_S, Q_At = Q_S.to(L.dtype), Q_A.to(L.dtype).T
+    Lt = torch.zeros(d_in, d_out, dtype=L.dtype, device=L.device)
     for i0 in range(0, n, rows):
-        P = torch.bmm(sr[i0:i0 + rows].transpose(1, 2), ar[i0:i0 + rows])
-        L.add_(P.square_().sum(0))
+        sc, ac = s[i0:i0 + rows].to(L.dtype), a[i0:i0 + rows].to(L.dtype)
+        c = sc.shape[0]
+        X = (torch.bmm(ac.transpose(1, 2), sc).view(c * d_in, d_out) @ Q_S).view(c, d_in, d_out)  # G_iᵀ Q_S
+        Lt.add_(torch.matmul(Q_At, X).square_().sum(0))  # (Q_Sᵀ G_i Q_A)ᵀ, squared
+    L.add_(Lt.T)
 
 
 @_CORRECTION.register("triton")
-def _correction_triton(L, sr, ar):
+def _correction_triton(L, s, a, Q_S, Q_A):
     from ..triton.ekfac import eigen_correction
 
+    ar, sr = _rotate(a, s, Q_A, Q_S, L.dtype)
     eigen_correction(L, sr.contiguous(), ar.contiguous())
 
 
 @_CORRECTION.register("cuda")
-def _correction_cuda(L, sr, ar):
+def _correction_cuda(L, s, a, Q_S, Q_A):
     from .._dispatch import cuda_stream
     from .._ext import _C
 
+    ar, sr = _rotate(a, s, Q_A, Q_S, L.dtype)
     sr, ar = sr.contiguous(), ar.contiguous()
     if sr.shape[1] == 1:
         _cuda_gram(L, sr[:, 0], ar[:, 0], symmetric=False, square=True)
@@ -392,12 +415,16 @@ def _ekfac_scores_reference(train_layers, eigenbases, preconditioned) -> torch.T
 
 
 def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
-                 backend: str | None = None) -> torch.Tensor:
+                 backend: str | None = None, basis: str = "rotated") -> torch.Tensor:
     """``[n, m]`` scores Σ_layers ⟨Q_Sᵀ S_iᵀ A_i Q_A, W_z⟩_F = g_iᵀ (G + λI)^{-1} g_z for training
     points i (factors ``(a, s)``) and :func:`ekfac_precondition`'s rotated-basis ``W`` of test points z.
 
     The training vectors are rotated (ã = a Q_A, s̃ = s Q_S, one GEMM each) and the kernel evaluates
     Σ_t s̃_tᵀ W_z ã_t without any per-sample d_out × d_in matrix: Y = ã W_zᵀ then a row-wise dot with s̃.
+    ``basis="original"`` takes ``W`` from ``ekfac_precondition(..., basis="original")`` instead and
+    scores the unrotated vectors, ⟨S_iᵀ A_i, Q_S W_z Q_Aᵀ⟩ (the same number): rotating m test
+    matrices back once replaces rotating all n·T training vectors, n·T·(d_in² + d_out²) multiply-adds
+    per batch (for bench_ekfac's CNN a third of the scoring flops); :class:`EKFAC` scores this way.
     Cost O(n·T·m·d_in·d_out). Result in W's dtype (float32 or float64); non-finite → ``ValueError``.
 
     ``form``: "factored" (the kernel above, every layer), "materialized" (per chunk of ≤ 16 MiB, the
@@ -412,6 +439,7 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
     materialized chunks are torch GEMMs on the tensors' device.
     """
     check_choice("form", form, ("auto", "factored", "materialized"))
+    check_choice("basis", basis, ("rotated", "original"))
     if not isinstance(train_layers, (list, tuple)) or not train_layers:
         raise ValueError(f"train_layers: expected a non-empty list of (a, s) pairs, got {train_layers!r:.80}")
     if len(train_layers) != len(eigenbases) or len(preconditioned) != len(eigenbases):
@@ -429,7 +457,10 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
             raise ValueError(f"train_layers[{l}], preconditioned[{l}]: expected a [{n}, T, {Q_A.shape[0]}], "
                              f"s [{n}, T, {Q_S.shape[0]}], W [{m}, {Q_S.shape[0]}, {Q_A.shape[0]}], got "
                              f"{tuple(a.shape)}, {tuple(s.shape)}, {tuple(W.shape)}")
-        ar, sr = _rotate(a, s, Q_A, Q_S, W.dtype)
+        if basis == "rotated":
+            ar, sr = _rotate(a, s, Q_A, Q_S, W.dtype)
+        else:
+            ar, sr = a.to(W.dtype), s.to(W.dtype)
         if form == "factored" or (form == "auto" and a.shape[1] * m <= a.shape[2]):
             impl.fn(out, sr, ar, W)
         else:

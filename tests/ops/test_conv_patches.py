@@ -25,14 +25,25 @@ def test_matches_reference(backend, dtype, k, s, p, d, bias):
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9), kh=st.integers(1, 4),
        kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2), pw=st.integers(0, 2),
-       dh=st.integers(1, 2), dw=st.integers(1, 2), bias=st.booleans())
-def test_cpu_hypothesis(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, bias):
+       dh=st.integers(1, 2), dw=st.integers(1, 2), bias=st.booleans(), channels_last=st.booleans())
+def test_cpu_hypothesis(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, bias, channels_last):
     if _C is None:
         pytest.skip("native module not built")
     assume(output_size(h, kh, sh, ph, dh) >= 1 and output_size(w, kw, sw, pw, dw) >= 1)
     x = randn(n, c, h, w, seed=n * 100 + c)
+    if channels_last:  # the capture's CPU layout (contiguous channel reads in the kernel)
+        x = x.contiguous(memory_format=torch.channels_last)
     args = ((kh, kw), (sh, sw), (ph, pw), (dh, dw))
     assert torch.equal(conv_patches(x, *args, bias, backend="cpu"), _conv_patches_reference(x, *args, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_kernel(backend):
+    """Kernels of more than 121 taps take the cpu kernel's per-element path."""
+    x = randn(2, 3, 14, 13, seed=5).contiguous(memory_format=torch.channels_last)
+    out = conv_patches(x, (12, 11), 1, (1, 2), 1, True, backend=backend)
+    assert out.shape == (2, 5 * 7, 3 * 12 * 11 + 1)
+    assert torch.equal(out, _conv_patches_reference(x, (12, 11), (1, 1), (1, 2), (1, 1), True))
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])

@@ -94,6 +94,10 @@ def test_precondition_and_scores(backend_device, shapes, dtype, form):
          for a, s in train]
     dense = sum(g.flatten(1) @ w.double().flatten(1).T for g, w in zip(G, W_orig))
     assert rel(out, dense.cpu()) < (1e-10 if dtype == torch.float64 else 1e-4)
+    # and basis="original" scores the unrotated vectors against W_orig: the same numbers
+    out_o = ekfac_scores(train, bases, W_orig, form=form, backend=backend, basis="original")
+    assert out_o.shape == (7, 6) and out_o.dtype == dtype
+    assert rel(out_o, dense.cpu()) < (1e-10 if dtype == torch.float64 else 1e-4)
 
 
 def test_kfac_equals_ekfac_for_independent_factors(backend_device):
@@ -154,5 +158,7 @@ def test_eigh_guard_and_argument_errors():
     W = ekfac_precondition(batches[0], bases, Lam)
     with pytest.raises(ValueError, match="form"):
         ekfac_scores(batches[0], bases, W, form="dense")
+    with pytest.raises(ValueError, match="basis"):
+        ekfac_scores(batches[0], bases, W, basis="eigen")
     with pytest.raises(ValueError, match="expected 2 layers"):
         ekfac_scores(batches[0][:1], bases, W)

@@ -11,7 +11,7 @@ Public ops (each takes the layers' ``(a, s)`` as recorded by :func:`capture_line
   vectors are rotated by one GEMM (a Q_A, s Q_S); then T = 1 is a GEMM of the squared rotated
   vectors, (s̃²)ᵀ(ã²), and T > 1 a fused kernel that forms each sample's rotated gradient tile, squares
   it and accumulates it, without storing an [n, d_out, d_in] tensor (cpu: batched GEMMs over chunks,
-  rotating S_iᵀA_i instead of the vectors where that costs fewer flops, as for conv layers).
+  each factor rotating S_iᵀA_i instead of the T vectors where that costs fewer flops: conv layers).
 - :func:`ekfac_precondition`: (G_EKFAC + λI)^{-1} on the test gradients: rotate, divide by Λ + λ and
   (``basis="original"``) rotate back. Default damping: kronfluence's 0.1 × mean(Λ) per layer.
 - :func:`ekfac_scores`: scores Σ_t s̃_{i,t}ᵀ W_z ã_{i,t} of training points i against preconditioned
@@ -263,39 +263,32 @@ def _correction_torch(L, s, a, Q_S, Q_A):
     L.add_(torch.einsum("nto,nti->noi", sr, ar).pow(2).sum(0).to(L.dtype))
 
 
-def _gradient_first(T: int, d_out: int, d_in: int) -> bool:
-    """Whether forming each sample's S_iᵀA_i before rotating it costs fewer flops than rotating the
-    T vectors first: per sample T·(d_in² + d_out²) (vector rotations) against d_out·d_in·(d_in + d_out)
-    (Q_Sᵀ G Q_A); the T·d_out·d_in of the batched GEMM is common to both."""
-    return T > 1 and T * (d_in * d_in + d_out * d_out) > d_out * d_in * (d_in + d_out)
-
-
 @_CORRECTION.register("cpu")
 def _correction_cpu(L, s, a, Q_S, Q_A):
-    """T = 1: (s̃²)ᵀ(ã²) GEMM. T > 1: chunks of samples (≤ 16 MiB of [chunk, d_out, d_in]) through
-    batched GEMMs, squared in place and summed into L, in the cheaper order (:func:`_gradient_first`):
-    rotate the vectors then Σ_t s̃_t ã_tᵀ, or Σ_t s_t a_tᵀ then rotate it (the conv layers: a 3 × 3
-    conv's T·d_in² rotations of patches cost 3-10× the per-sample ones)."""
+    """Chunks of samples (≤ 16 MiB of [chunk, d_out, d_in]): a batched GEMM forms Σ_t s_t a_tᵀ, which is
+    squared in place and summed into L. Each factor's rotation is applied where it costs fewer flops:
+    to the T vectors (T·d² per sample) or to the formed d_out × d_in matrix (d_out·d_in² for Q_A,
+    d_in·d_out² for Q_S), i.e. s is rotated first iff T ≤ d_in and a iff T ≤ d_out. T = 1 rotates
+    both and is one GEMM of the squares, (s̃²)ᵀ(ã²); a 3 × 3 conv layer (T·d_in² ≫ d_out·d_in²)
+    rotates the formed matrices."""
     n, T, d_out = s.shape
     d_in = a.shape[2]
-    rows = max(1, _CHUNK_BYTES // (L.element_size() * d_out * d_in))
-    if not _gradient_first(T, d_out, d_in):
-        ar, sr = _rotate(a, s, Q_A, Q_S, L.dtype)
-        if T == 1:
-            L.addmm_(sr[:, 0].square().T, ar[:, 0].square())
-            return
-        for i0 in range(0, n, rows):
-            P = torch.bmm(sr[i0:i0 + rows].transpose(1, 2), ar[i0:i0 + rows])
-            L.add_(P.square_().sum(0))
+    rotate_s, rotate_a = T <= d_in, T <= d_out
+    Q_S, Q_A = Q_S.to(L.dtype), Q_A.to(L.dtype)
+    s = s.to(L.dtype) @ Q_S if rotate_s else s.to(L.dtype)
+    a = a.to(L.dtype) @ Q_A if rotate_a else a.to(L.dtype)
+    if T == 1:
+        L.addmm_(s[:, 0].square().T, a[:, 0].square())
         return
-    Q_S, Q_At = Q_S.to(L.dtype), Q_A.to(L.dtype).T
-    Lt = torch.zeros(d_in, d_out, dtype=L.dtype, device=L.device)
+    rows = max(1, _CHUNK_BYTES // (L.element_size() * d_out * d_in))
     for i0 in range(0, n, rows):
-        sc, ac = s[i0:i0 + rows].to(L.dtype), a[i0:i0 + rows].to(L.dtype)
-        c = sc.shape[0]
-        X = (torch.bmm(ac.transpose(1, 2), sc).view(c * d_in, d_out) @ Q_S).view(c, d_in, d_out)  # G_iᵀ Q_S
-        Lt.add_(torch.matmul(Q_At, X).square_().sum(0))  # (Q_Sᵀ G_i Q_A)ᵀ, squared
-    L.add_(Lt.T)
+        G = torch.bmm(s[i0:i0 + rows].transpose(1, 2), a[i0:i0 + rows])  # [c, d_out, d_in]
+        c = G.shape[0]
+        if not rotate_a:
+            G = (G.view(c * d_out, d_in) @ Q_A).view(c, d_out, d_in)
+        if not rotate_s:
+            G = torch.matmul(Q_S.T, G)
+        L.add_(G.square_().sum(0))
 
 
 @_CORRECTION.register("triton")

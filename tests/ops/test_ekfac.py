@@ -8,8 +8,9 @@ from fimoda_kernels.ops.ekfac import (_ekfac_eigen_correction_reference, _ekfac_
                                       ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondition, ekfac_scores,
                                       kfac_eigenvalues, kfac_factors)
 
-# (T, d_in, d_out) of two layers per case: odd widths, T = 1 and T > 1 (a sequence / conv layer)
-SHAPES = [((1, 5, 3), (1, 19, 21)), ((3, 6, 2), (5, 17, 9)), ((1, 1, 1), (4, 33, 7))]
+# (T, d_in, d_out) of two layers per case: odd widths, T = 1 and T > 1 (a sequence / conv layer);
+# T > 1 layers with T ≤ / > d_in and ≤ / > d_out (the cpu correction's rotation orders)
+SHAPES = [((1, 5, 3), (1, 19, 21)), ((3, 6, 2), (5, 17, 9)), ((1, 1, 1), (4, 33, 7)), ((6, 4, 3), (9, 3, 11))]
 
 
 def _tol(dtype):

@@ -187,12 +187,13 @@ def test_sampled_curvature_matches_its_expectation():
     assert _rel(emp.factors[1][1], expect) > 0.1  # the empirical Fisher is a different matrix
 
 
-@pytest.mark.parametrize("curvature", ["gn", "sampled"])
-def test_cached_second_pass_equals_recomputed(curvature):
-    """The correction pass on the first pass's cached (a, s) equals a recomputed second pass (the
-    sampling generator restarts, so the sampled labels are the same too), and a too-small cache falls back."""
-    model, task = _model("mlp")
-    x, y = _data("mlp", 30, 1)
+@pytest.mark.parametrize("kind,curvature", [("mlp", "gn"), ("mlp", "sampled"), ("conv", "sampled")])
+def test_cached_second_pass_equals_recomputed(kind, curvature):
+    """The correction pass on the first pass's cached (a, s) — gradient matrices for the conv layer —
+    equals a recomputed second pass (the sampling generator restarts, so the sampled labels are the
+    same too), and a too-small cache falls back."""
+    model, task = _model(kind)
+    x, y = _data(kind, 30, 1)
     fits = [EKFAC(model, task, curvature=curvature, dtype=torch.float64).fit(x, y, batch_size=8, cache_bytes=c)
             for c in (2**20, 0, 3000)]
     for other in fits[1:]:

@@ -60,12 +60,29 @@ def _layer_names(names, count: int) -> list[str]:
     return [f"layer {n!r}" for n in names]
 
 
-def _batch_layers(batch, b: int, expected: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batch_layers(batch, b: int, expected: int | None, matrices: bool = False) -> list:
+    """Validated per-layer (a, s) pairs (3-D) of batch b; with ``matrices`` an entry may instead be a
+    3-D tensor of per-sample gradient matrices (kept as is)."""
     if not isinstance(batch, (list, tuple)) or not batch:
         raise ValueError(f"batches[{b}]: expected a non-empty list of (a, s) pairs, got {batch!r:.80}")
     if expected is not None and len(batch) != expected:
         raise ValueError(f"batches[{b}]: expected {expected} layers (as batch 0), got {len(batch)}")
-    return [check_layer_pair(*pair, prefix=f"batches[{b}][{l}] ") for l, pair in enumerate(batch)]
+    out = []
+    for l, entry in enumerate(batch):
+        if matrices and isinstance(entry, torch.Tensor):
+            out.append(check_tensor(f"batches[{b}][{l}]", entry, ndim=3, dtypes=FLOAT_DTYPES))
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            out.append(check_layer_pair(*entry, prefix=f"batches[{b}][{l}] "))
+        else:
+            raise ValueError(f"batches[{b}][{l}]: expected an (a, s) pair"
+                             f"{' or gradient matrices [n, d_out, d_in]' if matrices else ''}, "
+                             f"got {type(entry).__name__}")
+    return out
+
+
+def _entry_tensor(entry) -> torch.Tensor:
+    """A tensor of a layer entry (its gradient matrices, or a of the pair): rows, device, dtype."""
+    return entry if isinstance(entry, torch.Tensor) else entry[0]
 
 
 # ----------------------------------------------------------------------------- factors
@@ -224,10 +241,14 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
     """EK-FAC eigenvalues per layer, streamed: Λ[o, j] = (1/N) Σ_i ((Q_Sᵀ S_iᵀ A_i Q_A)[o, j])², ``[d_out, d_in]``.
 
     Args:
-        batches: iterable of per-layer ``(a, s)`` lists, as :func:`kfac_factors` (same layer order).
+        batches: iterable of per-layer lists, as :func:`kfac_factors` (same layer order), each entry an
+            ``(a, s)`` pair or, for a layer, its per-sample gradient matrices Σ_t s_t a_tᵀ
+            ``[n, d_out, d_in]`` (:func:`layer_gradient_matrices`; what :class:`EKFAC` keeps between
+            its two passes where they are smaller than the pair).
         eigenbases: :func:`ekfac_eigenbases`' output ``[(Q_A, λ_A, Q_S, λ_S), ...]``.
         dtype: accumulation dtype (default: the eigenvectors'), float32 or float64.
-        backend: for the square-accumulate kernel (the rotation is a torch GEMM on every backend).
+        backend: for the square-accumulate kernel of (a, s) pairs; gradient matrices are rotated by
+            torch GEMMs on their device.
 
     T = 1: Λ = (1/N) (s̃²)ᵀ (ã²) with s̃ = s Q_S, ã = a Q_A — a GEMM of squared rotated vectors (the
     squaring fused into the GEMM's operand loads on triton/cuda). T > 1: the fused kernel forms
@@ -237,18 +258,29 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
     labels = _layer_names(names, len(eigenbases))
     acc, n = None, 0
     for b, batch in enumerate(batches):
-        layers = _batch_layers(batch, b, len(eigenbases))
+        layers = _batch_layers(batch, b, len(eigenbases), matrices=True)
+        first = _entry_tensor(layers[0])
         if acc is None:
-            device = layers[0][0].device
             dt = _check_acc_dtype("dtype", dtype or eigenbases[0][0].dtype)
-            impl = _CORRECTION.select(backend, device, layers[0][0])
-            acc = [torch.zeros(s.shape[2], a.shape[2], dtype=dt, device=device) for a, s in layers]
-        n += layers[0][0].shape[0]
-        for l, ((a, s), (Q_A, _, Q_S, _), L) in enumerate(zip(layers, eigenbases, acc)):
-            if a.shape[2] != Q_A.shape[0] or s.shape[2] != Q_S.shape[0]:
-                raise ValueError(f"batches[{b}][{l}]: expected widths d_in={Q_A.shape[0]}, d_out={Q_S.shape[0]} "
-                                 f"(as the eigenbases of {labels[l]}), got {a.shape[2]}, {s.shape[2]}")
-            impl.fn(L, s, a, Q_S, Q_A)
+            impl = _CORRECTION.select(backend, first.device, first)
+            acc = [torch.zeros(Q_S.shape[0], Q_A.shape[0], dtype=dt, device=first.device)
+                   for Q_A, _, Q_S, _ in eigenbases]
+        n += first.shape[0]
+        for l, (entry, (Q_A, _, Q_S, _), L) in enumerate(zip(layers, eigenbases, acc)):
+            if isinstance(entry, torch.Tensor):
+                if entry.shape[1:] != L.shape or entry.shape[0] != first.shape[0]:
+                    raise ValueError(f"batches[{b}][{l}]: expected gradient matrices [{first.shape[0]}, "
+                                     f"{L.shape[0]}, {L.shape[1]}] (the eigenbases of {labels[l]}), got "
+                                     f"{tuple(entry.shape)}")
+                for i0 in range(0, entry.shape[0], _chunk_rows(L)):
+                    _rotate_square_sum(L, entry[i0:i0 + _chunk_rows(L)].to(L.dtype), Q_S, Q_A)
+            else:
+                a, s = entry
+                if a.shape[2] != Q_A.shape[0] or s.shape[2] != Q_S.shape[0]:
+                    raise ValueError(f"batches[{b}][{l}]: expected widths d_in={Q_A.shape[0]}, "
+                                     f"d_out={Q_S.shape[0]} (as the eigenbases of {labels[l]}), got "
+                                     f"{a.shape[2]}, {s.shape[2]}")
+                impl.fn(L, s, a, Q_S, Q_A)
             if not bool(torch.isfinite(L).all()):
                 raise ValueError(f"ekfac_eigen_correction: non-finite values (NaN or Inf) for {labels[l]} "
                                  f"in batch {b} (check the inputs, targets and parameters)")
@@ -280,15 +312,35 @@ def _correction_cpu(L, s, a, Q_S, Q_A):
     if T == 1:
         L.addmm_(s[:, 0].square().T, a[:, 0].square())
         return
-    rows = max(1, _CHUNK_BYTES // (L.element_size() * d_out * d_in))
+    rows = _chunk_rows(L)
     for i0 in range(0, n, rows):
         G = torch.bmm(s[i0:i0 + rows].transpose(1, 2), a[i0:i0 + rows])  # [c, d_out, d_in]
-        c = G.shape[0]
-        if not rotate_a:
-            G = (G.view(c * d_out, d_in) @ Q_A).view(c, d_out, d_in)
-        if not rotate_s:
-            G = torch.matmul(Q_S.T, G)
-        L.add_(G.square_().sum(0))
+        _rotate_square_sum(L, G, None if rotate_s else Q_S, None if rotate_a else Q_A)
+
+
+def _chunk_rows(L: torch.Tensor) -> int:
+    """Samples per chunk of [chunk, d_out, d_in] temporaries in L's dtype under the 16 MiB budget."""
+    return max(1, _CHUNK_BYTES // (L.element_size() * L.numel()))
+
+
+def _rotate_square_sum(L, G, Q_S, Q_A):
+    """L += Σ_i ((Q_Sᵀ G_i Q_A)²) for a chunk G [c, d_out, d_in] in L's dtype (overwritten); a factor
+    given as None is already applied."""
+    c, d_out, d_in = G.shape
+    if Q_A is not None:
+        G = (G.reshape(c * d_out, d_in) @ Q_A.to(L.dtype)).view(c, d_out, d_in)
+    if Q_S is not None:
+        G = torch.matmul(Q_S.to(L.dtype).T, G)
+    L.add_(G.square_().sum(0))
+
+
+def layer_gradient_matrices(a: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample gradient matrices Σ_t s_t a_tᵀ ``[n, d_out, d_in]`` in ``dtype`` of a layer's ``(a, s)``
+    (2-D or 3-D, as the capture records them): one batched GEMM. :class:`EKFAC` keeps these instead
+    of the pair between its passes when d_out·d_in < T·(d_in + d_out) (conv layers: a fraction of
+    the patches' size) and hands them to :func:`ekfac_eigen_correction`."""
+    a, s = check_layer_pair(a, s)
+    return torch.bmm(s.to(dtype).transpose(1, 2), a.to(dtype))
 
 
 @_CORRECTION.register("triton")

@@ -6,7 +6,7 @@ from helpers import randn, rel
 from fimoda_kernels.ops.ekfac import (_ekfac_eigen_correction_reference, _ekfac_precondition_reference,
                                       _ekfac_scores_reference, _kfac_factors_reference, default_damping,
                                       ekfac_eigen_correction, ekfac_eigenbases, ekfac_precondition, ekfac_scores,
-                                      kfac_eigenvalues, kfac_factors)
+                                      kfac_eigenvalues, kfac_factors, layer_gradient_matrices)
 
 # (T, d_in, d_out) of two layers per case: odd widths, T = 1 and T > 1 (a sequence / conv layer);
 # T > 1 layers with T ≤ / > d_in and ≤ / > d_out (the cpu correction's rotation orders)
@@ -69,6 +69,10 @@ def test_eigen_correction(backend_device, shapes, dtype):
     assert all(L.shape == (S.shape[0], A.shape[0]) and L.dtype == dtype
                for L, (A, _, S, _) in zip(out, bases))
     assert _rel_all(out, ref) < _tol(dtype)
+    # a layer may come as its per-sample gradient matrices instead of (a, s) (what EKFAC caches)
+    mixed = [[layer_gradient_matrices(*b[0], dtype), b[1]] for b in batches]
+    assert mixed[0][0].shape == (7, bases[0][2].shape[0], bases[0][0].shape[0])
+    assert _rel_all(ekfac_eigen_correction(mixed, bases, backend=backend), ref) < _tol(dtype)
 
 
 @pytest.mark.parametrize("shapes", SHAPES)
@@ -148,6 +152,11 @@ def test_eigh_guard_and_argument_errors():
         kfac_factors([batches[0], batches[1][:1]])
     bases = ekfac_eigenbases(kfac_factors(batches))
     Lam = ekfac_eigen_correction(batches, bases)
+    G = layer_gradient_matrices(*batches[0][1], torch.float32)
+    with pytest.raises(ValueError, match=r"batches\[0\]\[1\]: expected an \(a, s\) pair, got Tensor"):
+        kfac_factors([[batches[0][0], G]])
+    with pytest.raises(ValueError, match=r"batches\[0\]\[0\]: expected gradient matrices \[7, 3, 5\]"):
+        ekfac_eigen_correction([[G, batches[0][1]]], bases)
     with pytest.raises(ValueError, match="damping"):
         ekfac_precondition(batches[0], bases, Lam, damping=-1.0)
     with pytest.raises(ValueError, match="basis"):

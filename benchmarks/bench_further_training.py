@@ -20,7 +20,14 @@ process CPU time of one call (``time.process_time``) is reported too, with the G
 the same way (fp32 2048³ matmul, same thread count); with one thread (``OMP_NUM_THREADS=1``) CPU
 seconds approximate the wall time on an idle core. The summary table at the end uses CPU time.
 
+``--study`` instead runs the paper's whole Energy study once, fused fp32: 101 × 100 runs (N_LOO = 100,
+100 seeds), ``--study-epochs`` epochs (500), evaluated every epoch, in chunks of ``--max-memory``
+bytes (default: the library's 1 GiB on a CPU, 32 GiB on a GPU, where one chunk of all 10 100 models
+keeps the device busy); the time of one call is recorded as op ``further_train_study``. Scaling
+the small case linearly misjudges a GPU, whose time per step barely grows with the models of a chunk.
+
     python benchmarks/bench_further_training.py [--quick] [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_further_training.py --study [--study-epochs E] [--max-memory BYTES] [--device cuda]
 """
 import copy
 import sys
@@ -94,8 +101,56 @@ def cpu_gemm_peak() -> float:
     return 2 * 2048 ** 3 / cpu_seconds(lambda: torch.matmul(a, b), 3) / 1e9
 
 
+def study(args) -> int:
+    """The paper's full Energy study in one timed call (see the module doc)."""
+    import fimoda_kernels as fk
+
+    epochs = args.study_epochs
+    max_memory = args.max_memory or (2**30 if args.device == "cpu" else 32 * 2**30)
+    model, train, test = energy_like(args.device, torch.float32)
+    loo, seeds = list(range(0, N, N // 100))[:100], list(range(100))
+    weights = sum(p.numel() for p in model.parameters())
+    nb_full, nb_loo = -(-N // BATCH), -(-(N - 1) // BATCH)
+    model_steps = len(seeds) * (nb_full + len(loo) * nb_loo) * epochs
+    points = len(seeds) * (N + len(loo) * (N - 1)) * epochs
+    flops = 6 * points * weights + 2 * N_TEST * weights * STUDY_RUNS * (epochs + 1)
+
+    def run(s, e):
+        return fk.further_train(model, train, test, loo, s, epochs=e, lr=LR, batch_size=BATCH,
+                                max_memory=max_memory, progress=False)
+
+    run(seeds[:2], 1)  # warm-up: kernels compiled, allocator primed
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    result = run(seeds, epochs)
+    sync()
+    wall = time.perf_counter() - t
+    if not bool(torch.isfinite(result.losses).all()):
+        raise RuntimeError("further_train_study: non-finite test losses")
+    shape = dict(n=N, d=D, hidden=HIDDEN, batch=BATCH, n_loo=len(loo), seeds=len(seeds), epochs=epochs)
+    record("further_train_study", "fused", shape, torch.float32, args.device, dict(median_s=wall, n=1),
+           flops=flops, peaks=args.peaks, out_dir=args.out, mode=args.mode,
+           extra=dict(model_steps_per_s=model_steps / wall, max_memory=max_memory,
+                      models_per_chunk=result.config["models_per_chunk"],
+                      projected_500_epochs_s=wall * STUDY_EPOCHS / epochs))
+    print(f"  full Energy study ({STUDY_RUNS} runs × {epochs} epochs): {fmt_time(wall)}, "
+          f"{model_steps / wall:.0f} model·steps/s" + ("" if epochs == STUDY_EPOCHS else
+                                                        f"; × {STUDY_EPOCHS / epochs:g} for 500 epochs: "
+                                                        f"{fmt_time(wall * STUDY_EPOCHS / epochs)}"))
+    return finish()
+
+
 def main(argv=None) -> int:
-    args = parse_args(__doc__, argv)
+    def options(p):
+        p.add_argument("--study", action="store_true", help="time the paper's whole Energy study once")
+        p.add_argument("--study-epochs", type=int, default=STUDY_EPOCHS, help="epochs of --study (default 500)")
+        p.add_argument("--max-memory", type=int, default=None,
+                       help="further_train's max_memory for --study (default 1 GiB on cpu, 32 GiB on cuda)")
+
+    args = parse_args(__doc__, argv, options)
+    if args.study:
+        return study(args)
     import fimoda_kernels as fk
 
     cpu = args.device == "cpu"

@@ -24,7 +24,8 @@ seconds approximate the wall time on an idle core. The summary table at the end 
 100 seeds), ``--study-epochs`` epochs (500), evaluated every epoch, in chunks of ``--max-memory``
 bytes (default: the library's 1 GiB on a CPU, 32 GiB on a GPU, where one chunk of all 10 100 models
 keeps the device busy); the time of one call is recorded as op ``further_train_study``. Scaling
-the small case linearly misjudges a GPU, whose time per step barely grows with the models of a chunk.
+the small case linearly can overstate a GPU's time: the H200 ran the 1010-model case 4.5% busy, so its
+time per step should grow far less than linearly with the models per chunk (this measures it).
 
     python benchmarks/bench_further_training.py [--quick] [--device cpu|cuda] [--out DIR]
     python benchmarks/bench_further_training.py --study [--study-epochs E] [--max-memory BYTES] [--device cuda]

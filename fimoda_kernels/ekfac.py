@@ -47,9 +47,11 @@ def _layer_dims(module: nn.Module) -> tuple[int, int]:
 
 def _compact(a: torch.Tensor, s: torch.Tensor, dtype: torch.dtype):
     """What the fit keeps of a layer's (a, s) for the correction pass: the per-sample gradient
-    matrices where they are smaller, d_out·d_in < T·(d_in + d_out) (conv layers: 448 against 11 264
-    values per sample for bench_ekfac's first one; also less memory to fault in), else the pair."""
-    if a.dim() == 3 and s.shape[2] * a.shape[2] < a.shape[1] * (a.shape[2] + s.shape[2]):
+    matrices (in ``dtype``) where they take fewer bytes, d_out·d_in·size(dtype) < T·(d_in + d_out)·
+    size(a) (conv layers: 448 against 11 264 values per sample for bench_ekfac's first one; also less
+    memory to fault in), else the pair."""
+    size = torch.finfo(dtype).bits / torch.finfo(a.dtype).bits  # matrix element / pair element
+    if a.dim() == 3 and s.shape[2] * a.shape[2] * size < a.shape[1] * (a.shape[2] + s.shape[2]):
         return layer_gradient_matrices(a, s, dtype)
     return a, s
 
@@ -186,7 +188,7 @@ class EKFAC:
         eigenvalue correction, which reuses the first pass's captured (a, s) when they take at most
         ``cache_bytes`` (default 1 GiB, the library-wide memory budget; 0 disables the cache: the
         data are then read, and labels sampled, again). Layers whose per-sample gradient matrices
-        are smaller than their (a, s) — convolutions — are kept as those matrices.
+        take fewer bytes than their (a, s) — convolutions — are kept as those matrices.
         Non-finite values raise, naming the layer and the batch. Returns ``self``."""
         cache_bytes = check_int("cache_bytes", cache_bytes, min_value=0)
         self.layer_names = None

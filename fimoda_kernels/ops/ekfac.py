@@ -15,9 +15,10 @@ Public ops (each takes the layers' ``(a, s)`` as recorded by :func:`capture_line
 - :func:`ekfac_precondition`: (G_EKFAC + λI)^{-1} on the test gradients: rotate, divide by Λ + λ and
   (``basis="original"``) rotate back. Default damping: kronfluence's 0.1 × mean(Λ) per layer.
 - :func:`ekfac_scores`: scores Σ_t s̃_{i,t}ᵀ W_z ã_{i,t} of training points i against preconditioned
-  test gradients W_z in the rotated basis, from the training factors: the factored kernel (no
-  per-sample d_out × d_in matrix of the training set), or — chosen per layer where it is faster, see
-  its ``form`` — chunks of rotated per-sample gradients under a 16 MiB budget and one GEMM.
+  test gradients W_z in the rotated basis (or, ``basis="original"``, of the unrotated vectors against
+  W_z rotated back), from the training factors: the factored kernel (no per-sample d_out × d_in
+  matrix of the training set), or — chosen per layer where it is faster, see its ``form`` — chunks of
+  per-sample gradients under a 16 MiB budget and one GEMM.
 
 Backends of the three kernels (accumulate, correction, score): "cpu", "triton", "cuda", "torch".
 The cpu backend is chunked torch (the machine's BLAS), not csrc/cpu: every kernel here is a GEMM or
@@ -251,9 +252,10 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
             torch GEMMs on their device.
 
     T = 1: Λ = (1/N) (s̃²)ᵀ (ã²) with s̃ = s Q_S, ã = a Q_A — a GEMM of squared rotated vectors (the
-    squaring fused into the GEMM's operand loads on triton/cuda). T > 1: the fused kernel forms
-    Σ_t s̃_t ã_tᵀ per sample tile by tile, squares and accumulates it. Non-finite results raise,
-    naming the layer and the batch.
+    squaring fused into the GEMM's operand loads on triton/cuda). T > 1: on triton/cuda the fused
+    kernel forms Σ_t s̃_t ã_tᵀ per sample tile by tile, squares and accumulates it; cpu (and
+    gradient-matrix entries) rotate the formed per-sample matrices where that is cheaper (see
+    ``_correction_cpu``). Non-finite results raise, naming the layer and the batch.
     """
     labels = _layer_names(names, len(eigenbases))
     acc, n = None, 0
@@ -268,6 +270,7 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
         n += first.shape[0]
         for l, (entry, (Q_A, _, Q_S, _), L) in enumerate(zip(layers, eigenbases, acc)):
             if isinstance(entry, torch.Tensor):
+                check_tensor(f"batches[{b}][{l}]", entry, device=first.device)
                 if entry.shape[1:] != L.shape or entry.shape[0] != first.shape[0]:
                     raise ValueError(f"batches[{b}][{l}]: expected gradient matrices [{first.shape[0]}, "
                                      f"{L.shape[0]}, {L.shape[1]}] (the eigenbases of {labels[l]}), got "
@@ -276,6 +279,10 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
                     _rotate_square_sum(L, entry[i0:i0 + _chunk_rows(L)].to(L.dtype), Q_S, Q_A)
             else:
                 a, s = entry
+                check_tensor(f"batches[{b}][{l}] a", a, device=first.device)
+                if a.shape[0] != first.shape[0]:
+                    raise ValueError(f"batches[{b}][{l}]: expected {first.shape[0]} samples (as layer 0), "
+                                     f"got {a.shape[0]}")
                 if a.shape[2] != Q_A.shape[0] or s.shape[2] != Q_S.shape[0]:
                     raise ValueError(f"batches[{b}][{l}]: expected widths d_in={Q_A.shape[0]}, "
                                      f"d_out={Q_S.shape[0]} (as the eigenbases of {labels[l]}), got "
@@ -414,8 +421,8 @@ def ekfac_precondition(test_layers, eigenbases, eigenvalues, damping=None, basis
         eigenbases: :func:`ekfac_eigenbases` output; eigenvalues: per-layer Λ ``[d_out, d_in]``
             (EK-FAC's :func:`ekfac_eigen_correction` or K-FAC's :func:`kfac_eigenvalues`).
         damping: λ ≥ 0 for every layer, a list (one per layer), or None for 0.1 × mean(Λ) per layer.
-        basis: "rotated" returns W_z = (Q_Sᵀ V_z Q_A) ⊘ (Λ + λ) (what :func:`ekfac_scores` takes);
-            "original" rotates back: Q_S W_z Q_Aᵀ = (G + λI)^{-1} V_z.
+        basis: "rotated" returns W_z = (Q_Sᵀ V_z Q_A) ⊘ (Λ + λ); "original" rotates back:
+            Q_S W_z Q_Aᵀ = (G + λI)^{-1} V_z (:func:`ekfac_scores` takes either, given the same ``basis``).
         dtype: compute dtype (default: the eigenvectors').
 
     The rotation is formed from the factors, Q_Sᵀ V_z Q_A = Σ_t (Q_Sᵀ r_t)(Q_Aᵀ b_t)ᵀ. Returns
@@ -473,7 +480,7 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
     Cost O(n·T·m·d_in·d_out). Result in W's dtype (float32 or float64); non-finite → ``ValueError``.
 
     ``form``: "factored" (the kernel above, every layer), "materialized" (per chunk of ≤ 16 MiB, the
-    rotated gradients Σ_t s̃_t ã_tᵀ by a batched GEMM, then one GEMM against all W_z: cost
+    gradients Σ_t s̃_t ã_tᵀ (unrotated for "original") by a batched GEMM, then one GEMM against all W_z: cost
     O(n·(T + m)·d_in·d_out), temporaries c·d_out·d_in per chunk of c samples, never n × p) or "auto":
     per layer, factored when T·m ≤ d_in, else materialized chunks. Why: both do the same
     2·n·m·d_in·d_out multiply-adds for T = 1, but the factored form streams an intermediate
@@ -516,7 +523,8 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
 
 
 def _scores_materialized(out, sr, ar, W):
-    """out += vec(Σ_t s̃_t ã_tᵀ) @ vec(W)ᵀ in chunks of ≤ 16 MiB of rotated per-sample gradients."""
+    """out += vec(Σ_t s̃_t ã_tᵀ) @ vec(W)ᵀ in chunks of ≤ 16 MiB of per-sample gradients (of the
+    vectors given: rotated or not)."""
     n, T, d_out = sr.shape
     m, _, d_in = W.shape
     Wf = W.reshape(m, d_out * d_in).T

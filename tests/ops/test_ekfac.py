@@ -157,6 +157,9 @@ def test_eigh_guard_and_argument_errors():
         kfac_factors([[batches[0][0], G]])
     with pytest.raises(ValueError, match=r"batches\[0\]\[0\]: expected gradient matrices \[7, 3, 5\]"):
         ekfac_eigen_correction([[G, batches[0][1]]], bases)
+    short = (batches[0][1][0][:3], batches[0][1][1][:3])  # a pair with fewer samples than layer 0
+    with pytest.raises(ValueError, match=r"batches\[0\]\[1\]: expected 7 samples \(as layer 0\), got 3"):
+        ekfac_eigen_correction([[batches[0][0], short]], bases)
     with pytest.raises(ValueError, match="damping"):
         ekfac_precondition(batches[0], bases, Lam, damping=-1.0)
     with pytest.raises(ValueError, match="basis"):

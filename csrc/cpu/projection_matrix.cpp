@@ -42,19 +42,20 @@ RademacherBlockFn rademacher_block_impl() {
   return nullptr;
 }
 
+// Columns [c0, c1) of one row: Philox blocks from the one holding column c0; blocks that lie
+// wholly inside [c0, c1) are written in place, the partial first and last ones through vals.
 template <typename T, int kKind>
 void fill_row(PhiloxBlockFn philox, GaussianBlockFn gaussian_f32, RademacherBlockFn rademacher_f32, T* row,
-              int64_t k, uint64_t index, uint32_t k0, uint32_t k1, T scale) {
+              int64_t c0, int64_t c1, uint64_t index, uint32_t k0, uint32_t k1, T scale) {
   constexpr int kPerCall = kKind == kRademacher ? 4 : 2;
   constexpr int kPerBlock = kBlock * kPerCall;
-  const int64_t groups = (k + kPerCall - 1) / kPerCall;  // < 2^32: k < 2^32 is checked in Python
   PhiloxBlock w;
   T vals[kPerBlock];
-  for (int64_t g0 = 0; g0 < groups; g0 += kBlock) {
+  for (int64_t g0 = c0 / kPerCall; g0 * kPerCall < c1; g0 += kBlock) {  // g0 < 2^32: k < 2^32 (Python)
     philox(uint32_t(g0), lo32(index), hi32(index), kKind == kRademacher ? 0u : 1u, k0, k1, w);
     const int64_t j0 = g0 * kPerCall;
-    const bool whole = k - j0 >= kPerBlock;
-    T* dst = whole ? row + j0 : vals;  // the last, partial block goes through vals
+    const bool whole = j0 >= c0 && c1 - j0 >= kPerBlock;
+    T* dst = whole ? row + (j0 - c0) : vals;
     if constexpr (kKind == kGaussian && std::is_same_v<T, float>) {
       gaussian_f32(w, scale, dst);
     } else {
@@ -71,15 +72,18 @@ void fill_row(PhiloxBlockFn philox, GaussianBlockFn gaussian_f32, RademacherBloc
         }
       }
     }
-    if (!whole) std::copy(vals, vals + (k - j0), row + j0);
+    if (!whole) {
+      const int64_t lo = std::max(j0, c0), hi = std::min(j0 + kPerBlock, c1);
+      std::copy(vals + (lo - j0), vals + (hi - j0), row + (lo - c0));
+    }
   }
 }
 
 }  // namespace
 
 template <typename T>
-void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind, uint64_t row_offset,
-                       double scale) {
+void projection_matrix(T* out, int64_t rows, int64_t col_begin, int64_t cols, uint64_t seed, int kind,
+                       uint64_t row_offset, double scale) {
   const uint32_t k0 = lo32(seed), k1 = hi32(seed);
   const PhiloxBlockFn philox = philox_block_impl();
   const GaussianBlockFn gaussian_f32 = gaussian_block_impl();
@@ -87,15 +91,17 @@ void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind,
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t index = row_offset + uint64_t(r);
+    T* row = out + r * cols;
+    const int64_t c1 = col_begin + cols;
     if (kind == kRademacher) {
-      fill_row<T, kRademacher>(philox, gaussian_f32, rademacher_f32, out + r * k, k, index, k0, k1, T(scale));
+      fill_row<T, kRademacher>(philox, gaussian_f32, rademacher_f32, row, col_begin, c1, index, k0, k1, T(scale));
     } else {
-      fill_row<T, kGaussian>(philox, gaussian_f32, rademacher_f32, out + r * k, k, index, k0, k1, T(scale));
+      fill_row<T, kGaussian>(philox, gaussian_f32, rademacher_f32, row, col_begin, c1, index, k0, k1, T(scale));
     }
   }
 }
 
-template void projection_matrix<float>(float*, int64_t, int64_t, uint64_t, int, uint64_t, double);
-template void projection_matrix<double>(double*, int64_t, int64_t, uint64_t, int, uint64_t, double);
+template void projection_matrix<float>(float*, int64_t, int64_t, int64_t, uint64_t, int, uint64_t, double);
+template void projection_matrix<double>(double*, int64_t, int64_t, int64_t, uint64_t, int, uint64_t, double);
 
 }  // namespace fimoda::cpu

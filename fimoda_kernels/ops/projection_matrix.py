@@ -94,14 +94,6 @@ def projection_matrix(p: int, k: int, seed: int, kind: str = "rademacher", row_o
     return out
 
 
-def _fill_projection_matrix(out: torch.Tensor, seed: int, kind: str, row_offset: int,
-                            backend: str | None = None) -> torch.Tensor:
-    """Write P[row_offset : row_offset + rows] into the contiguous float32/float64 ``out``
-    (arguments already validated): lets tiled callers reuse one tile buffer."""
-    _OP.select(backend, out.device, out.dtype).fn(out, seed, kind, row_offset)
-    return out
-
-
 @_OP.register("torch")
 def _projection_torch(out, seed, kind, row_offset):
     rows, k = out.shape
@@ -109,10 +101,13 @@ def _projection_torch(out, seed, kind, row_offset):
 
 
 @_OP.register("cpu")
-def _projection_cpu(out, seed, kind, row_offset):
-    rows, k = out.shape
-    _C.projection_matrix_cpu(out.data_ptr(), out.dtype == torch.float64, rows, k, seed, _KIND_CODE[kind],
-                             row_offset, 1.0 / math.sqrt(k))
+def _projection_cpu(out, seed, kind, row_offset, col_begin: int = 0, k: int | None = None):
+    """Columns [col_begin, col_begin + cols) of P's rows into the contiguous ``out [rows, cols]``; ``k``
+    (default cols) is the width of the whole P, which sets the scale 1/√k (col_begin + cols <= k)."""
+    rows, cols = out.shape
+    k = cols if k is None else k
+    _C.projection_matrix_cpu(out.data_ptr(), out.dtype == torch.float64, rows, col_begin, cols, seed,
+                             _KIND_CODE[kind], row_offset, 1.0 / math.sqrt(k))
 
 
 @_OP.register("cuda")

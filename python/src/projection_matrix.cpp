@@ -1,4 +1,5 @@
-// Bindings of projection_matrix: fills a row-major [rows, k] float32/float64 buffer.
+// Bindings of projection_matrix: fill a row-major float32/float64 buffer ([rows, cols] of P's columns
+// [col_begin, col_begin + cols) on the CPU, [rows, k] on CUDA).
 #include "bindings.h"
 #include "fimoda/cpu.h"
 #ifdef FIMODA_WITH_CUDA
@@ -6,13 +7,15 @@
 #endif
 
 void init_projection_matrix(py::module_& m) {
-  m.def("projection_matrix_cpu", [](std::uintptr_t out, bool is_double, int64_t rows, int64_t k,
-                                    uint64_t seed, int kind, uint64_t row_offset, double scale) {
+  m.def("projection_matrix_cpu", [](std::uintptr_t out, bool is_double, int64_t rows, int64_t col_begin,
+                                    int64_t cols, uint64_t seed, int kind, uint64_t row_offset, double scale) {
     py::gil_scoped_release release;
     if (is_double) {
-      fimoda::cpu::projection_matrix<double>(ptr<double>(out), rows, k, seed, kind, row_offset, scale);
+      fimoda::cpu::projection_matrix<double>(ptr<double>(out), rows, col_begin, cols, seed, kind, row_offset,
+                                             scale);
     } else {
-      fimoda::cpu::projection_matrix<float>(ptr<float>(out), rows, k, seed, kind, row_offset, scale);
+      fimoda::cpu::projection_matrix<float>(ptr<float>(out), rows, col_begin, cols, seed, kind, row_offset,
+                                            scale);
     }
   });
 #ifdef FIMODA_WITH_CUDA

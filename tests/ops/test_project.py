@@ -64,6 +64,21 @@ def test_project_cpu_tiles(monkeypatch):
     assert _rel(many, _project_reference(grads.double(), 24, 8, "gaussian", 5)) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("col_block", [5, 64, 100])
+def test_project_cpu_column_blocks(monkeypatch, kind, col_block):
+    """P wider than the column block is generated and multiplied in column blocks (unaligned to the
+    Philox groups, a partial last block) and row tiles: the same projection."""
+    grads = _randn(7, 301)
+    monkeypatch.setattr(pr, "_COL_BLOCK", col_block)
+    monkeypatch.setattr(pr, "_TILE_BYTES", 4 * col_block * 41)  # 41-row tiles
+    out = project(grads, 230, 2**33 + 9, kind, 2**32 - 100, backend="cpu")
+    assert _rel(out, _project_reference(grads.double(), 230, 2**33 + 9, kind, 2**32 - 100)) < 1e-5
+    a, s = _randn(5, 2, 17), _randn(5, 2, 6, seed=4)
+    lin = project_linear(a, s, 230, 3, 7, backend="cpu", kind=kind)
+    assert _rel(lin, _project_linear_reference(a, s, 230, 3, kind, 7, True)) < 1e-5
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])

@@ -38,6 +38,22 @@ def test_gaussian_close_to_float64(backend_device, p, k):
     assert _rel(out64, want) < 1e-13
 
 
+@pytest.mark.skipif(pm._C is None, reason="native module not built")
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("col_begin,cols", [(0, 300), (1, 7), (3, 130), (127, 129), (128, 128), (299, 1), (256, 44)])
+def test_cpu_column_ranges(kind, dtype, col_begin, cols):
+    """The cpu kernel fills any column range of P: partial Philox groups and blocks at both ends."""
+    k, seed, offset = 300, 2**35 + 3, 2**32 - 2
+    out = torch.full((9, cols), float("nan"), dtype=dtype)
+    pm._projection_cpu(out, seed, kind, offset, col_begin=col_begin, k=k)
+    want = reference(9, k, seed, kind, offset, dtype=torch.float64)[:, col_begin:col_begin + cols]
+    if kind == "rademacher":
+        assert torch.equal(out, want.to(dtype))
+    else:
+        assert _rel(out, want) < (1e-6 if dtype == torch.float32 else 1e-13)
+
+
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_outputs_staged_in_blocks(backend_device, kind, dtype, monkeypatch):

@@ -9,11 +9,13 @@ namespace fimoda::cpu {
 // out[i, 0..3] = Philox4x32-10(counter[i, 0..3]; key[i, 0..1]) for i < n. Words held in int64.
 void philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n);
 
-// Rows [0, rows) of the projection matrix P[row_offset + r, j] (MATH.md §9) into a row-major
-// [rows, k] buffer. kind: ProjectionKind. T is float or double (the compute type of Gaussian).
+// Rows [0, rows) and columns [col_begin, col_begin + cols) of the projection matrix
+// P[row_offset + r, j] (MATH.md §9) into a row-major [rows, cols] buffer; scale is 1/√k of the whole
+// matrix (col_begin + cols <= k < 2^32). kind: ProjectionKind. T is float or double (the compute
+// type of Gaussian).
 template <typename T>
-void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind, uint64_t row_offset,
-                       double scale);
+void projection_matrix(T* out, int64_t rows, int64_t col_begin, int64_t cols, uint64_t seed, int kind,
+                       uint64_t row_offset, double scale);
 
 int num_threads();
 

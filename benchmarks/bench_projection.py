@@ -139,6 +139,8 @@ def main(argv=None) -> int:
         p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                        help="grads / layer inputs dtype (gemm_limit multiplies in it; traker runs on float32 only)"),
         p.add_argument("--n", default=None, help="comma-separated n values: run only those cases"),
+        p.add_argument("--ops", default="project,project_linear",
+                       help="comma-separated ops to run (project, project_linear)"),
         p.add_argument("--time-limit", type=float, default=None,
                        help="start no new case after this many seconds (default: full cpu "
                             f"{TIME_LIMIT_S['full']:g}, full cuda {TIME_LIMIT_S['full-cuda']:g}, "
@@ -195,9 +197,12 @@ def main(argv=None) -> int:
 
     # ----------------------------------------------------------------------------- project
     cases = sorted(CASES[args.mode], key=lambda case: (case[1] * case[2] * case[3], case[0] != "rademacher"))
-    if args.n:
-        keep = {int(v) for v in args.n.split(",")}
+    keep = {int(v) for v in args.n.split(",")} if args.n else None
+    ops = set(args.ops.split(","))
+    if keep:
         cases = [c for c in cases if c[1] in keep]
+    if "project" not in ops:
+        cases = []
     for kind, n, p, k in cases:
         shape, flops = dict(kind=kind, n=n, p=p, k=k), 2 * n * p * k
         if out_of_time(f"project {fmt_shape(shape)}"):
@@ -253,7 +258,9 @@ def main(argv=None) -> int:
 
     # ----------------------------------------------------------------------------- project_linear
     kind = "rademacher"
-    for n, d_in, d_out, k in LINEAR_CASES[args.mode]:
+    for n, d_in, d_out, k in LINEAR_CASES[args.mode] if "project_linear" in ops else ():
+        if keep and n not in keep:
+            continue
         p = d_out * d_in + d_out
         shape, flops = dict(kind=kind, n=n, d_in=d_in, d_out=d_out, bias=True, k=k), 2 * n * p * k
         if out_of_time(f"project_linear {fmt_shape(shape)}") or not ours["project"]:

@@ -5,7 +5,9 @@ and walks its share of the parameter axis p in BLOCK_P steps: it forms the X til
 BLOCK_P] (loaded from ``grads`` for :func:`project`; for :func:`project_linear` built on the fly as
 X[i, o·d_in + c] = Σ_t s[i,t,o]·a[i,t,c], bias rows Σ_t s[i,t,o], never stored), generates the
 matching P tile [BLOCK_P, BLOCK_K] in registers with the shared :func:`p_tile` (the very P of
-``projection_matrix``), and accumulates X·P in float32 (float64 for float64 inputs).
+``projection_matrix``), and accumulates X·P in float32 (float64 for float64 inputs): by IEEE
+``tl.dot`` (FMA), or on GPUs with TF32 tensor cores by TF32 dots over operands split in registers
+into TF32-exact parts (``_mma``; float32-level accuracy, no extra pass through memory).
 
 Split-K: when the output tiles alone cannot fill the GPU, the p axis is cut into SPLIT contiguous
 chunks (grid axis 1); split s writes its partial tile to buf[s] and the host sums buf over s in
@@ -43,13 +45,32 @@ _MIN_SPLIT_P = 512
 
 
 @triton.jit
-def _mma(acc, x, p):
-    """acc + x @ p; float32 through tl.dot at IEEE precision (no TF32), float64 as a broadcast
-    product summed over the reduction axis (tl.dot on float64 is not lowered by every Triton
-    release this library supports)."""
+def _tf32_part(x):
+    """float32 x truncated to TF32's 10 explicit mantissa bits: exact as a TF32 tensor-core operand."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(acc, x, p, SPLIT: tl.constexpr, X_PARTS: tl.constexpr, SPLIT_P: tl.constexpr):
+    """acc + x @ p. float64: a broadcast product summed over the reduction axis (tl.dot on float64
+    is not lowered by every Triton release this library supports). float32 without SPLIT: tl.dot at
+    IEEE precision (FMA). With SPLIT (GPUs with TF32 tensor cores): operands cut into parts exactly
+    representable in TF32 (x = x_hi + x_lo + O(2^-21 x); one part when x came from float16 or
+    bfloat16; P split only if SPLIT_P, i.e. Gaussian — Rademacher P is ±1, scaled afterwards), the
+    part products summed by TF32 tensor-core dots with float32 accumulation: float32-level accuracy
+    (the dropped x_lo·p_lo and residual terms are < 2^-21 relative) at tensor-core speed, inputs
+    read once, no split pass through memory."""
     FP64: tl.constexpr = acc.dtype == tl.float64
     if FP64:
         acc = acc + tl.sum(x[:, :, None] * p[None, :, :], axis=1)
+    elif SPLIT:
+        x_hi = _tf32_part(x)
+        p_hi = _tf32_part(p) if SPLIT_P else p
+        if X_PARTS == 2:  # smallest terms first
+            acc = tl.dot(_tf32_part(x - x_hi), p_hi, acc, input_precision="tf32")
+        if SPLIT_P:
+            acc = tl.dot(x_hi, _tf32_part(p - p_hi), acc, input_precision="tf32")
+        acc = tl.dot(x_hi, p_hi, acc, input_precision="tf32")
     else:
         acc = tl.dot(x, p, acc, input_precision="ieee")
     return acc
@@ -78,6 +99,7 @@ def _linear_x_tile(a, s, rows, row_mask, pp, p_mask, T, d_in, d_out, dw, DTYPE: 
 @triton.jit(do_not_specialize=["k0", "k1"])  # a key word equal to 1 must not become a constexpr
 def _project_kernel(x, a, s, out, scale_ptr, n, p, k, chunk, num_k_tiles, T, d_in, d_out, dw,
                     k0, k1, row_offset, LINEAR: tl.constexpr, GAUSSIAN: tl.constexpr,
+                    SPLIT: tl.constexpr, X_PARTS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     PER_CALL: tl.constexpr = 2 if GAUSSIAN else 4
     BLOCK_G: tl.constexpr = BLOCK_K // PER_CALL
@@ -95,6 +117,8 @@ def _project_kernel(x, a, s, out, scale_ptr, n, p, k, chunk, num_k_tiles, T, d_i
     start = split * chunk
     end = tl.minimum(start + chunk, p)
     acc = tl.zeros((BLOCK_N, BLOCK_K), DTYPE)
+    UNSCALED: tl.constexpr = SPLIT and not GAUSSIAN  # ±1 entries (exact in TF32), scaled at the end
+    p_scale = scale / scale if UNSCALED else scale
     for p0 in range(start, end, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         p_mask = pp < end
@@ -104,7 +128,10 @@ def _project_kernel(x, a, s, out, scale_ptr, n, p, k, chunk, num_k_tiles, T, d_i
             xt = tl.load(x + rows[:, None] * p + pp[None, :], mask=row_mask[:, None] & p_mask[None, :],
                          other=0.0).to(DTYPE)
         # rows past `end` are finite P entries times X = 0: no mask needed on the P tile
-        acc = _mma(acc, xt, p_tile(row_offset + pp, g, k0, k1, scale, GAUSSIAN, BLOCK_P, BLOCK_G))
+        acc = _mma(acc, xt, p_tile(row_offset + pp, g, k0, k1, p_scale, GAUSSIAN, BLOCK_P, BLOCK_G),
+                   SPLIT, X_PARTS, GAUSSIAN)
+    if UNSCALED:
+        acc = acc * scale
     mask = row_mask[:, None] & (j[None, :] < k)
     tl.store(out + split * n * k + rows[:, None] * k + j[None, :], acc, mask=mask)
 
@@ -118,6 +145,19 @@ def _config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[i
     bn = min(caps[0], max(16, triton.next_power_of_2(n)))
     bk = min(caps[1], max(16, triton.next_power_of_2(k)))
     return bn, bk, caps[2], caps[3]
+
+
+# TF32 tensor-core split (see _mma): None = wherever the GPU has TF32 tensor cores (sm_80+) and the
+# compute dtype is float32; True/False force it (tests run the split arithmetic in the interpreter).
+TF32_SPLIT: bool | None = None
+
+
+def _tf32_split(compute: torch.dtype, device: torch.device) -> bool:
+    if compute != torch.float32:
+        return False
+    if TF32_SPLIT is not None:
+        return TF32_SPLIT
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +195,8 @@ def _launch(x, a, s, n, p, k, seed, kind, row_offset, linear, T=1, d_in=1, d_out
     _project_kernel[(tiles, split)](
         x, a, s, buf, scale, n, p, k, chunk, num_k_tiles, T, d_in, d_out, dw,
         seed & 0xFFFFFFFF, seed >> 32, row_offset, LINEAR=linear, GAUSSIAN=kind == "gaussian",
+        SPLIT=_tf32_split(compute, device),
+        X_PARTS=1 if not linear and dtype in (torch.float16, torch.bfloat16) else 2,  # half values fit TF32
         BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=bp, num_warps=num_warps)
     return buf[0] if split == 1 else buf.sum(0)  # fixed-order reduction over the splits
 

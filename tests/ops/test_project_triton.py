@@ -127,3 +127,20 @@ def test_public_ops_route_to_triton(tp):
     a, s = _randn(5, 6, seed=1), _randn(5, 3, seed=2)
     ref = _project_linear_reference(a.cpu()[:, None], s.cpu()[:, None], 9, 1, "rademacher", 0, True)
     assert _rel(project_linear(a, s, 9, 1, backend="triton"), ref) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_tf32_split_keeps_float32_accuracy(tp, monkeypatch, dtype, kind):
+    """The TF32 tensor-core path (the default on sm_80+ GPUs; forced here, so the interpreter runs
+    its split arithmetic): operands cut into TF32-exact parts, Rademacher P unscaled then scaled.
+    Dropping x's low part alone would leave ~2^-11 relative error, so the bound can fail."""
+    _small_blocks(tp, monkeypatch)
+    monkeypatch.setattr(tp, "TF32_SPLIT", True)
+    grads = _randn(37, 203, dtype=dtype, seed=5)
+    out = project(grads, 70, 99, kind, 2**32 - 7, backend="triton")
+    ref = _project_reference(grads.cpu().double(), 70, 99, kind, 2**32 - 7)
+    assert out.dtype == torch.float32 and _rel(out, ref) < 2e-6
+    a, s = _randn(9, 3, 17, dtype=dtype), _randn(9, 3, 6, dtype=dtype, seed=2)
+    lin = project_linear(a, s, 70, 99, 5, kind=kind, backend="triton")
+    assert _rel(lin, _project_linear_reference(a.cpu(), s.cpu(), 70, 99, kind, 5, True)) < 2e-6

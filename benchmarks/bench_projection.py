@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     cases = sorted(CASES[args.mode], key=lambda case: (case[1] * case[2] * case[3], case[0] != "rademacher"))
     keep = {int(v) for v in args.n.split(",")} if args.n else None
     ops = set(args.ops.split(","))
+    if not ops <= {"project", "project_linear"}:
+        raise SystemExit(f"--ops: expected names from project, project_linear, got {args.ops!r}")
     if keep:
         cases = [c for c in cases if c[1] in keep]
     if "project" not in ops:

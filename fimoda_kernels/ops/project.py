@@ -102,7 +102,8 @@ def _project_torch(grads, k, seed, kind, row_offset):
 def _chunked(blocks, n, k, seed, kind, dtype, device):
     """Σ over (row_offset, X) blocks of X @ P[row_offset : row_offset + X.shape[1]], P tiles generated
     by the native cpu kernel into one reused buffer (no allocation or page faults per tile): the
-    shared engine of the cpu path. Blocks hold at most ``_tile_rows(k)`` columns. Wider than
+    shared engine of the cpu path. Blocks hold at most ``_tile_rows(k)`` columns (bias blocks:
+    d_out). Wider than
     ``_COL_BLOCK``, P is generated and multiplied in column blocks: each GEMM then updates an
     [n, 2048] slice of the output (L2-sized at n = 256) with a deeper inner dimension, instead of
     streaming all of ``out`` per thin tile (n = 256, p = 1e5, k = 8192: ~8% faster, A/B)."""
@@ -111,6 +112,8 @@ def _chunked(blocks, n, k, seed, kind, dtype, device):
     tile = None
     for offset, X in blocks:
         rows = X.shape[1]
+        if rows == 0:  # e.g. the bias block of a layer without outputs
+            continue
         if tile is None or tile.numel() < rows * kc:
             tile = torch.empty(rows * kc, dtype=dtype, device=device)
         X = X.to(dtype)
@@ -226,7 +229,9 @@ def _project_linear_cpu(a3, s3, k, seed, kind, row_offset, bias):
     d_out = s3.shape[2]
     dtype = _out_dtype(a3.dtype)
     a3, s3 = a3.to(dtype), s3.to(dtype)
-    rows = max(1, _TILE_BYTES // (4 * d_in * max(min(k, _COL_BLOCK), n)))  # output rows o per block
+    if n == 0:
+        return torch.zeros(0, k, dtype=dtype, device=a3.device)
+    rows = max(1, _TILE_BYTES // (4 * max(d_in, 1) * max(min(k, _COL_BLOCK), n)))  # output rows o per block
 
     def blocks():
         for o0 in range(0, d_out, rows):

@@ -26,7 +26,8 @@ from .projection_matrix import p_tile
 # two of n and k clamped to [16, cap] (16: tl.dot's minimum operand size).
 # GPU, float32 (IEEE tl.dot = FMA, unrolled over BLOCK_P): each P tile is reused by 64 samples,
 # amortizing Philox (~25 integer ops per entry); compiled for sm_90 this is the largest tile
-# without register spills (252 registers at 8 warps; BLOCK_P=32 or 4 warps spill heavily).
+# without register spills (252 registers at 8 warps; BLOCK_P=32 or 4 warps spill heavily). The
+# TF32 split path (the sm_80+ default, see _mma) uses the same tiles; not yet tuned on a GPU.
 _GPU_CONFIG = (64, 128, 16, 8)
 # GPU, float64 (no tl.dot, see _mma): the [BLOCK_N, BLOCK_P, BLOCK_K] product lives in registers
 # (16·8·64 doubles = 64 per thread at 4 warps; ~100 registers, no spills on sm_90).
@@ -118,7 +119,7 @@ def _project_kernel(x, a, s, out, scale_ptr, n, p, k, chunk, num_k_tiles, T, d_i
     end = tl.minimum(start + chunk, p)
     acc = tl.zeros((BLOCK_N, BLOCK_K), DTYPE)
     UNSCALED: tl.constexpr = SPLIT and not GAUSSIAN  # ±1 entries (exact in TF32), scaled at the end
-    p_scale = scale / scale if UNSCALED else scale
+    p_scale = scale * 0 + 1 if UNSCALED else scale  # exactly 1.0 (a GPU float division may not be)
     for p0 in range(start, end, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         p_mask = pp < end

@@ -79,6 +79,20 @@ def test_project_cpu_column_blocks(monkeypatch, kind, col_block):
     assert _rel(lin, _project_linear_reference(a, s, 230, 3, kind, 7, True)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_project_degenerate_shapes(backend):
+    """No samples, no parameters, no inputs (bias rows only), no outputs (empty bias block), no
+    positions: zeros or the reference, never an error."""
+    assert torch.equal(project(_randn(0, 5), 4, 1, backend=backend), torch.zeros(0, 4))
+    assert torch.equal(project(_randn(3, 0), 4, 1, backend=backend), torch.zeros(3, 4))
+    for a, s in [(_randn(0, 2, 3), _randn(0, 2, 2)), (_randn(4, 2, 0), _randn(4, 2, 3, seed=1)),
+                 (_randn(4, 2, 3), _randn(4, 2, 0)), (_randn(4, 0, 3), _randn(4, 0, 2))]:
+        for bias in (True, False):
+            out = project_linear(a, s, 8, 5, 10, bias=bias, backend=backend)
+            want = _project_linear_reference(a, s, 8, 5, "rademacher", 10, bias).float()
+            assert out.shape == (a.shape[0], 8) and torch.allclose(out, want, atol=1e-6)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])

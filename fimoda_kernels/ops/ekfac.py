@@ -275,8 +275,9 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
                     raise ValueError(f"batches[{b}][{l}]: expected gradient matrices [{first.shape[0]}, "
                                      f"{L.shape[0]}, {L.shape[1]}] (the eigenbases of {labels[l]}), got "
                                      f"{tuple(entry.shape)}")
-                for i0 in range(0, entry.shape[0], _chunk_rows(L)):
-                    _rotate_square_sum(L, entry[i0:i0 + _chunk_rows(L)].to(L.dtype), Q_S, Q_A)
+                rows = _chunk_rows(L)
+                for i0 in range(0, entry.shape[0], rows):
+                    _rotate_square_sum(L, entry[i0:i0 + rows].to(L.dtype), Q_S, Q_A)
             else:
                 a, s = entry
                 check_tensor(f"batches[{b}][{l}] a", a, device=first.device)
@@ -347,6 +348,7 @@ def layer_gradient_matrices(a: torch.Tensor, s: torch.Tensor, dtype: torch.dtype
     of the pair between its passes when d_out·d_in < T·(d_in + d_out) (conv layers: a fraction of
     the patches' size) and hands them to :func:`ekfac_eigen_correction`."""
     a, s = check_layer_pair(a, s)
+    _check_acc_dtype("dtype", dtype)
     return torch.bmm(s.to(dtype).transpose(1, 2), a.to(dtype))
 
 

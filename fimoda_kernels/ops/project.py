@@ -26,6 +26,7 @@ from .projection_matrix import (_MAX_INDEX, _projection_cpu, _projection_matrix_
 KINDS = ("rademacher", "gaussian")
 LINEAR_KINDS = KINDS + ("kronecker",)
 _TILE_BYTES = 16 * 2**20  # P tile of the cpu path (16 MiB: 2–7% faster than 32 MiB at n = 256)
+_COL_BLOCK = 2048  # P columns per GEMM of the cpu path (see _chunked)
 
 _PROJECT = op("project")
 _PROJECT_LINEAR = op("project_linear")
@@ -82,8 +83,8 @@ def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", ro
     (k' = min(k, 2048) columns at a time) with the native Philox kernel and multiplies them with
     torch's GEMM (``addmm``), the gradient block converted to float32 as it goes. (Measured on the
     tile step, 2-core AVX-512: a native AVX-512 rank-update kernel with 4×32 register blocks reached
-    48–71 GFLOP/s, torch's addmm 218–289, so the GEMM stays torch's.) Peak extra memory ≈ n·k·4 + 16 MiB (+ n·16 MiB/(4k')·4 for
-    half inputs). cuda on sm_80+ multiplies on tensor cores over split bfloat16 operands (float32
+    48–71 GFLOP/s, torch's addmm 218–289, so the GEMM stays torch's.) Peak extra memory ≈ n·k·4 +
+    16 MiB (+ n·16 MiB/(4k')·4 for half inputs). cuda on sm_80+ multiplies on tensor cores over split bfloat16 operands (float32
     accuracy; see the GPU-backends section below), peak extra memory ≈ 2·n·k·4 bytes + at most
     ~450 MiB of tiles. Non-finite results raise ``ValueError``.
     """
@@ -103,10 +104,9 @@ def _chunked(blocks, n, k, seed, kind, dtype, device):
     """Σ over (row_offset, X) blocks of X @ P[row_offset : row_offset + X.shape[1]], P tiles generated
     by the native cpu kernel into one reused buffer (no allocation or page faults per tile): the
     shared engine of the cpu path. Blocks hold at most ``_tile_rows(k)`` columns (bias blocks:
-    d_out). Wider than
-    ``_COL_BLOCK``, P is generated and multiplied in column blocks: each GEMM then updates an
-    [n, 2048] slice of the output (L2-sized at n = 256) with a deeper inner dimension, instead of
-    streaming all of ``out`` per thin tile (n = 256, p = 1e5, k = 8192: ~8% faster, A/B)."""
+    d_out). Wider than ``_COL_BLOCK``, P is generated and multiplied in column blocks: each GEMM then
+    updates an [n, 2048] slice of the output (L2-sized at n = 256) with a deeper inner dimension,
+    instead of streaming all of ``out`` per thin tile (n = 256, p = 1e5, k = 8192: ~8% faster, A/B)."""
     out = torch.zeros(n, k, dtype=dtype, device=device)
     kc = min(k, _COL_BLOCK)
     tile = None
@@ -122,9 +122,6 @@ def _chunked(blocks, n, k, seed, kind, dtype, device):
             _projection_cpu(P, seed, kind, offset, col_begin=j0, k=k)
             out[:, j0:j0 + P.shape[1]].addmm_(X, P)
     return out
-
-
-_COL_BLOCK = 2048  # P columns per GEMM of the cpu path
 
 
 def _tile_rows(k: int) -> int:

@@ -153,6 +153,10 @@ def test_eigh_guard_and_argument_errors():
     bases = ekfac_eigenbases(kfac_factors(batches))
     Lam = ekfac_eigen_correction(batches, bases)
     G = layer_gradient_matrices(*batches[0][1], torch.float32)
+    with pytest.raises(ValueError, match="dtype: expected torch.float32 or torch.float64"):
+        layer_gradient_matrices(*batches[0][1], torch.float16)
+    with pytest.raises(ValueError, match=r"a .* and s .*: expected"):
+        layer_gradient_matrices(batches[0][1][0], batches[0][0][1][:2], torch.float32)
     with pytest.raises(ValueError, match=r"batches\[0\]\[1\]: expected an \(a, s\) pair, got Tensor"):
         kfac_factors([[batches[0][0], G]])
     with pytest.raises(ValueError, match=r"batches\[0\]\[0\]: expected gradient matrices \[7, 3, 5\]"):

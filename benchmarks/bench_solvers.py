@@ -14,7 +14,8 @@ Cases:
   hvp of the loss), then ``h = v + h − (Hh + λh)/s``. The reference is timed on a subset of vectors and
   depth and extrapolated linearly to 77 × 5000 (its cost is exactly linear in both: one HVP of a fixed
   batch size per vector and step); the record says what was run (``extra.ran``). ``lissa_h`` (ours) is
-  likewise run at a reduced depth and extrapolated (generic torch.func path; ``extra.ran``).
+  likewise run at a reduced depth and extrapolated (``extra.ran``), on the MLP path (the R-operator as
+  batched GEMMs, 'fimoda') and on the generic torch.func path ('fimoda_generic', forward-over-reverse).
 - ``cg``: ``fimoda_kernels.cg`` (77 independent recursions batched) vs 'reference' — scipy's
   ``scipy.sparse.linalg.cg`` on a ``LinearOperator`` per vector, whose matvec is the same full-data GN
   operator plus λ, same tol (rtol) and damping.
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
     r, p = v.shape
     gn = fk.gn_hvp(model, "mse", x, y)
     hs = fk.hessian_hvp(model, "mse", x, y)
+    hs_generic = fk.hessian_hvp(model, "mse", x, y, linear=False)
     print(f"# {gn}\n# λ = {lam:.3g}, r = {r}, p = {p}", flush=True)
 
     # the scale: the paper's rule (smallest non-diverging rung) at a short depth, then fixed for timing
@@ -165,17 +167,18 @@ def main(argv=None) -> int:
             stats = time_fn(lambda: [ref.inverse_hvp(v[i]) for i in range(k)], **dict(timing, min_repeat=1))
             _record_extrapolated(args, kind, shape, stats, (r / k) * (full_depth / ref_depth),
                                  ran=f"{k} vectors x depth {ref_depth}")
-        fn = lambda: fk.lissa(op, v, depth=depth, scale=s, damping=lam, absolute_damping=True,  # noqa: E731
-                              batch_size=cfg["batch"])
-        if factor_ours == 1:
-            run_case(args, kind, "fimoda", fn, shape=shape, dtype=torch.float32, extra=dict(scale=s, path=op.path))
-        elif args.impl is None or "fimoda" in args.impl:
-            stats = time_fn(fn, **dict(timing, min_repeat=1))
-            scaled = {kk: (vv * factor_ours if kk in ("median_s", "min_s", "iqr_s", "mean_s") and vv is not None
-                           else vv) for kk, vv in stats.items()}
-            record(kind, "fimoda", shape, torch.float32, args.device, scaled, peaks=args.peaks,
-                   extra=dict(extrapolated=True, factor=factor_ours, ran=f"{r} vectors x depth {depth}", scale=s,
-                              path=op.path), out_dir=args.out, mode=args.mode)
+        for impl, o in [("fimoda", op)] + ([("fimoda_generic", hs_generic)] if kind == "lissa_h" else []):
+            fn = lambda o=o: fk.lissa(o, v, depth=depth, scale=s, damping=lam, absolute_damping=True,  # noqa: E731
+                                      batch_size=cfg["batch"])
+            if factor_ours == 1:
+                run_case(args, kind, impl, fn, shape=shape, dtype=torch.float32, extra=dict(scale=s, path=o.path))
+            elif args.impl is None or impl in args.impl:
+                stats = time_fn(fn, **dict(timing, min_repeat=1))
+                scaled = {kk: (vv * factor_ours if kk in ("median_s", "min_s", "iqr_s", "mean_s") and vv is not None
+                               else vv) for kk, vv in stats.items()}
+                record(kind, impl, shape, torch.float32, args.device, scaled, peaks=args.peaks,
+                       extra=dict(extrapolated=True, factor=factor_ours, ran=f"{r} vectors x depth {depth}", scale=s,
+                                  path=o.path), out_dir=args.out, mode=args.mode)
 
     # CG: ours batched vs scipy per vector, same operator, damping and tol
     tol, max_iter = 1e-5, 1000

@@ -49,10 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ._mlp import mlp_layers
 from ._validate import check_choice, check_float, check_int, check_tensor
 from .grads import activation_numel
 from .ops.ensemble_step import EnsembleStepper, state_buffers
-from .tasks import CrossEntropyTask, MSETask, Task, get_task
+from .tasks import CrossEntropyTask, MSETask, Task, get_task, output_derivatives
 
 __all__ = ["further_train", "FurtherTrainingResult"]
 
@@ -137,8 +138,8 @@ _aten = torch.ops.aten
 
 
 def _activation(m: nn.Module):
-    """(forward(z) -> h, backward_(g, z, h): g ← g·act'(z) in place) of an elementwise activation the
-    fused path supports, else None. Activations whose derivative needs only h run in place on z; the
+    """(forward(z) -> h, backward_(g, z, h): g ← g·act'(z) in place) of one of ``_mlp.ACTIVATIONS``
+    other than Identity. Activations whose derivative needs only h run in place on z; the
     backward functions are autograd's own (aten ``*_backward`` into ``grad_input=g``), so the fused
     gradients round as autograd's, and nothing is allocated per step."""
     t = type(m)
@@ -158,34 +159,7 @@ def _activation(m: nn.Module):
         approx = m.approximate
         return ((lambda z: F.gelu(z, approximate=approx)),
                 (lambda g, z, h: _aten.gelu_backward.grad_input(g, z, approximate=approx, grad_input=g)))
-    if t is nn.Identity:
-        return (lambda z: z), None
-    return None
-
-
-def _mlp_layers(model: nn.Module):
-    """[(linear, activation or None), ...] when ``model`` is an nn.Sequential of Linear layers and
-    supported elementwise activations (every parameter trainable); else a string saying why not."""
-    if type(model) is not nn.Sequential:
-        return f"the model is a {type(model).__name__}, not an nn.Sequential"
-    layers = []
-    for k, m in enumerate(model):
-        if type(m) is nn.Linear:
-            if any(not p.requires_grad for p in m.parameters()):
-                return f"layer {k} has frozen parameters"
-            layers.append([m, []])
-        elif _activation(m) is not None:
-            if not layers:
-                return f"layer {k} ({type(m).__name__}) comes before the first Linear"
-            if type(m) is not nn.Identity:
-                layers[-1][1].append(_activation(m))
-        else:
-            return f"layer {k} is a {type(m).__name__} (fused: Linear and ReLU/Tanh/Sigmoid/SiLU/GELU/LeakyReLU)"
-    if not layers:
-        return "the model has no Linear layer"
-    if any(len(acts) > 1 for _, acts in layers):
-        return "two activations in a row"
-    return [(lin, acts[0] if acts and acts[0][1] is not None else None) for lin, acts in layers]
+    raise AssertionError(f"no fused form for {t.__name__}")  # mlp_layers admits only the types above
 
 
 def _generic_problems(model: nn.Module) -> list[str]:
@@ -319,21 +293,6 @@ class _FlatParams:
         return out
 
 
-def _output_grad(task: Task, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """d(Σ_k w_k ℓ_k)/d out for outputs [M, W, C] (or [M, W]) and targets [M, W(, ...)]."""
-    if type(task) is MSETask:
-        f = out.reshape(w.shape)
-        return (2 * (f - y.reshape(w.shape).to(out.dtype)) * w).reshape(out.shape)
-    if type(task) is CrossEntropyTask:
-        g = torch.softmax(out, -1)
-        g.scatter_add_(-1, y[..., None].long(), torch.full_like(g[..., :1], -1.0))
-        return g.mul_(w[..., None])
-    o = out.detach().requires_grad_(True)
-    C = out.shape[2:] if out.dim() > 2 else ()
-    loss = task.loss(o.reshape(-1, *C), y.reshape(-1, *y.shape[2:])).reshape(w.shape)
-    return torch.autograd.grad((loss * w).sum(), o)[0]
-
-
 class _FusedMLP:
     """Batched forward/backward of M MLPs written out as GEMMs over the model axis, into buffers
     allocated once per chunk (a fresh multi-MiB tensor per op would cost page faults every step)."""
@@ -381,7 +340,7 @@ class _FusedMLP:
         M, Wd = idx.shape
         torch.index_select(x_train, 0, idx.view(-1), out=self.X.view(M * Wd, -1))
         out, hs = self.forward(self.X, keep=True)
-        g = _output_grad(task, out, y_train[idx], w)
+        g = output_derivatives(task, out, y_train[idx], w)
         for l in range(len(self.layers) - 1, -1, -1):
             W, b, gW, gb, _, _ = self.layers[l]
             h_in = hs[0] if l == 0 else hs[l][1]
@@ -588,10 +547,12 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     if probe.shape != (2,):
         raise ValueError(f"loss: expected one loss per sample, got shape {tuple(probe.shape)} for 2 samples")
 
-    mlp = _mlp_layers(base)
+    mlp = mlp_layers(base)
     if path == "fused" and isinstance(mlp, str):
         raise ValueError(f"path: 'fused' needs an MLP: {mlp}")
     use_fused = path != "generic" and not isinstance(mlp, str)
+    if use_fused:
+        mlp = [(lin, _activation(act) if act is not None else None) for lin, act in mlp]
 
     # ---- config, fingerprint, plan
     n_models = len(loo_indices) + 1

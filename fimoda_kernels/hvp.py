@@ -14,13 +14,22 @@ Paths:
 - ``"generic"`` (any model whose samples are independent along dim 0): GN as ``jvp`` then ``vjp``,
   the Hessian as forward-over-reverse (``jvp`` of ``grad``), each ``vmap``-ed over the r vectors
   with ``torch.func``; samples and vectors are chunked under ``max_memory``.
-- ``"linear"`` (GN only; chosen automatically when every trainable parameter belongs to an
+- ``"linear"``, GN (chosen automatically when every trainable parameter belongs to an
   ``nn.Linear`` called once on 2-D inputs, i.e. MLPs): the layer inputs a and the output gradients
   s of the scalar f are captured once at θ* (:func:`capture_linear`), then per layer
   (J V)_i = Σ_l s_{i,l}ᵀ V_l a_{i,l} and Jᵀu = Σ_i u_i s_{i,l} a_{i,l}ᵀ are two GEMMs each — no
-  autograd per call. It equals the generic path to rounding; ``op.path`` says which one runs and
-  ``op.path_reason`` why. Storage: N·Σ_l(d_in + 1 + d_out) values; when that exceeds ``max_memory``
+  autograd per call. Storage: N·Σ_l(d_in + 1 + d_out) values; when that exceeds ``max_memory``
   the generic path is used.
+- ``"linear"``, true Hessian (chosen automatically for an ``nn.Sequential`` of ``nn.Linear`` layers
+  and elementwise activations on 2-D inputs): Pearlmutter's R-operator written out as GEMMs. One
+  forward/backward of the batch is shared by the r vectors; their tangents are carried as
+  ``[c, r, d]`` blocks, so every per-vector product is one GEMM over all vectors at once (about
+  5 GEMMs of the layer's size per vector and layer, against a ``vmap`` of forward-over-reverse
+  autograd). Activation derivatives σ′, σ″ and the loss's Hessian in the outputs come from autograd
+  on the elementwise / output level only.
+
+Both fast paths equal the generic path to rounding; ``op.path`` says which one runs and
+``op.path_reason`` why.
 
 Dtypes: the products are computed in the model's dtype; ``V`` of another float dtype is converted
 and the result returned in V's dtype (float64 V with a float64 model is float64 throughout).
@@ -32,12 +41,14 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from ._mlp import mlp_layers
 from ._validate import check_choice, check_int, check_tensor
 from .grads import _check_batch, activation_numel, capture_linear, for_sample_chunks
-from .tasks import Task
+from .tasks import Task, output_derivatives
 
 __all__ = ["HVPOperator", "gn_hvp", "hessian_hvp"]
 
@@ -89,18 +100,17 @@ class HVPOperator:
         self._itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._q = self._curvature() if self.kind == "gn" else None
         self._layers = None
-        if self.kind == "hessian":
-            if linear:
-                raise ValueError("linear=True: the captured-Linear path exists for the GN operator only")
-            self.path, self.path_reason = "generic", "true Hessian: forward-over-reverse autograd"
-        elif linear is False:
+        self._mlp = None
+        if linear is False:
             self.path, self.path_reason = "generic", "linear=False"
         else:
-            why = self._capture()
+            why = self._capture() if self.kind == "gn" else self._mlp_structure()
             if why is not None and linear:
-                raise ValueError(f"linear=True: the captured-Linear GN path cannot be used: {why}")
+                raise ValueError(f"linear=True: the fast {self.kind} path for Linear layers cannot be used: {why}")
             self.path = "generic" if why else "linear"
-            self.path_reason = why or "every trainable parameter is in an nn.Linear with 2-D inputs (a, s captured)"
+            self.path_reason = why or (
+                "every trainable parameter is in an nn.Linear with 2-D inputs (a, s captured)" if self.kind == "gn"
+                else "an nn.Sequential MLP on 2-D inputs: R-operator as batched GEMMs")
 
     # ------------------------------------------------------------------ construction
     def _sample_chunk(self, copies: int) -> int:
@@ -155,6 +165,23 @@ class HVPOperator:
                         for rec in records]
         return None
 
+    def _mlp_structure(self) -> str | None:
+        """Layers of the true-Hessian fast path; the reason it does not apply, or None."""
+        layers = mlp_layers(self.model)
+        if isinstance(layers, str):
+            return layers
+        if self.inputs.dim() != 2 or self.inputs.dtype != self.dtype:
+            return (f"inputs: the MLP path takes 2-D inputs of the model's dtype {self.dtype}, got "
+                    f"{tuple(self.inputs.shape)} {self.inputs.dtype}")
+        offsets = {s.name: s.offset for s in self.slots}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self._mlp = []
+        for lin, act in layers:
+            w0 = offsets[names[id(lin.weight)]]
+            b0 = offsets[names[id(lin.bias)]] if lin.bias is not None else None
+            self._mlp.append((lin, act, w0, b0))
+        return None
+
     # ------------------------------------------------------------------ public
     def __repr__(self) -> str:
         return (f"HVPOperator(kind={self.kind!r}, path={self.path!r} ({self.path_reason}), "
@@ -190,7 +217,7 @@ class HVPOperator:
         one = V.dim() == 1
         W = (V[None] if one else V).to(self.dtype)
         if self.path == "linear" and W.shape[0]:
-            out = self._linear_gn(W, idx)
+            out = self._linear_gn(W, idx) if self.kind == "gn" else self._mlp_hessian(W, idx)
         else:
             out = torch.zeros(W.shape, dtype=self.dtype, device=self.device)
             if W.shape[0]:
@@ -266,6 +293,77 @@ class HVPOperator:
                     dst.copy_(gb) if i0 == 0 else dst.add_(gb)
         return out
 
+    # ------------------------------------------------------------------ MLP true-Hessian path
+    def _mlp_hessian(self, V: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """H_b V by the R-operator (MATH.md §1, §5) for the MLP z_l = W_l h_{l-1} + b_l, h_l = σ_l(z_l).
+        With R{·} the directional derivative along the vector's (V_l, c_l):
+
+        forward   R z_l = V_l h_{l-1} + c_l + W_l R h_{l-1},   R h_l = σ'_l ⊙ R z_l   (R h_0 = 0)
+        backward  R g_L = ∇²_out ℓ · R z_L;  per layer
+                  (H V)_{W_l} = Σ_i R g_l h_{l-1}ᵀ + g_l (R h_{l-1})ᵀ,  (H V)_{b_l} = Σ_i R g_l,
+                  R g_{l-1} = σ'_{l-1} ⊙ (W_lᵀ R g_l + V_lᵀ g_l) + σ''_{l-1} ⊙ R z_{l-1} ⊙ (W_lᵀ g_l)
+
+        with g_l = ∂ℓ/∂z_l the (shared) backward pass. Tangents are [c, r, d] blocks (sample-major),
+        so W products are one [c·r, d] GEMM and V products one GEMM against the vectors' stacked
+        weights. Samples are chunked under max_memory; every chunk adds into the output."""
+        r = V.shape[0]
+        n = self.num_samples if idx is None else idx.numel()
+        dims = [(lin.out_features, lin.in_features) for lin, _, _, _ in self._mlp]
+        chunk = max(1, self.max_memory // (6 * r * sum(do + di for do, di in dims) * self._itemsize))
+        Vw = [V[:, w0:w0 + do * di].view(r, do, di) for (_, _, w0, _), (do, di) in zip(self._mlp, dims)]
+        Vc = [V[:, b0:b0 + do] if b0 is not None else None for (_, _, _, b0), (do, _) in zip(self._mlp, dims)]
+        # V_lᵀ g needs the vectors' weights as [d_out, r·d_in]: one copy per call (not for layer 1)
+        Vt = [None] + [v.transpose(0, 1).reshape(v.shape[1], -1) for v in Vw[1:]]
+        out = torch.zeros(V.shape, dtype=self.dtype, device=self.device)
+        task, L = self.task, len(self._mlp)
+        with torch.no_grad():
+            for i0 in range(0, n, chunk):
+                rows = slice(i0, min(n, i0 + chunk)) if idx is None else idx[i0:i0 + chunk]
+                x, y = self.inputs[rows], self.targets[rows]
+                c = x.shape[0]
+                hs, Rhs, derivs, Rzs = [x], [None], [], []
+                h, Rh = x, None
+                for l, (lin, act, _, _) in enumerate(self._mlp):
+                    do, di = dims[l]
+                    z = F.linear(h, lin.weight, lin.bias)
+                    Vl = Vw[l].reshape(r * do, di).T
+                    Rz = (torch.addmm(Vc[l].reshape(1, r * do), h, Vl) if Vc[l] is not None
+                          else h @ Vl).view(c, r, do)
+                    if Rh is not None:
+                        Rz.view(c * r, do).addmm_(Rh.view(c * r, di), lin.weight.T)
+                    if act is None:
+                        h, Rh, d = z, Rz, (None, None)
+                    else:
+                        h, d = _act_derivatives(act, z)
+                        Rh = (Rz * d[0][:, None, :]) if d[1] is not None else Rz.mul_(d[0][:, None, :])
+                    derivs.append(d)
+                    Rzs.append(Rz if d[1] is not None else None)
+                    hs.append(h)
+                    Rhs.append(Rh)
+                w = torch.full((c,), 1.0 / n, dtype=self.dtype, device=self.device)
+                gh, Rgh = output_derivatives(task, h, y, w, Rh)              # along h_L
+                for l in range(L - 1, -1, -1):
+                    lin, _, w0, b0 = self._mlp[l]
+                    do, di = dims[l]
+                    d1, d2 = derivs[l]                                      # h_l → z_l
+                    if d1 is None:
+                        g, Rg = gh, Rgh
+                    else:
+                        g, Rg = gh * d1, Rgh.mul_(d1[:, None, :])
+                        if d2 is not None:
+                            Rg += Rzs[l] * (d2 * gh)[:, None, :]
+                    dst = out[:, w0:w0 + do * di].view(r, do, di)
+                    dst += (Rg.reshape(c, r * do).T @ hs[l]).view(r, do, di)
+                    if Rhs[l] is not None:
+                        dst += (g.T @ Rhs[l].reshape(c, r * di)).view(do, r, di).transpose(0, 1)
+                    if b0 is not None:
+                        out[:, b0:b0 + do] += Rg.sum(0)
+                    if l > 0:                                               # z_l → h_{l-1}
+                        gh = g @ lin.weight
+                        Rgh = (Rg.reshape(c * r, do) @ lin.weight).view(c, r, di)
+                        Rgh.view(c, r * di).addmm_(g, Vt[l])
+        return out
+
     # ------------------------------------------------------------------ generic path
     def _functional_parts(self):
         named = dict(self.model.named_parameters())
@@ -305,6 +403,18 @@ class HVPOperator:
                     out[v0:v0 + rb, s.offset:s.offset + s.numel] += prod[s.name].reshape(rb, -1)
 
 
+def _act_derivatives(act: nn.Module, z: torch.Tensor):
+    """(σ(z), (σ'(z), σ''(z))) of an elementwise activation by autograd on the activation alone;
+    σ'' is None for the piecewise-linear ones (zero almost everywhere, as autograd has it)."""
+    linear_pieces = type(act) in (nn.ReLU, nn.LeakyReLU)
+    with torch.enable_grad():
+        zg = z.detach().requires_grad_(True)
+        h = act(zg)
+        d1, = torch.autograd.grad(h, zg, torch.ones_like(h), create_graph=not linear_pieces)
+        d2 = None if linear_pieces else torch.autograd.grad(d1, zg, torch.ones_like(d1))[0]
+    return h.detach(), (d1.detach(), d2)
+
+
 class _NotLinear(Exception):
     """Internal: the captured-Linear GN path does not apply (the message says why)."""
 
@@ -322,8 +432,12 @@ def gn_hvp(model: nn.Module, task: str | Task, inputs: torch.Tensor, targets: to
 
 
 def hessian_hvp(model: nn.Module, task: str | Task, inputs: torch.Tensor, targets: torch.Tensor,
-                max_memory: int = 2**30) -> HVPOperator:
+                max_memory: int = 2**30, linear: bool | None = None) -> HVPOperator:
     """The true Hessian H_b = ∇²_θ (1/|b|) Σ_{i∈b} ℓ_i of ``model`` on ``(inputs, targets)`` at its
-    current parameters, by forward-over-reverse autograd (``jvp`` of ``grad``) batched over the
-    vectors with ``vmap``. ``max_memory``: bytes for one chunk of work."""
-    return HVPOperator(model, task, inputs, targets, "hessian", max_memory)
+    current parameters.
+
+    ``linear``: None picks the MLP path (the R-operator as batched GEMMs) for an ``nn.Sequential`` of
+    ``nn.Linear`` layers and elementwise activations, True requires it (ValueError with the reason
+    otherwise), False forces the generic path: forward-over-reverse autograd (``jvp`` of ``grad``)
+    batched over the vectors with ``vmap``. ``max_memory``: bytes for one chunk of work."""
+    return HVPOperator(model, task, inputs, targets, "hessian", max_memory, linear)

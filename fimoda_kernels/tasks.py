@@ -158,6 +158,44 @@ _TASKS = {"mse": MSETask, "regression_mse": MSETask,
           "cross_entropy": CrossEntropyTask, "classification_ce": CrossEntropyTask}
 
 
+def output_derivatives(task: Task, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                       tangents: torch.Tensor | None = None):
+    """g = ∂(Σ_k w_k ℓ_k)/∂out for outputs ``out [*S, C]`` (or ``[*S]``), targets ``y [*S(, ...)]`` and
+    weights ``w [*S]``, S any leading sample shape; with ``tangents [*S, r, C]``, also the derivative of
+    g along each of the r tangents, ``w_k ∇²_out ℓ_k · t`` (returned as ``(g, Rg)``). Closed forms for
+    :class:`MSETask` and :class:`CrossEntropyTask`, autograd / torch.func on the loss otherwise."""
+    if type(task) is MSETask:
+        f = out.reshape(w.shape)
+        g = (2 * (f - y.reshape(w.shape).to(out.dtype)) * w).reshape(out.shape)
+        if tangents is None:
+            return g
+        return g, tangents * (2 * w).reshape(w.shape + (1,) * (tangents.dim() - w.dim()))
+    if type(task) is CrossEntropyTask:
+        p = torch.softmax(out, -1)
+        g = p.clone()
+        g.scatter_add_(-1, y[..., None].long(), torch.full_like(g[..., :1], -1.0))
+        g.mul_(w[..., None])
+        if tangents is None:
+            return g
+        pr = p[..., None, :]  # (diag(p) − p pᵀ) t per tangent
+        Rg = pr * (tangents - (tangents * pr).sum(-1, keepdim=True))
+        return g, Rg.mul_(w[..., None, None])
+    C = out.shape[w.dim():]
+
+    def weighted(o):
+        return (task.loss(o.reshape(-1, *C), y.reshape(-1, *y.shape[w.dim():])).reshape(w.shape) * w).sum()
+
+    if tangents is None:
+        o = out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return torch.autograd.grad(weighted(o), o)[0]
+    from torch.func import grad, jvp, vmap
+    g_of = grad(weighted)
+    axis = w.dim()  # the tangents' r axis
+    Rg = vmap(lambda t: jvp(g_of, (out,), (t,))[1], in_dims=axis, out_dims=axis)(tangents)
+    return g_of(out), Rg
+
+
 def get_task(task: str | Task) -> Task:
     """A :class:`Task` instance from a name ("mse"/"regression_mse", "cross_entropy"/
     "classification_ce") or the instance itself."""

@@ -56,7 +56,7 @@ def test_hessian_matches_dense(case):
     model, task, x, y = case
     op = fk.hessian_hvp(model, task, x, y)
     V = _vectors(op.num_params, seed=6)
-    assert op.path == "generic" and op.kind == "hessian"
+    assert op.kind == "hessian" and op.path == ("generic" if isinstance(model, ScaledMLP) else "linear")
     assert rel(op(V), V @ dense_hessian(model, task, x, y)) < 1e-12
     idx = [1, 2, 30]
     assert rel(op(V, batch=idx), V @ dense_hessian(model, task, x, y, torch.tensor(idx))) < 1e-12
@@ -146,8 +146,10 @@ def test_validation():
         op(torch.zeros(1, p, dtype=torch.float64), batch=[0, 37])
     with pytest.raises(ValueError, match="batch: expected at least one"):
         op(torch.zeros(1, p, dtype=torch.float64), batch=[])
-    with pytest.raises(ValueError, match="captured-Linear path exists for the GN operator only"):
-        fk.HVPOperator(model, "mse", x, y, "hessian", linear=True)
+    with pytest.raises(ValueError, match="linear=True: the fast hessian path .* ScaledMLP, not an nn.Sequential"):
+        fk.hessian_hvp(ScaledMLP(), "cross_entropy", x[:, :4], (y > 0).long(), linear=True)
+    with pytest.raises(ValueError, match="linear=True: .*2-D inputs"):
+        fk.hessian_hvp(model, "mse", x[:, None, :].expand(-1, 2, -1), y, linear=True)
     with pytest.raises(ValueError, match="kind"):
         fk.HVPOperator(model, "mse", x, y, "fisher")
     with pytest.raises(ValueError, match="targets"):
@@ -169,3 +171,62 @@ def test_linear_path_forms_and_chunks(r, max_memory):
     assert rel(op(V), V @ dense_gn(model, "mse", x, y)) < 1e-12
     idx = torch.tensor([2, 2, 7, 29, 11])
     assert rel(op(V, batch=idx), V @ dense_gn(model, "mse", x, y, idx)) < 1e-12
+
+
+class _ShiftedMSE(fk.MSETask):
+    """Not exactly MSETask: the loss derivatives in the outputs come from torch.func, not closed forms."""
+
+    def loss(self, model_out, targets):
+        return super().loss(model_out, targets) + 0.5 * model_out.reshape(-1) ** 4
+
+
+def _h_model(kind, out):
+    torch.manual_seed(4)
+    if kind == "no_bias":
+        return nn.Sequential(nn.Linear(5, 7, bias=False), nn.GELU(), nn.Linear(7, out, bias=False)).double().eval()
+    if kind == "final_activation":  # an activation after the last Linear (h_L = σ(z_L) is the output)
+        return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, out), nn.Sigmoid()).double().eval()
+    if kind == "identity":
+        return nn.Sequential(nn.Linear(5, 6), nn.Identity(), nn.SiLU(), nn.Linear(6, 4), nn.Linear(4, out)).double().eval()
+    return mlp((5, 8, 6, out), act=kind)
+
+
+@pytest.mark.parametrize("kind", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU,
+                                  "no_bias", "final_activation", "identity"])
+@pytest.mark.parametrize("task", ["mse", "cross_entropy", "custom"])
+def test_hessian_mlp_path_matches_dense(kind, task):
+    """The R-operator path against the explicit Hessian: every supported activation (σ'' ≠ 0 for
+    Tanh/Sigmoid/SiLU/GELU), MSE / cross-entropy closed forms and a Task without one."""
+    model = _h_model(kind, 3 if task == "cross_entropy" else 1)
+    tk = _ShiftedMSE() if task == "custom" else task
+    x, y = data(N, 5, "mse" if task == "custom" else task, scale=1.5)
+    op = fk.hessian_hvp(model, tk, x, y)
+    assert op.path == "linear" and "R-operator" in op.path_reason
+    V = _vectors(op.num_params, r=4, seed=11)
+    assert rel(op(V), V @ dense_hessian(model, tk, x, y)) < 1e-12
+    idx = torch.tensor([0, 3, 3, 20, N - 1])  # a repeated index counts twice
+    assert rel(op(V, batch=idx), V @ dense_hessian(model, tk, x, y, idx)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hessian_mlp_path_equals_generic(dtype):
+    model = mlp((6, 9, 8, 1), dtype=dtype, act=nn.Tanh)
+    x, y = data(50, 6, dtype=dtype)
+    fast, slow = fk.hessian_hvp(model, "mse", x, y), fk.hessian_hvp(model, "mse", x, y, linear=False)
+    assert fast.path == "linear" and slow.path == "generic" and slow.path_reason == "linear=False"
+    V = _vectors(fast.num_params, r=5).to(dtype)
+    tol = 1e-13 if dtype == torch.float64 else 2e-6
+    assert rel(fast(V), slow(V)) < tol
+    assert rel(fast(V, batch=slice(3, 40)), slow(V, batch=slice(3, 40))) < tol
+    assert rel(fast(V[2]), slow(V)[2]) < tol  # one vector
+
+
+@pytest.mark.parametrize("max_memory", [2_000, 60_000])
+def test_hessian_mlp_path_sample_chunks(max_memory):
+    """Tiny budgets: one sample per chunk, or a few chunks; every chunk adds into the output."""
+    model = mlp((5, 7, 6, 1), act=nn.SiLU)
+    x, y = data(N, 5)
+    op = fk.hessian_hvp(model, "mse", x, y, max_memory=max_memory)
+    assert op.path == "linear"
+    V = _vectors(op.num_params, r=7)
+    assert rel(op(V), V @ dense_hessian(model, "mse", x, y)) < 1e-12

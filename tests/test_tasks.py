@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fimoda_kernels.tasks import CrossEntropyTask, MSETask, Task, get_task
+from fimoda_kernels.tasks import CrossEntropyTask, MSETask, Task, get_task, output_derivatives
 
 D = torch.float64
 
@@ -127,3 +127,36 @@ LONG = dict(dtype=torch.long)
 def test_bad_inputs_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+class _PlainMSE(MSETask):
+    """Same loss, not exactly MSETask: output_derivatives takes its autograd / torch.func branch."""
+
+
+class _PlainCE(CrossEntropyTask):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["mse", "ce"])
+@pytest.mark.parametrize("lead", [(7,), (3, 5)])
+def test_output_derivatives_closed_forms_match_autograd(kind, lead):
+    """g = ∂(Σ w ℓ)/∂out and its derivative along r tangents, closed form vs the generic branch, for
+    any leading sample shape (the HVP uses [c], further training [M, W])."""
+    C = 1 if kind == "mse" else 4
+    out = torch.randn(*lead, C, dtype=D) * 2
+    y = torch.randn(*lead, dtype=D) if kind == "mse" else torch.randint(0, C, lead)
+    w = torch.rand(*lead, dtype=D) - 0.2  # negative weights too (the downweight mode)
+    t = torch.randn(*lead, 3, C, dtype=D)
+    exact, generic = (MSETask(), _PlainMSE()) if kind == "mse" else (CrossEntropyTask(), _PlainCE())
+    g, Rg = output_derivatives(exact, out, y, w, t)
+    g_ref, Rg_ref = output_derivatives(generic, out, y, w, t)
+    assert g.shape == out.shape and Rg.shape == t.shape
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(Rg, Rg_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(output_derivatives(exact, out, y, w), g, rtol=0, atol=0)
+    torch.testing.assert_close(output_derivatives(generic, out, y, w), g_ref, rtol=0, atol=0)
+    # the tangent derivative is the Hessian action: finite difference of g along t[..., 0, :]
+    eps = 1e-6
+    fd = (output_derivatives(exact, out + eps * t[..., 0, :], y, w)
+          - output_derivatives(exact, out - eps * t[..., 0, :], y, w)) / (2 * eps)
+    torch.testing.assert_close(Rg[..., 0, :], fd, rtol=1e-6, atol=1e-8)

@@ -1,0 +1,36 @@
+"""The structure of plain MLPs (an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise
+activations), shared by the paths that write such a model's forward and backward out as GEMMs:
+the fused further-training engine and the true-Hessian HVP."""
+from __future__ import annotations
+
+from torch import nn
+
+# Elementwise activations those paths support (Identity is dropped).
+ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Identity)
+
+
+def mlp_layers(model: nn.Module):
+    """[(linear, activation module or None), ...] when ``model`` is an nn.Sequential of Linear layers,
+    each followed by at most one supported activation, with every parameter trainable; else a string
+    saying why not."""
+    if type(model) is not nn.Sequential:
+        return f"the model is a {type(model).__name__}, not an nn.Sequential"
+    layers = []
+    for k, m in enumerate(model):
+        if type(m) is nn.Linear:
+            if any(not p.requires_grad for p in m.parameters()):
+                return f"layer {k} has frozen parameters"
+            layers.append([m, None])
+        elif type(m) in ACTIVATIONS:
+            if not layers:
+                return f"layer {k} ({type(m).__name__}) comes before the first Linear"
+            if type(m) is nn.Identity:
+                continue
+            if layers[-1][1] is not None:
+                return "two activations in a row"
+            layers[-1][1] = m
+        else:
+            return f"layer {k} is a {type(m).__name__} (supported: Linear and ReLU/Tanh/Sigmoid/SiLU/GELU/LeakyReLU)"
+    if not layers:
+        return "the model has no Linear layer"
+    return [tuple(l) for l in layers]

@@ -52,6 +52,7 @@ from torch.func import functional_call, grad, vmap
 from ._mlp import mlp_layers
 from ._validate import check_choice, check_float, check_int, check_tensor
 from .grads import activation_numel
+from .ops.bias_act import _BWD as _EPI_BWD, _FWD as _EPI_FWD, FORWARD_ACTS, epilogue_backend
 from .ops.ensemble_step import EnsembleStepper, state_buffers
 from .tasks import CrossEntropyTask, MSETask, Task, get_task, output_derivatives
 
@@ -138,27 +139,31 @@ _aten = torch.ops.aten
 
 
 def _activation(m: nn.Module):
-    """(forward(z) -> h, backward_(g, z, h): g ← g·act'(z) in place) of one of ``_mlp.ACTIVATIONS``
-    other than Identity. Activations whose derivative needs only h run in place on z; the
-    backward functions are autograd's own (aten ``*_backward`` into ``grad_input=g``), so the fused
-    gradients round as autograd's, and nothing is allocated per step."""
+    """(forward(z) -> h, backward_(g, z, h): g ← g·act'(z) in place, epilogue) of one of
+    ``_mlp.ACTIVATIONS`` other than Identity. Activations whose derivative needs only h run in place on
+    z; the backward functions are autograd's own (aten ``*_backward`` into ``grad_input=g``), so the
+    fused gradients round as autograd's, and nothing is allocated per step. ``epilogue`` is the
+    (act, slope) of ``ops.bias_act`` when its one-pass epilogues apply (derivative from h), else None."""
     t = type(m)
     if t is nn.ReLU:
-        return torch.relu_, lambda g, z, h: _aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
+        return (torch.relu_, lambda g, z, h: _aten.threshold_backward.grad_input(g, h, 0, grad_input=g),
+                ("relu", 0.0))
     if t is nn.Tanh:
-        return torch.tanh_, lambda g, z, h: _aten.tanh_backward.grad_input(g, h, grad_input=g)
+        return (torch.tanh_, lambda g, z, h: _aten.tanh_backward.grad_input(g, h, grad_input=g), ("tanh", 0.0))
     if t is nn.Sigmoid:
-        return torch.sigmoid_, lambda g, z, h: _aten.sigmoid_backward.grad_input(g, h, grad_input=g)
+        return (torch.sigmoid_, lambda g, z, h: _aten.sigmoid_backward.grad_input(g, h, grad_input=g),
+                ("sigmoid", 0.0))
     if t is nn.LeakyReLU:
         slope = m.negative_slope
         return ((lambda z: F.leaky_relu_(z, slope)),
-                (lambda g, z, h: _aten.leaky_relu_backward.grad_input(g, h, slope, True, grad_input=g)))
+                (lambda g, z, h: _aten.leaky_relu_backward.grad_input(g, h, slope, True, grad_input=g)),
+                ("leaky_relu", slope) if slope >= 0 else None)
     if t is nn.SiLU:
-        return F.silu, lambda g, z, h: _aten.silu_backward.grad_input(g, z, grad_input=g)
+        return F.silu, lambda g, z, h: _aten.silu_backward.grad_input(g, z, grad_input=g), None
     if t is nn.GELU:
         approx = m.approximate
         return ((lambda z: F.gelu(z, approximate=approx)),
-                (lambda g, z, h: _aten.gelu_backward.grad_input(g, z, approximate=approx, grad_input=g)))
+                (lambda g, z, h: _aten.gelu_backward.grad_input(g, z, approximate=approx, grad_input=g)), None)
     raise AssertionError(f"no fused form for {t.__name__}")  # mlp_layers admits only the types above
 
 
@@ -295,11 +300,14 @@ class _FlatParams:
 
 class _FusedMLP:
     """Batched forward/backward of M MLPs written out as GEMMs over the model axis, into buffers
-    allocated once per chunk (a fresh multi-MiB tensor per op would cost page faults every step)."""
+    allocated once per chunk (a fresh multi-MiB tensor per op would cost page faults every step).
+    Hidden layers' bias + activation and their backward (act' and the bias gradient's sum) run as one
+    pass each through ``ops.bias_act`` where the activation allows it."""
 
     def __init__(self, layers, flat: _FlatParams, width: int):
         self.flat, self.M = flat, flat.M
-        self.layers = []  # (W view, b view or None, gW view, gb view or None, act fwd, act backward_)
+        # (W, b or None, gW, gb or None, act fwd, act backward_, epilogue (act, slope) or None)
+        self.layers = []
         k = 0
         for lin, act in layers:
             W, gW = flat.params[k], flat.grads[k]
@@ -308,8 +316,10 @@ class _FusedMLP:
             if lin.bias is not None:
                 b, gb = flat.params[k], flat.grads[k]
                 k += 1
-            self.layers.append((W, b, gW, gb) + (act if act else (None, None)))
+            self.layers.append((W, b, gW, gb) + (act if act else (None, None, None)))
         dtype, dev = flat.theta.dtype, flat.theta.device
+        backend = epilogue_backend(flat.theta)
+        self._epi_fwd, self._epi_bwd = _EPI_FWD.impls[backend].fn, _EPI_BWD.impls[backend].fn
         d0 = layers[0][0].in_features
         self.X = torch.empty(self.M, width, d0, dtype=dtype, device=dev)
         # pre-activations (activations in place where the derivative needs only them) and the
@@ -321,7 +331,14 @@ class _FusedMLP:
         """Outputs [M, n, C] for inputs [M, n, d0] (or shared [n, d0]); with ``keep`` into the
         training buffers, returning every layer's (z, h) for :meth:`grad`."""
         h, hs = x, [x]
-        for l, (W, b, _, _, act, _) in enumerate(self.layers):
+        for l, (W, b, _, _, act, _, epi) in enumerate(self.layers):
+            if keep and epi is not None and epi[0] in FORWARD_ACTS:
+                z = self.Z[l]
+                torch.bmm(h, W.transpose(1, 2), out=z)
+                self._epi_fwd(z, b, *epi)  # z ← act(z + b): h = z
+                hs.append((z, z))
+                h = z
+                continue
             if keep:
                 z = self.Z[l]
                 if b is not None:
@@ -341,21 +358,25 @@ class _FusedMLP:
         torch.index_select(x_train, 0, idx.view(-1), out=self.X.view(M * Wd, -1))
         out, hs = self.forward(self.X, keep=True)
         g = output_derivatives(task, out, y_train[idx], w)
+        bias_done = False  # the epilogue summed this layer's bias gradient with its backward
         for l in range(len(self.layers) - 1, -1, -1):
-            W, b, gW, gb, _, _ = self.layers[l]
+            W, b, gW, gb, _, _, _ = self.layers[l]
             h_in = hs[0] if l == 0 else hs[l][1]
             torch.bmm(g.transpose(1, 2), h_in, out=gW)
-            if gb is not None:
+            if gb is not None and not bias_done:
                 torch.sum(g, 1, out=gb)
             if l > 0:
                 z, h = hs[l]
-                backward_ = self.layers[l - 1][5]
+                _, _, _, gb_in, _, backward_, epi = self.layers[l - 1]
                 g_in = self.G[l - 1]
                 if W.shape[1] == 1:  # one output: the input gradient is an outer product
                     torch.mul(g, W, out=g_in)
                 else:
                     torch.bmm(g, W, out=g_in)
-                if backward_ is not None:
+                bias_done = epi is not None
+                if epi is not None:
+                    self._epi_bwd(g_in, h, gb_in, *epi)  # g_in ← g_in·act'(h), gb_in = Σ_rows g_in
+                elif backward_ is not None:
                     backward_(g_in, z, h)
                 g = g_in
 

@@ -20,3 +20,4 @@ void init_lissa_update(py::module_& m);
 void init_ekfac(py::module_& m);
 void init_ensemble_step(py::module_& m);
 void init_conv_patches(py::module_& m);
+void init_bias_act(py::module_& m);

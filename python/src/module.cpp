@@ -32,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   init_ekfac(m);
   init_ensemble_step(m);
   init_conv_patches(m);
+  init_bias_act(m);
 }

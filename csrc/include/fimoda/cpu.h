@@ -45,4 +45,14 @@ void conv_patches(const T* x, const int64_t* strides, T* out, int64_t N, int64_t
                   int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                   int64_t Ho, int64_t Wo, bool bias);
 
+// Bias + activation of M stacked layers (fimoda_kernels/ops/bias_act.py), z [M, R, C] and bias [M, C] (or
+// null) row-major, T float or double. act: 0 identity, 1 relu, 2 leaky_relu (slope), 3 tanh, 4 sigmoid.
+// Forward, in place (acts 0-2): z[m, r, c] ← act(z[m, r, c] + bias[m, c]).
+template <typename T>
+void bias_act(T* z, const T* bias, int64_t M, int64_t R, int64_t C, int act, double slope);
+// Backward, in place from the output h (acts 0-4): g[m, r, c] ← g[m, r, c]·act'(h[m, r, c]) and, when
+// bias_grad is not null, bias_grad[m, c] = Σ_r g[m, r, c] (summed in r order: independent of the threads).
+template <typename T>
+void bias_act_backward(T* g, const T* h, T* bias_grad, int64_t M, int64_t R, int64_t C, int act, double slope);
+
 }  // namespace fimoda::cpu

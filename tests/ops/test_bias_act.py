@@ -1,0 +1,128 @@
+"""bias_act / bias_act_backward: the native cpu passes against the float64 reference (and the torch
+backend), every activation, odd shapes, per-model determinism of the bias sums, bad inputs."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fimoda_kernels._ext import _C
+from fimoda_kernels.ops.bias_act import (FORWARD_ACTS, _bias_act_backward_reference, _bias_act_reference, bias_act,
+                                         bias_act_backward)
+from helpers import randn
+
+BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(_C is None, reason="native module not built")), "torch"]
+BACKWARD_ACTS = ["identity", "relu", "leaky_relu", "tanh", "sigmoid"]
+# (M, R, C): one model, odd sizes, more columns than a backward column block (256), no rows
+SHAPES = [(3, 5, 7), (1, 17, 130), (4, 9, 300), (2, 0, 6), (64, 3, 1)]
+TOL = {torch.float32: 2e-6, torch.float64: 1e-14}
+
+
+def _activations(act, M, R, C, dtype, seed):
+    """h = act(z) of fresh z, with exact zeros where relu clips (the derivative's edge)."""
+    z = randn(M, R, C, dtype=torch.float64, seed=seed, shift=0.0)
+    h = {"identity": z, "relu": z.clamp(min=0), "leaky_relu": torch.where(z > 0, z, 0.2 * z),
+         "tanh": z.tanh(), "sigmoid": z.sigmoid()}[act]
+    return h.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", FORWARD_ACTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_matches_reference(backend, dtype, act, shape, with_bias):
+    M, R, C = shape
+    z = randn(M, R, C, dtype=dtype, seed=1, shift=0.0)
+    b = randn(M, C, dtype=dtype, seed=2) if with_bias else None
+    want = _bias_act_reference(z.double().clone(), None if b is None else b.double(), act, 0.2)
+    out = bias_act(z, b, act, slope=0.2, backend=backend)
+    assert out is z  # in place
+    # one rounding (z + b), then an exact select / one multiply: within an ulp of the float64 result
+    torch.testing.assert_close(out.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    if backend == "cpu":  # the same float ops as torch's: bitwise for relu / identity
+        ref = _bias_act_reference(randn(M, R, C, dtype=dtype, seed=1, shift=0.0), b, act, 0.2)
+        if act != "leaky_relu":
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", BACKWARD_ACTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_backward_matches_reference(backend, dtype, act, shape, with_bias):
+    M, R, C = shape
+    h = _activations(act, M, R, C, dtype, seed=3)
+    g = randn(M, R, C, dtype=dtype, seed=4)
+    gb = torch.full((M, C), float("nan"), dtype=dtype) if with_bias else None  # every entry must be written
+    want_gb = torch.empty(M, C, dtype=torch.float64) if with_bias else None
+    want = _bias_act_backward_reference(g.double().clone(), h.double(), want_gb, act, 0.2)
+    out = bias_act_backward(g, h, act, gb, slope=0.2, backend=backend)
+    assert out is g
+    torch.testing.assert_close(out.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    if with_bias:
+        # R-term sums: float32 rounding grows with R; the reference is exact to float64
+        torch.testing.assert_close(gb.double(), want_gb, rtol=TOL[dtype] * max(R, 1), atol=TOL[dtype] * max(R, 1))
+
+
+@pytest.mark.skipif(_C is None, reason="native module not built")
+@pytest.mark.parametrize("act", BACKWARD_ACTS)
+def test_backward_per_model_results_do_not_depend_on_the_batch_of_models(act):
+    """Each model's bias sum runs over its rows in order: one model alone gives the same bits as in a
+    batch of 37 (the further-training engine's chunking must not change a model's training)."""
+    M, R, C = 37, 45, 300
+    h = _activations(act, M, R, C, torch.float32, seed=5)
+    g = randn(M, R, C, seed=6)
+    gb = torch.empty(M, C)
+    bias_act_backward(g.clone(), h, act, gb, slope=0.2, backend="cpu")
+    for m in (0, 17, 36):
+        gb_m = torch.empty(1, C)
+        bias_act_backward(g[m:m + 1].clone(), h[m:m + 1], act, gb_m, slope=0.2, backend="cpu")
+        assert torch.equal(gb_m[0], gb[m])
+
+
+@pytest.mark.skipif(_C is None, reason="native module not built")
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 5), R=st.integers(0, 40), C=st.integers(1, 600), act=st.sampled_from(BACKWARD_ACTS),
+       slope=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_cpu_hypothesis(M, R, C, act, slope, dtype):
+    z = randn(M, R, C, dtype=dtype, seed=C, shift=0.0)
+    b = randn(M, C, dtype=dtype, seed=R)
+    if act in FORWARD_ACTS:
+        want = _bias_act_reference(z.double().clone(), b.double(), act, slope)
+        torch.testing.assert_close(bias_act(z.clone(), b, act, slope, backend="cpu").double(), want,
+                                   rtol=TOL[dtype], atol=TOL[dtype])
+    h = _activations("relu" if act == "leaky_relu" else act, M, R, C, dtype, seed=M)
+    gb, want_gb = torch.empty(M, C, dtype=dtype), torch.empty(M, C, dtype=torch.float64)
+    want = _bias_act_backward_reference(z.double().clone(), h.double(), want_gb, act, slope)
+    out = bias_act_backward(z.clone(), h, act, gb, slope, backend="cpu")
+    torch.testing.assert_close(out.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(gb.double(), want_gb, rtol=TOL[dtype] * max(R, 1), atol=TOL[dtype] * max(R, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_values_propagate_as_torch(backend):
+    """NaN pre-activations stay NaN; relu's derivative at a NaN output is 0 (threshold_backward's)."""
+    z = torch.tensor([[[float("nan"), -1.0, 2.0]]])
+    assert torch.equal(bias_act(z.clone(), None, "relu", backend=backend).isnan(), torch.tensor([[[True, False, False]]]))
+    g = torch.ones(1, 1, 3)
+    out = bias_act_backward(g, torch.tensor([[[float("nan"), 0.0, 2.0]]]), "relu", backend=backend)
+    assert torch.equal(out, torch.tensor([[[0.0, 0.0, 1.0]]]))
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda z, b: bias_act(z[0], None), ValueError, "z: expected a 3-D tensor"),
+    (lambda z, b: bias_act(z.transpose(1, 2).contiguous().transpose(1, 2), None), ValueError, "z: expected a contiguous"),
+    (lambda z, b: bias_act(z.int(), None), TypeError, "z: expected dtype"),
+    (lambda z, b: bias_act(z, b[:, :-1]), ValueError, r"bias: expected a contiguous tensor of shape \(2, 5\)"),
+    (lambda z, b: bias_act(z, b.double()), TypeError, "bias: expected dtype"),
+    (lambda z, b: bias_act(z, b, "tanh"), ValueError, "act: expected one of"),
+    (lambda z, b: bias_act(z, b, "relu", slope=-0.1), ValueError, "slope"),
+    (lambda z, b: bias_act_backward(z, z[:, :-1]), ValueError, r"h: expected a contiguous tensor of shape \(2, 3, 5\)"),
+    (lambda z, b: bias_act_backward(z, z, "gelu"), ValueError, "act: expected one of"),
+    (lambda z, b: bias_act_backward(z, z, "relu", b.t().contiguous()), ValueError, "bias_grad: expected"),
+    (lambda z, b: bias_act(z, b, backend="cuda"), ValueError, "backend='cuda' cannot run bias_act"),
+])
+def test_bad_inputs_name_the_argument(call, err, match):
+    z, b = randn(2, 3, 5), randn(2, 5)
+    with pytest.raises(err, match=match):
+        call(z, b)

@@ -301,8 +301,10 @@ class _FlatParams:
 class _FusedMLP:
     """Batched forward/backward of M MLPs written out as GEMMs over the model axis, into buffers
     allocated once per chunk (a fresh multi-MiB tensor per op would cost page faults every step).
-    Hidden layers' bias + activation and their backward (act' and the bias gradient's sum) run as one
-    pass each through ``ops.bias_act`` where the activation allows it."""
+
+    ``ops.bias_act`` fuses, where the activation allows it, a hidden layer's bias + activation into one
+    pass and its backward (act' and the bias gradient's sum) into another; a final one-output layer
+    (regression) is folded into the pass of the layer before it, both ways (``head``)."""
 
     def __init__(self, layers, flat: _FlatParams, width: int):
         self.flat, self.M = flat, flat.M
@@ -317,6 +319,8 @@ class _FusedMLP:
                 b, gb = flat.params[k], flat.grads[k]
                 k += 1
             self.layers.append((W, b, gW, gb) + (act if act else (None, None, None)))
+        last, before = self.layers[-1], self.layers[-2] if len(self.layers) > 1 else None
+        self.head = before is not None and before[6] is not None and last[0].shape[1] == 1 and last[4] is None
         dtype, dev = flat.theta.dtype, flat.theta.device
         backend = epilogue_backend(flat.theta)
         self._epi_fwd, self._epi_bwd = _EPI_FWD.impls[backend].fn, _EPI_BWD.impls[backend].fn
@@ -331,10 +335,19 @@ class _FusedMLP:
         """Outputs [M, n, C] for inputs [M, n, d0] (or shared [n, d0]); with ``keep`` into the
         training buffers, returning every layer's (z, h) for :meth:`grad`."""
         h, hs = x, [x]
+        L, M = len(self.layers), self.M
         for l, (W, b, _, _, act, _, epi) in enumerate(self.layers):
             if keep and epi is not None and epi[0] in FORWARD_ACTS:
                 z = self.Z[l]
                 torch.bmm(h, W.transpose(1, 2), out=z)
+                if self.head and l == L - 2:  # z ← act(z + b), and the one-output layer's z from it
+                    W1, b1 = self.layers[-1][:2]
+                    out = self.Z[-1]
+                    self._epi_fwd(z, b, *epi, W1.view(M, -1), out.view(M, -1))
+                    if b1 is not None:
+                        out += b1[:, None, :]
+                    hs += [(z, z), (out, out)]
+                    return out, hs
                 self._epi_fwd(z, b, *epi)  # z ← act(z + b): h = z
                 hs.append((z, z))
                 h = z
@@ -361,24 +374,30 @@ class _FusedMLP:
         bias_done = False  # the epilogue summed this layer's bias gradient with its backward
         for l in range(len(self.layers) - 1, -1, -1):
             W, b, gW, gb, _, _, _ = self.layers[l]
-            h_in = hs[0] if l == 0 else hs[l][1]
-            torch.bmm(g.transpose(1, 2), h_in, out=gW)
             if gb is not None and not bias_done:
                 torch.sum(g, 1, out=gb)
             if l > 0:
                 z, h = hs[l]
                 _, _, _, gb_in, _, backward_, epi = self.layers[l - 1]
                 g_in = self.G[l - 1]
+                bias_done = epi is not None
+                if self.head and l == len(self.layers) - 1:
+                    # g_in = (g ⊗ W)·act'(h), gb_in, and gW = Σ_rows g h in one pass
+                    self._epi_bwd(g_in, h, gb_in, *epi, g.view(M, Wd), W.view(M, -1), gW.view(M, -1))
+                    g = g_in
+                    continue
+                torch.bmm(g.transpose(1, 2), h, out=gW)
                 if W.shape[1] == 1:  # one output: the input gradient is an outer product
                     torch.mul(g, W, out=g_in)
                 else:
                     torch.bmm(g, W, out=g_in)
-                bias_done = epi is not None
                 if epi is not None:
                     self._epi_bwd(g_in, h, gb_in, *epi)  # g_in ← g_in·act'(h), gb_in = Σ_rows g_in
                 elif backward_ is not None:
                     backward_(g_in, z, h)
                 g = g_in
+            else:
+                torch.bmm(g.transpose(1, 2), hs[0], out=gW)
 
     def test_losses(self, x_test, y_test, task) -> torch.Tensor:
         out, _ = self.forward(x_test, keep=False)

@@ -41,7 +41,7 @@ inline T backward(T g, T h, T slope) {
 #define FIMODA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 template <typename T, int kAct>
-FIMODA_CLONES void forward_block(T* z, const T* bias, int64_t rows, int64_t C, T slope) {
+FIMODA_CLONES void forward_block(T* z, const T* bias, const T* w, T* out, int64_t rows, int64_t C, T slope) {
   for (int64_t r = 0; r < rows; ++r) {
     T* zr = z + r * C;
     if (bias) {
@@ -51,17 +51,43 @@ FIMODA_CLONES void forward_block(T* z, const T* bias, int64_t rows, int64_t C, T
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) zr[c] = forward<T, kAct>(zr[c], slope);
     }
+    if (w) {  // the one-output layer after this one, on the row while it is in L1
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < C; ++c) acc += zr[c] * w[c];
+      out[r] = acc;
+    }
   }
 }
 
-// rows × n entries at g, h (row stride ld); acc[0..n) = the column sums of the new g when not null
+// rows × n entries at g, h (row stride ld). With u (one value per row) g is written only: its input is
+// u[r]·w[c], the one-output next layer's input gradient, and wacc[0..n) gets Σ_r u[r]·h[r, c], that
+// layer's weight gradient. acc[0..n) gets the column sums of the new g. acc, u / w / wacc may be null.
 template <typename T, int kAct>
-FIMODA_CLONES void backward_block(T* g, const T* h, T* acc, int64_t rows, int64_t ld, int64_t n, T slope) {
+FIMODA_CLONES void backward_block(T* g, const T* h, T* acc, const T* u, const T* w, T* wacc, int64_t rows, int64_t ld,
+                                  int64_t n, T slope) {
   if (acc) std::fill(acc, acc + n, T(0));
+  if (u) std::fill(wacc, wacc + n, T(0));
   for (int64_t r = 0; r < rows; ++r) {
     T* gr = g + r * ld;
     const T* hr = h + r * ld;
-    if (acc) {
+    if (u && acc) {
+      const T ur = u[r];
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        const T v = backward<T, kAct>(ur * w[c], hr[c], slope);
+        gr[c] = v;
+        acc[c] += v;
+        wacc[c] += ur * hr[c];
+      }
+    } else if (u) {
+      const T ur = u[r];
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        gr[c] = backward<T, kAct>(ur * w[c], hr[c], slope);
+        wacc[c] += ur * hr[c];
+      }
+    } else if (acc) {
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) {
         const T v = backward<T, kAct>(gr[c], hr[c], slope);
@@ -76,66 +102,78 @@ FIMODA_CLONES void backward_block(T* g, const T* h, T* acc, int64_t rows, int64_
 }
 
 constexpr int64_t kRows = 16;    // rows per task of the forward and of the sum-free backward
-constexpr int64_t kCols = 256;   // columns per task of the backward with the bias sum
+constexpr int64_t kCols = 256;   // columns per task of the backward with sums
 
 template <typename T, int kAct>
-void forward_rows(T* z, const T* bias, int64_t M, int64_t R, int64_t C, T slope) {
+void forward_rows(T* z, const T* bias, const T* w, T* out, int64_t M, int64_t R, int64_t C, T slope) {
   const int64_t blocks = (R + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < M * blocks; ++t) {
     const int64_t m = t / blocks, r0 = (t - m * blocks) * kRows;
-    forward_block<T, kAct>(z + (m * R + r0) * C, bias ? bias + m * C : nullptr, std::min(kRows, R - r0), C, slope);
+    forward_block<T, kAct>(z + (m * R + r0) * C, bias ? bias + m * C : nullptr, w ? w + m * C : nullptr,
+                           w ? out + m * R + r0 : nullptr, std::min(kRows, R - r0), C, slope);
   }
 }
 
 template <typename T, int kAct>
-void backward_rows(T* g, const T* h, T* bias_grad, int64_t M, int64_t R, int64_t C, T slope) {
-  if (!bias_grad) {
+void backward_rows(T* g, const T* h, T* bias_grad, const T* u, const T* w, T* w_grad, int64_t M, int64_t R,
+                   int64_t C, T slope) {
+  if (!bias_grad && !u) {
     const int64_t blocks = (M * R + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < blocks; ++t) {
       const int64_t r0 = t * kRows;
-      backward_block<T, kAct>(g + r0 * C, h + r0 * C, nullptr, std::min(kRows, M * R - r0), C, C, slope);
+      backward_block<T, kAct>(g + r0 * C, h + r0 * C, nullptr, nullptr, nullptr, nullptr,
+                              std::min(kRows, M * R - r0), C, C, slope);
     }
     return;
   }
-  // per model and column block, over all rows in order: each column's sum is deterministic
+  // per model and column block, over all rows in order: each column's sums are deterministic
   const int64_t blocks = (C + kCols - 1) / kCols;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < M * blocks; ++t) {
     const int64_t m = t / blocks, c0 = (t - m * blocks) * kCols;
-    backward_block<T, kAct>(g + m * R * C + c0, h + m * R * C + c0, bias_grad + m * C + c0, R, C,
-                            std::min(kCols, C - c0), slope);
+    backward_block<T, kAct>(g + m * R * C + c0, h + m * R * C + c0, bias_grad ? bias_grad + m * C + c0 : nullptr,
+                            u ? u + m * R : nullptr, u ? w + m * C + c0 : nullptr, u ? w_grad + m * C + c0 : nullptr,
+                            R, C, std::min(kCols, C - c0), slope);
   }
 }
 
 }  // namespace
 
 template <typename T>
-void bias_act(T* z, const T* bias, int64_t M, int64_t R, int64_t C, int act, double slope) {
+void bias_act(T* z, const T* bias, const T* out_weight, T* out, int64_t M, int64_t R, int64_t C, int act,
+              double slope) {
   switch (act) {
-    case kIdentity: return forward_rows<T, kIdentity>(z, bias, M, R, C, T(slope));
-    case kRelu: return forward_rows<T, kRelu>(z, bias, M, R, C, T(slope));
-    case kLeaky: return forward_rows<T, kLeaky>(z, bias, M, R, C, T(slope));
+    case kIdentity: return forward_rows<T, kIdentity>(z, bias, out_weight, out, M, R, C, T(slope));
+    case kRelu: return forward_rows<T, kRelu>(z, bias, out_weight, out, M, R, C, T(slope));
+    case kLeaky: return forward_rows<T, kLeaky>(z, bias, out_weight, out, M, R, C, T(slope));
     default: return;  // validated in Python: tanh / sigmoid forward stay with torch's vectorized math
   }
 }
 
 template <typename T>
-void bias_act_backward(T* g, const T* h, T* bias_grad, int64_t M, int64_t R, int64_t C, int act, double slope) {
+void bias_act_backward(T* g, const T* h, T* bias_grad, const T* out_grad, const T* out_weight, T* out_weight_grad,
+                       int64_t M, int64_t R, int64_t C, int act, double slope) {
+#define FIMODA_CASE(A) \
+  case A: return backward_rows<T, A>(g, h, bias_grad, out_grad, out_weight, out_weight_grad, M, R, C, T(slope));
   switch (act) {
-    case kIdentity: return backward_rows<T, kIdentity>(g, h, bias_grad, M, R, C, T(slope));
-    case kRelu: return backward_rows<T, kRelu>(g, h, bias_grad, M, R, C, T(slope));
-    case kLeaky: return backward_rows<T, kLeaky>(g, h, bias_grad, M, R, C, T(slope));
-    case kTanh: return backward_rows<T, kTanh>(g, h, bias_grad, M, R, C, T(slope));
-    case kSigmoid: return backward_rows<T, kSigmoid>(g, h, bias_grad, M, R, C, T(slope));
+    FIMODA_CASE(kIdentity)
+    FIMODA_CASE(kRelu)
+    FIMODA_CASE(kLeaky)
+    FIMODA_CASE(kTanh)
+    FIMODA_CASE(kSigmoid)
     default: return;
   }
+#undef FIMODA_CASE
 }
 
-template void bias_act<float>(float*, const float*, int64_t, int64_t, int64_t, int, double);
-template void bias_act<double>(double*, const double*, int64_t, int64_t, int64_t, int, double);
-template void bias_act_backward<float>(float*, const float*, float*, int64_t, int64_t, int64_t, int, double);
-template void bias_act_backward<double>(double*, const double*, double*, int64_t, int64_t, int64_t, int, double);
+#define FIMODA_INSTANTIATE(T)                                                                                  \
+  template void bias_act<T>(T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int, double);               \
+  template void bias_act_backward<T>(T*, const T*, T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int, \
+                                     double);
+FIMODA_INSTANTIATE(float)
+FIMODA_INSTANTIATE(double)
+#undef FIMODA_INSTANTIATE
 
 }  // namespace fimoda::cpu

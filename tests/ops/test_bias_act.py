@@ -64,6 +64,47 @@ def test_backward_matches_reference(backend, dtype, act, shape, with_bias):
         torch.testing.assert_close(gb.double(), want_gb, rtol=TOL[dtype] * max(R, 1), atol=TOL[dtype] * max(R, 1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", FORWARD_ACTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_output_layer_forward(backend, dtype, act, shape):
+    """out[m, r] = Σ_c act(z + b)[m, r, c]·w[m, c]: the following one-output layer's GEMM, folded in."""
+    M, R, C = shape
+    z, b, w = randn(M, R, C, dtype=dtype, seed=1, shift=0.0), randn(M, C, dtype=dtype, seed=2), randn(M, C, dtype=dtype, seed=3)
+    out = torch.full((M, R), float("nan"), dtype=dtype)
+    want_out = torch.empty(M, R, dtype=torch.float64)
+    want = _bias_act_reference(z.double().clone(), b.double(), act, 0.2, w.double(), want_out)
+    bias_act(z, b, act, 0.2, out_weight=w, out=out, backend=backend)
+    torch.testing.assert_close(z.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(out.double(), want_out, rtol=TOL[dtype] * C, atol=TOL[dtype] * C)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", BACKWARD_ACTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_one_output_layer_backward(backend, dtype, act, shape, with_bias):
+    """g = (u ⊗ w)·act'(h) from the one-output layer's output gradient u (g's input is ignored), and
+    that layer's weight gradient Σ_r u h."""
+    M, R, C = shape
+    h = _activations(act, M, R, C, dtype, seed=3)
+    u, w = randn(M, R, dtype=dtype, seed=4), randn(M, C, dtype=dtype, seed=5)
+    g = torch.full((M, R, C), float("nan"), dtype=dtype)  # written only
+    gb = torch.full((M, C), float("nan"), dtype=dtype) if with_bias else None
+    gw = torch.full((M, C), float("nan"), dtype=dtype)
+    want_g, want_gw = torch.empty(M, R, C, dtype=torch.float64), torch.empty(M, C, dtype=torch.float64)
+    want_gb = torch.empty(M, C, dtype=torch.float64) if with_bias else None
+    _bias_act_backward_reference(want_g, h.double(), want_gb, act, 0.2, u.double(), w.double(), want_gw)
+    bias_act_backward(g, h, act, gb, 0.2, out_grad=u, out_weight=w, out_weight_grad=gw, backend=backend)
+    torch.testing.assert_close(g.double(), want_g, rtol=TOL[dtype], atol=TOL[dtype])
+    sums = TOL[dtype] * max(R, 1)
+    torch.testing.assert_close(gw.double(), want_gw, rtol=sums, atol=sums)
+    if with_bias:
+        torch.testing.assert_close(gb.double(), want_gb, rtol=sums, atol=sums)
+
+
 @pytest.mark.skipif(_C is None, reason="native module not built")
 @pytest.mark.parametrize("act", BACKWARD_ACTS)
 def test_backward_per_model_results_do_not_depend_on_the_batch_of_models(act):
@@ -71,13 +112,17 @@ def test_backward_per_model_results_do_not_depend_on_the_batch_of_models(act):
     batch of 37 (the further-training engine's chunking must not change a model's training)."""
     M, R, C = 37, 45, 300
     h = _activations(act, M, R, C, torch.float32, seed=5)
-    g = randn(M, R, C, seed=6)
-    gb = torch.empty(M, C)
+    g, u, w = randn(M, R, C, seed=6), randn(M, R, seed=7), randn(M, C, seed=8)
+    gb, gw, gb2 = torch.empty(M, C), torch.empty(M, C), torch.empty(M, C)
     bias_act_backward(g.clone(), h, act, gb, slope=0.2, backend="cpu")
+    bias_act_backward(g.clone(), h, act, gb2, 0.2, out_grad=u, out_weight=w, out_weight_grad=gw, backend="cpu")
     for m in (0, 17, 36):
-        gb_m = torch.empty(1, C)
-        bias_act_backward(g[m:m + 1].clone(), h[m:m + 1], act, gb_m, slope=0.2, backend="cpu")
-        assert torch.equal(gb_m[0], gb[m])
+        one = slice(m, m + 1)
+        gb_m, gw_m, gb2_m = torch.empty(1, C), torch.empty(1, C), torch.empty(1, C)
+        bias_act_backward(g[one].clone(), h[one], act, gb_m, slope=0.2, backend="cpu")
+        bias_act_backward(g[one].clone(), h[one], act, gb2_m, 0.2, out_grad=u[one], out_weight=w[one],
+                          out_weight_grad=gw_m, backend="cpu")
+        assert torch.equal(gb_m[0], gb[m]) and torch.equal(gb2_m[0], gb2[m]) and torch.equal(gw_m[0], gw[m])
 
 
 @pytest.mark.skipif(_C is None, reason="native module not built")
@@ -121,6 +166,11 @@ def test_non_finite_values_propagate_as_torch(backend):
     (lambda z, b: bias_act_backward(z, z, "gelu"), ValueError, "act: expected one of"),
     (lambda z, b: bias_act_backward(z, z, "relu", b.t().contiguous()), ValueError, "bias_grad: expected"),
     (lambda z, b: bias_act(z, b, backend="cuda"), ValueError, "backend='cuda' cannot run bias_act"),
+    (lambda z, b: bias_act(z, b, out_weight=b), ValueError, "out_weight, out: expected both or neither"),
+    (lambda z, b: bias_act(z, b, out_weight=b, out=b), ValueError, r"out: expected a contiguous tensor of shape \(2, 3\)"),
+    (lambda z, b: bias_act_backward(z, z, out_grad=z[:, :, 0]), ValueError, "expected all or none, got only out_grad"),
+    (lambda z, b: bias_act_backward(z, z, out_grad=z[:, :, 0].contiguous(), out_weight=b, out_weight_grad=b[:1]),
+     ValueError, r"out_weight_grad: expected a contiguous tensor of shape \(2, 5\)"),
 ])
 def test_bad_inputs_name_the_argument(call, err, match):
     z, b = randn(2, 3, 5), randn(2, 5)

@@ -47,12 +47,17 @@ void conv_patches(const T* x, const int64_t* strides, T* out, int64_t N, int64_t
 
 // Bias + activation of M stacked layers (fimoda_kernels/ops/bias_act.py), z [M, R, C] and bias [M, C] (or
 // null) row-major, T float or double. act: 0 identity, 1 relu, 2 leaky_relu (slope), 3 tanh, 4 sigmoid.
-// Forward, in place (acts 0-2): z[m, r, c] ← act(z[m, r, c] + bias[m, c]).
+// Forward, in place (acts 0-2): z[m, r, c] ← act(z[m, r, c] + bias[m, c]); with out_weight [M, C] (a
+// one-output layer after this one) also out[m, r] = Σ_c z[m, r, c]·out_weight[m, c] (out [M, R]).
 template <typename T>
-void bias_act(T* z, const T* bias, int64_t M, int64_t R, int64_t C, int act, double slope);
-// Backward, in place from the output h (acts 0-4): g[m, r, c] ← g[m, r, c]·act'(h[m, r, c]) and, when
-// bias_grad is not null, bias_grad[m, c] = Σ_r g[m, r, c] (summed in r order: independent of the threads).
+void bias_act(T* z, const T* bias, const T* out_weight, T* out, int64_t M, int64_t R, int64_t C, int act,
+              double slope);
+// Backward, in place from the output h (acts 0-4): g[m, r, c] ← g[m, r, c]·act'(h[m, r, c]); with out_grad
+// [M, R] g's input is out_grad[m, r]·out_weight[m, c] instead (g is written only) and out_weight_grad[m, c] =
+// Σ_r out_grad[m, r]·h[m, r, c]. bias_grad[m, c] = Σ_r g[m, r, c] when not null. Sums run per model over r in
+// order (independent of the threads and of M).
 template <typename T>
-void bias_act_backward(T* g, const T* h, T* bias_grad, int64_t M, int64_t R, int64_t C, int act, double slope);
+void bias_act_backward(T* g, const T* h, T* bias_grad, const T* out_grad, const T* out_weight, T* out_weight_grad,
+                       int64_t M, int64_t R, int64_t C, int act, double slope);
 
 }  // namespace fimoda::cpu

@@ -163,6 +163,23 @@ def test_equals_sequential_float32(mode, opt):
         assert rel(res.losses, ref) < 1e-5
 
 
+@pytest.mark.parametrize("epilogues", ["cpu", "torch"])
+@pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.LeakyReLU(0.1), nn.Sigmoid], ids=["relu", "leaky", "sigmoid"])
+def test_fused_epilogues_equal_sequential(monkeypatch, epilogues, act):
+    """The fused MLP with ops.bias_act's one-pass epilogues and the one-output layer folded in ("cpu",
+    the CPU default), and without them (what GPUs run): both equal the sequential protocol."""
+    import fimoda_kernels.further_training as ft
+
+    monkeypatch.setattr(ft, "epilogue_backend", lambda x: epilogues)
+    train, test = data("mse")
+    model = mlp(act=act)
+    kw = dict(epochs=2, lr=0.05, batch_size=5, optimizer="sgd", momentum=0.9)
+    ref = sequential(model, train, test, [3, 0, 22], [1, 5], **kw)
+    res = further_train(model, train, test, [3, 0, 22], [1, 5], dtype=torch.float64, path="fused",
+                        progress=False, **kw)
+    assert rel(res.losses, ref) < 1e-10
+
+
 @pytest.mark.parametrize("mode", ["remove", "downweight"])
 def test_steps_and_uneven_batches(mode):
     """N = 21, B = 5: the full run has 5 batches per epoch (the last of 1 point), a remove run 4, so

@@ -100,6 +100,7 @@ class HVPOperator:
         self._itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._q = self._curvature() if self.kind == "gn" else None
         self._layers = None
+        self._ws = {}  # per-call temporaries of the fast paths, reused (see __call__)
         self._mlp = None
         if linear is False:
             self.path, self.path_reason = "generic", "linear=False"
@@ -203,30 +204,54 @@ class HVPOperator:
             raise ValueError(f"batch: expected indices in [0, {self.num_samples}), got values in [{lo}, {hi}]")
         return batch.to(device=self.device, dtype=torch.long)
 
-    def __call__(self, V: torch.Tensor, batch=None) -> torch.Tensor:
+    def __call__(self, V: torch.Tensor, batch=None, out: torch.Tensor | None = None) -> torch.Tensor:
         """``M V``: ``V [r, p]`` (or ``[p]``, returned as ``[p]``) times the full-data matrix, or the
         matrix of the minibatch ``batch`` (indices: 1-D integer tensor, list, range or slice; repeats
-        count twice). Returns V's shape and dtype."""
+        count twice). Returns V's shape and dtype, written into ``out`` (contiguous, V's shape and
+        dtype) when given — a solver's loop then allocates nothing per call. The fast paths keep their
+        per-call temporaries in a workspace reused from call to call (fresh multi-MiB tensors cost a
+        page fault per 4 KiB on every call); an operator is therefore not meant to be called from
+        several threads at once."""
         check_tensor("V", V, ndim=(1, 2), device=self.device)
         if not V.dtype.is_floating_point:
             raise TypeError(f"V: expected a floating dtype, got {V.dtype}")
         if V.shape[-1] != self.num_params:
             raise ValueError(f"V: expected [r, {self.num_params}] or [{self.num_params}] (p = num_params), "
                              f"got {tuple(V.shape)}")
+        if out is not None:
+            check_tensor("out", out, ndim=V.dim(), dtypes=(V.dtype,), device=self.device)
+            if out.shape != V.shape or not out.is_contiguous():
+                raise ValueError(f"out: expected a contiguous tensor of shape {tuple(V.shape)} (as V), got shape "
+                                 f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
         idx = self._batch_indices(batch)
         one = V.dim() == 1
         W = (V[None] if one else V).to(self.dtype)
+        dst = None if out is None or out.dtype != self.dtype else (out[None] if one else out)
         if self.path == "linear" and W.shape[0]:
-            out = self._linear_gn(W, idx) if self.kind == "gn" else self._mlp_hessian(W, idx)
+            res = self._linear_gn(W, idx, dst) if self.kind == "gn" else self._mlp_hessian(W, idx, dst)
         else:
-            out = torch.zeros(W.shape, dtype=self.dtype, device=self.device)
+            res = dst.zero_() if dst is not None else torch.zeros(W.shape, dtype=self.dtype, device=self.device)
             if W.shape[0]:
-                self._generic(W, idx, out)
-        out = out.to(V.dtype)
-        return out[0] if one else out
+                self._generic(W, idx, res)
+        if out is not None:
+            if dst is None:
+                out.copy_(res[0] if one else res)
+            return out
+        res = res.to(V.dtype)
+        return res[0] if one else res
+
+    def _buf(self, key, *shape: int) -> torch.Tensor:
+        """A workspace tensor of this shape (contents undefined), kept across calls under ``key``."""
+        n = 1
+        for d in shape:
+            n *= d
+        t = self._ws.get(key)
+        if t is None or t.numel() < n:
+            t = self._ws[key] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return t[:n].view(shape)
 
     # ------------------------------------------------------------------ linear GN path
-    def _linear_gn(self, V: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    def _linear_gn(self, V: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
         """G_b V from the captured (a, s), per sample chunk and per layer in one of two exact forms:
 
         - factored: (J V)_i += s_iᵀ V_l a_i via Z = A V_lᵀ ([c, r·d_out]) and Jᵀu via (u ∘ S)ᵀ A;
@@ -243,7 +268,8 @@ class HVPOperator:
         width = max(max(l.d_out, l.d_in) for l in self._layers)
         chunk = max(1, min(self.max_memory // (3 * r * width * self._itemsize),
                            self.max_memory // (self.num_params * self._itemsize)))
-        out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
+        if out is None:
+            out = torch.empty(V.shape, dtype=self.dtype, device=self.device)
         Ws = {}
         for i0 in range(0, n, chunk):
             rows = slice(i0, min(n, i0 + chunk)) if idx is None else idx[i0:i0 + chunk]
@@ -251,25 +277,25 @@ class HVPOperator:
             c = parts[0][0].shape[0]
             dense = [3 * c * (l.d_in + 1) < r * (4 * c + 2 * l.d_in) for l in self._layers]
             if all(dense):  # one [c, p] block in the flat layout: two whole-vector GEMMs, output in place
-                g = torch.empty(c, self.num_params, dtype=self.dtype, device=self.device)
+                g = self._buf("g", c, self.num_params)
                 for l, (a, s) in zip(self._layers, parts):
                     torch.mul(s[:, :, None], a[:, None, :], out=g[:, l.w0:l.w1].view(c, l.d_out, l.d_in))
                     if l.b0 is not None:
                         g[:, l.b0:l.b0 + l.d_out] = s
-                uT = (g @ V.T).mul_((self._q[rows] / n)[:, None]).T   # (Q J V / |b|)ᵀ, [r, c]
+                uT = torch.mm(g, V.T, out=self._buf("u", c, r)).mul_((self._q[rows] / n)[:, None]).T  # (Q J V/|b|)ᵀ
                 torch.mm(uT, g, out=out) if i0 == 0 else out.addmm_(uT, g)
                 continue
             jv, G = None, {}
             for k, (l, (a, s)) in enumerate(zip(self._layers, parts)):
                 if dense[k]:
-                    g = torch.empty(c, l.d_out * l.d_in, dtype=self.dtype, device=self.device)
+                    g = self._buf(("g", k), c, l.d_out * l.d_in)
                     torch.mul(s[:, :, None], a[:, None, :], out=g.view(c, l.d_out, l.d_in))  # s_i a_iᵀ
                     G[k] = g
                     t = g @ V[:, l.w0:l.w1].T                          # [c, r]
                 else:
-                    if k not in Ws:
-                        Ws[k] = V[:, l.w0:l.w1].reshape(r * l.d_out, l.d_in)  # one copy per call
-                    z = (a @ Ws[k].T).view(c, r, l.d_out)              # [c, r, d_out] = V_l a_i per vector
+                    if k not in Ws:  # one copy per call
+                        Ws[k] = self._buf(("V", k), r, l.d_out * l.d_in).copy_(V[:, l.w0:l.w1]).view(r * l.d_out, l.d_in)
+                    z = torch.mm(a, Ws[k].T, out=self._buf(("z", k), c, r * l.d_out)).view(c, r, l.d_out)
                     # s_iᵀ V_l a_i as a broadcast product and a sum over the contiguous axis, not
                     # einsum/bmm: torch's bmm over c tiny matrices was 100× slower on a loaded 2-core machine
                     t = z.mul_(s[:, None, :]).sum(2)                   # [c, r]
@@ -280,12 +306,13 @@ class HVPOperator:
             uT = u.T.contiguous()
             for k, (l, (a, s)) in enumerate(zip(self._layers, parts)):
                 if dense[k]:
-                    g = uT @ G[k]                                      # [r, d_out·d_in]
+                    g = torch.mm(uT, G[k], out=self._buf("gl", r, l.d_out * l.d_in))
                 else:
                     # u_i s_i per vector as a row-major [r·d_out, c] GEMM operand, from operands
                     # contiguous along c (a transposed product would need a strided copy afterwards)
-                    su = (uT[:, None, :] * s.T.contiguous()[None]).view(r * l.d_out, c)
-                    g = (su @ a).view(r, l.d_out * l.d_in)             # Σ_i u_i s_i a_iᵀ
+                    su = torch.mul(uT[:, None, :], s.T.contiguous()[None],
+                                   out=self._buf("su", r, l.d_out, c)).view(r * l.d_out, c)
+                    g = torch.mm(su, a, out=self._buf("gl", r * l.d_out, l.d_in)).view(r, l.d_out * l.d_in)
                 dst = out[:, l.w0:l.w1]
                 dst.copy_(g) if i0 == 0 else dst.add_(g)
                 if l.b0 is not None:
@@ -294,7 +321,7 @@ class HVPOperator:
         return out
 
     # ------------------------------------------------------------------ MLP true-Hessian path
-    def _mlp_hessian(self, V: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    def _mlp_hessian(self, V: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
         """H_b V by the R-operator (MATH.md §1, §5) for the MLP z_l = W_l h_{l-1} + b_l, h_l = σ_l(z_l).
         With R{·} the directional derivative along the vector's (V_l, c_l):
 
@@ -303,66 +330,88 @@ class HVPOperator:
                   (H V)_{W_l} = Σ_i R g_l h_{l-1}ᵀ + g_l (R h_{l-1})ᵀ,  (H V)_{b_l} = Σ_i R g_l,
                   R g_{l-1} = σ'_{l-1} ⊙ (W_lᵀ R g_l + V_lᵀ g_l) + σ''_{l-1} ⊙ R z_{l-1} ⊙ (W_lᵀ g_l)
 
-        with g_l = ∂ℓ/∂z_l the (shared) backward pass. Tangents are [c, r, d] blocks (sample-major),
-        so W products are one [c·r, d] GEMM and V products one GEMM against the vectors' stacked
-        weights. Samples are chunked under max_memory; every chunk adds into the output."""
+        with g_l = ∂ℓ/∂z_l. Per chunk of samples the forward and backward of the data (h, σ', σ'', g) run
+        once, then the tangents of all r vectors as [c, r, d] blocks (sample-major), so W products are one
+        [c·r, d] GEMM and V products one GEMM against the vectors' stacked weights. (Blocks of fewer
+        vectors, to keep the operands in L2, measured slower: the GEMMs shrink.) Every chunk adds into
+        the output; temporaries live in the workspace (``_buf``)."""
         r = V.shape[0]
         n = self.num_samples if idx is None else idx.numel()
         dims = [(lin.out_features, lin.in_features) for lin, _, _, _ in self._mlp]
         chunk = max(1, self.max_memory // (6 * r * sum(do + di for do, di in dims) * self._itemsize))
         Vw = [V[:, w0:w0 + do * di].view(r, do, di) for (_, _, w0, _), (do, di) in zip(self._mlp, dims)]
         Vc = [V[:, b0:b0 + do] if b0 is not None else None for (_, _, _, b0), (do, _) in zip(self._mlp, dims)]
-        # V_lᵀ g needs the vectors' weights as [d_out, r·d_in]: one copy per call (not for layer 1)
-        Vt = [None] + [v.transpose(0, 1).reshape(v.shape[1], -1) for v in Vw[1:]]
-        out = torch.zeros(V.shape, dtype=self.dtype, device=self.device)
+        # V_lᵀ g needs the vectors' weights as [d_out, r, d_in]: one copy per call (not for layer 1)
+        Vt = [None] + [self._buf(("Vt", l), do, r, di).copy_(Vw[l].transpose(0, 1))
+                       for l, (do, di) in enumerate(dims) if l > 0]
+        out = torch.zeros(V.shape, dtype=self.dtype, device=self.device) if out is None else out.zero_()
         task, L = self.task, len(self._mlp)
         with torch.no_grad():
             for i0 in range(0, n, chunk):
                 rows = slice(i0, min(n, i0 + chunk)) if idx is None else idx[i0:i0 + chunk]
                 x, y = self.inputs[rows], self.targets[rows]
                 c = x.shape[0]
-                hs, Rhs, derivs, Rzs = [x], [None], [], []
-                h, Rh = x, None
-                for l, (lin, act, _, _) in enumerate(self._mlp):
-                    do, di = dims[l]
-                    z = F.linear(h, lin.weight, lin.bias)
-                    Vl = Vw[l].reshape(r * do, di).T
-                    Rz = (torch.addmm(Vc[l].reshape(1, r * do), h, Vl) if Vc[l] is not None
-                          else h @ Vl).view(c, r, do)
-                    if Rh is not None:
-                        Rz.view(c * r, do).addmm_(Rh.view(c * r, di), lin.weight.T)
-                    if act is None:
-                        h, Rh, d = z, Rz, (None, None)
-                    else:
-                        h, d = _act_derivatives(act, z)
-                        Rh = (Rz * d[0][:, None, :]) if d[1] is not None else Rz.mul_(d[0][:, None, :])
-                    derivs.append(d)
-                    Rzs.append(Rz if d[1] is not None else None)
-                    hs.append(h)
-                    Rhs.append(Rh)
                 w = torch.full((c,), 1.0 / n, dtype=self.dtype, device=self.device)
-                gh, Rgh = output_derivatives(task, h, y, w, Rh)              # along h_L
+                hs, derivs, h = [x], [], x                    # the data: forward
+                for lin, act, _, _ in self._mlp:
+                    z = F.linear(h, lin.weight, lin.bias)
+                    h, d = (z, (None, None)) if act is None else _act_derivatives(act, z)
+                    hs.append(h)
+                    derivs.append(d)
+                gs, ghs, gh = [None] * L, [None] * L, output_derivatives(task, h, y, w)  # and backward
                 for l in range(L - 1, -1, -1):
-                    lin, _, w0, b0 = self._mlp[l]
-                    do, di = dims[l]
-                    d1, d2 = derivs[l]                                      # h_l → z_l
-                    if d1 is None:
-                        g, Rg = gh, Rgh
-                    else:
-                        g, Rg = gh * d1, Rgh.mul_(d1[:, None, :])
-                        if d2 is not None:
-                            Rg += Rzs[l] * (d2 * gh)[:, None, :]
-                    dst = out[:, w0:w0 + do * di].view(r, do, di)
-                    dst += (Rg.reshape(c, r * do).T @ hs[l]).view(r, do, di)
-                    if Rhs[l] is not None:
-                        dst += (g.T @ Rhs[l].reshape(c, r * di)).view(do, r, di).transpose(0, 1)
-                    if b0 is not None:
-                        out[:, b0:b0 + do] += Rg.sum(0)
-                    if l > 0:                                               # z_l → h_{l-1}
-                        gh = g @ lin.weight
-                        Rgh = (Rg.reshape(c * r, do) @ lin.weight).view(c, r, di)
-                        Rgh.view(c, r * di).addmm_(g, Vt[l])
+                    ghs[l] = gh                                              # ∂ℓ/∂h_l
+                    gs[l] = gh if derivs[l][0] is None else gh * derivs[l][0]  # ∂ℓ/∂z_l
+                    gh = gs[l] @ self._mlp[l][0].weight if l > 0 else None
+                self._mlp_tangents(out, c, y, w, hs, derivs, gs, ghs, Vw, Vc, Vt, dims)
         return out
+
+    def _mlp_tangents(self, out, c, y, w, hs, derivs, gs, ghs, Vw, Vc, Vt, dims) -> None:
+        """The R-forward and R-backward of all vectors over one chunk of samples (see above)."""
+        r = out.shape[0]
+        L = len(self._mlp)
+        Rhs, Rzs, Rh = [None], [], None
+        for l, (lin, act, _, _) in enumerate(self._mlp):
+            do, di = dims[l]
+            Vl, Rz = Vw[l].reshape(r * do, di).T, self._buf(("Rz", l), c, r * do)
+            if Vc[l] is not None:
+                torch.addmm(Vc[l].reshape(1, r * do), hs[l], Vl, out=Rz)
+            else:
+                torch.mm(hs[l], Vl, out=Rz)
+            Rz = Rz.view(c, r, do)
+            if Rh is not None:
+                Rz.view(c * r, do).addmm_(Rh.view(c * r, di), lin.weight.T)
+            d1, d2 = derivs[l]
+            if d1 is None:
+                Rh = Rz
+            elif d2 is not None:  # R z is needed again in the backward
+                Rh = torch.mul(Rz, d1[:, None, :], out=self._buf(("Rh", l), c, r, do))
+            else:
+                Rh = Rz.mul_(d1[:, None, :])
+            Rzs.append(Rz if d2 is not None else None)
+            Rhs.append(Rh)
+        _, Rgh = output_derivatives(self.task, hs[-1], y, w, Rh)          # along h_L
+        for l in range(L - 1, -1, -1):
+            lin, _, w0, b0 = self._mlp[l]
+            do, di = dims[l]
+            d1, d2 = derivs[l]                                              # h_l → z_l
+            if d1 is None:
+                Rg = Rgh
+            else:
+                Rg = Rgh.mul_(d1[:, None, :])
+                if d2 is not None:
+                    Rg.addcmul_(Rzs[l], (d2 * ghs[l])[:, None, :])
+            dst, tmp = out[:, w0:w0 + do * di].view(r, do, di), self._buf("prod", r * do * di)
+            dst += torch.mm(Rg.reshape(c, r * do).T, hs[l], out=tmp.view(r * do, di)).view(r, do, di)
+            if Rhs[l] is not None:
+                dst += torch.mm(gs[l].T, Rhs[l].reshape(c, r * di), out=tmp.view(do, r * di)).view(
+                    do, r, di).transpose(0, 1)
+            if b0 is not None:
+                out[:, b0:b0 + do] += Rg.sum(0)
+            if l > 0:                                                       # z_l → h_{l-1}
+                Rgh = torch.mm(Rg.reshape(c * r, do), lin.weight,
+                               out=self._buf(("Rgh", l), c * r, di)).view(c, r, di)
+                Rgh.view(c, r * di).addmm_(gs[l], Vt[l].view(do, r * di))
 
     # ------------------------------------------------------------------ generic path
     def _functional_parts(self):

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from ._validate import check_float, check_int, check_tensor
+from .hvp import HVPOperator
 from .ops.lissa_update import lissa_update
 
 __all__ = ["lissa", "cg", "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
@@ -155,11 +156,13 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
         gen = torch.Generator().manual_seed(seed)
         threshold = kappa * v_norm * s
         total = torch.zeros_like(V)
+        # our operators write into a buffer: the loop then allocates nothing per step
+        mh_buf = torch.empty_like(V) if isinstance(hvp, HVPOperator) else None
         for rep in range(repeat):
             h = V.clone()
             for k in range(1, depth + 1):
                 batch = None if full else torch.randint(n, (batch_size,), generator=gen)
-                mh = hvp(h, batch=batch).to(V.dtype)
+                mh = hvp(h, batch=batch, out=mh_buf) if mh_buf is not None else hvp(h, batch=batch).to(V.dtype)
                 h, sq = lissa_update(h, V, mh, s, d, out=h, backend=backend)
                 norms = sq.double().sqrt()
                 bad = ~torch.isfinite(norms) | (norms > threshold)

@@ -230,3 +230,35 @@ def test_hessian_mlp_path_sample_chunks(max_memory):
     assert op.path == "linear"
     V = _vectors(op.num_params, r=7)
     assert rel(op(V), V @ dense_hessian(model, "mse", x, y)) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["gn", "hessian"])
+def test_out_and_workspace_reuse(kind):
+    """``out=`` receives the product (also across dtypes and for one vector); the reused workspace
+    gives the same results whatever the sizes of the calls before."""
+    model = mlp((5, 7, 6, 1), act=nn.Tanh)
+    x, y = data(N, 5)
+    make = fk.gn_hvp if kind == "gn" else fk.hessian_hvp
+    op, fresh = make(model, "mse", x, y), make(model, "mse", x, y)
+    assert op.path == "linear"
+    p = op.num_params
+    V3, V64 = _vectors(p, r=3, seed=1), _vectors(p, r=64, seed=2)
+    want3, want64 = fresh(V3), fresh(V64, batch=[1, 2, 2, 30])
+    for _ in range(2):
+        assert torch.equal(op(V3), want3)
+        assert torch.equal(op(V64, batch=[1, 2, 2, 30]), want64)
+    buf = torch.empty(3, p, dtype=torch.float64)
+    assert op(V3, out=buf) is buf and torch.equal(buf, want3)
+    one = torch.empty(p, dtype=torch.float64)
+    assert op(V3[1], out=one) is one and torch.allclose(one, want3[1], rtol=1e-13, atol=0)
+    buf32 = torch.empty(3, p, dtype=torch.float32)
+    assert op(V3.float(), out=buf32) is buf32 and rel(buf32, want3) < 1e-6
+    slow = make(model, "mse", x, y, linear=False)  # the generic path adds into out after zeroing it
+    buf.fill_(float("nan"))
+    assert slow(V3, out=buf) is buf and rel(buf, want3) < 1e-12
+    with pytest.raises(ValueError, match=r"out: expected a contiguous tensor of shape \(3, "):
+        op(V3, out=torch.empty(3, p + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not contiguous"):
+        op(V3, out=torch.empty(p, 3, dtype=torch.float64).T)
+    with pytest.raises(TypeError, match="out: expected dtype"):
+        op(V3, out=torch.empty(3, p, dtype=torch.float32))

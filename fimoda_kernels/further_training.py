@@ -373,6 +373,9 @@ class _FusedMLP:
         torch.index_select(x_train, 0, idx.view(-1), out=self.X.view(M * Wd, -1))
         out, hs = self.forward(self.X, keep=True)
         g = output_derivatives(task, out, y_train[idx], w)
+        last_backward = self.layers[-1][5]
+        if last_backward is not None:  # an activation after the last Linear: g along its z
+            last_backward(g, *hs[-1])
         bias_done = False  # the epilogue summed this layer's bias gradient with its backward
         for l in range(len(self.layers) - 1, -1, -1):
             W, b, gW, gb, _, _, _ = self.layers[l]

@@ -208,10 +208,11 @@ class HVPOperator:
         """``M V``: ``V [r, p]`` (or ``[p]``, returned as ``[p]``) times the full-data matrix, or the
         matrix of the minibatch ``batch`` (indices: 1-D integer tensor, list, range or slice; repeats
         count twice). Returns V's shape and dtype, written into ``out`` (contiguous, V's shape and
-        dtype) when given — a solver's loop then allocates nothing per call. The fast paths keep their
-        per-call temporaries in a workspace reused from call to call (fresh multi-MiB tensors cost a
-        page fault per 4 KiB on every call); an operator is therefore not meant to be called from
-        several threads at once."""
+        dtype, not sharing V's memory) when given — a solver's loop then allocates nothing per call.
+        The fast paths keep their per-call temporaries in a workspace reused from call to call (fresh
+        multi-MiB tensors cost a page fault per 4 KiB on every call): it holds up to about max_memory
+        plus two [r, p] blocks for the operator's lifetime, and an operator is not meant to be called
+        from several threads at once."""
         check_tensor("V", V, ndim=(1, 2), device=self.device)
         if not V.dtype.is_floating_point:
             raise TypeError(f"V: expected a floating dtype, got {V.dtype}")
@@ -223,6 +224,8 @@ class HVPOperator:
             if out.shape != V.shape or not out.is_contiguous():
                 raise ValueError(f"out: expected a contiguous tensor of shape {tuple(V.shape)} (as V), got shape "
                                  f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+            if out.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
+                raise ValueError("out: expected memory separate from V's (V is read while out is written)")
         idx = self._batch_indices(batch)
         one = V.dim() == 1
         W = (V[None] if one else V).to(self.dtype)
@@ -458,7 +461,7 @@ def _act_derivatives(act: nn.Module, z: torch.Tensor):
     linear_pieces = type(act) in (nn.ReLU, nn.LeakyReLU)
     with torch.enable_grad():
         zg = z.detach().requires_grad_(True)
-        h = act(zg)
+        h = act(zg * 1)  # through a non-leaf: nn.ReLU(inplace=True) and the like write into their input
         d1, = torch.autograd.grad(h, zg, torch.ones_like(h), create_graph=not linear_pieces)
         d2 = None if linear_pieces else torch.autograd.grad(d1, zg, torch.ones_like(d1))[0]
     return h.detach(), (d1.detach(), d2)

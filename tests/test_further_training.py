@@ -180,6 +180,38 @@ def test_fused_epilogues_equal_sequential(monkeypatch, epilogues, act):
     assert rel(res.losses, ref) < 1e-10
 
 
+@pytest.mark.parametrize("shape", ["final_tanh", "final_sigmoid_ce", "single_linear_relu"])
+def test_fused_activation_after_the_last_linear(shape):
+    """An activation after the last Linear is part of the model's output: the fused backward applies
+    its derivative before the last layer's gradients."""
+    torch.manual_seed(3)
+    task = "cross_entropy" if shape.endswith("_ce") else "mse"
+    model = {"final_tanh": lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1), nn.Tanh()),
+             "final_sigmoid_ce": lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3), nn.Sigmoid()),
+             "single_linear_relu": lambda: nn.Sequential(nn.Linear(5, 1), nn.ReLU())}[shape]()
+    train, test = data(task)
+    kw = dict(epochs=2, lr=0.05, batch_size=5, loss=task)
+    ref = sequential(model, train, test, [3, 0], [1], **kw)
+    res = further_train(model, train, test, [3, 0], [1], dtype=torch.float64, path="fused", progress=False, **kw)
+    assert rel(res.losses, ref) < 1e-10
+
+
+def test_fused_engine_folds_a_one_output_head_only_where_it_applies():
+    import fimoda_kernels.further_training as ft
+    from fimoda_kernels._mlp import mlp_layers
+
+    def engine(model):
+        layers = [(lin, ft._activation(a) if a is not None else None) for lin, a in mlp_layers(model)]
+        flat = ft._FlatParams(list(model.named_parameters()), 3, torch.float64, torch.device("cpu"))
+        return ft._FusedMLP(layers, flat, 4)
+
+    assert engine(mlp(act=nn.ReLU)).head  # relu hidden layer, one output
+    assert engine(mlp(act=nn.Tanh)).head  # backward-only epilogue
+    assert not engine(mlp(act=nn.GELU)).head  # no epilogue for GELU
+    assert not engine(mlp(out=3, act=nn.ReLU)).head
+    assert not engine(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1), nn.Tanh())).head
+
+
 @pytest.mark.parametrize("mode", ["remove", "downweight"])
 def test_steps_and_uneven_batches(mode):
     """N = 21, B = 5: the full run has 5 batches per epoch (the last of 1 point), a remove run 4, so

@@ -262,3 +262,30 @@ def test_out_and_workspace_reuse(kind):
         op(V3, out=torch.empty(p, 3, dtype=torch.float64).T)
     with pytest.raises(TypeError, match="out: expected dtype"):
         op(V3, out=torch.empty(3, p, dtype=torch.float32))
+
+
+def test_fast_paths_with_inplace_activations_and_their_limits():
+    """In-place activations take the MLP Hessian path; a pruned (reparametrized) or hooked Linear falls
+    back to the generic path with the reason; out= may not share V's memory."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 6), nn.SiLU(inplace=True),
+                          nn.Linear(6, 1)).double().eval()
+    x, y = data(N, 5)
+    op = fk.hessian_hvp(model, "mse", x, y)
+    V = _vectors(op.num_params)
+    assert op.path == "linear" and rel(op(V), V @ dense_hessian(model, "mse", x, y)) < 1e-12
+    with pytest.raises(ValueError, match="out: expected memory separate from V's"):
+        op(V, out=V)
+
+    pruned = mlp((5, 7, 1))
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(pruned[0], "weight", amount=0.3)
+    h = fk.hessian_hvp(pruned, "mse", x, y)
+    assert h.path == "generic" and "layer 0" in h.path_reason  # its pre-hook, or its non-parameter weight
+    hooked = mlp((5, 7, 1))
+    hooked[2].register_forward_hook(lambda m, i, o: o * 2)
+    h = fk.hessian_hvp(hooked, "mse", x, y)
+    assert h.path == "generic" and "forward hooks" in h.path_reason
+    V = _vectors(h.num_params)
+    assert rel(h(V), V @ dense_hessian(hooked, "mse", x, y)) < 1e-12

@@ -21,12 +21,12 @@ inline T forward(T v, T slope) {
   return v;
 }
 
-// g·act'(z) from h = act(z): relu/leaky by the sign of h (h > 0 iff z > 0 for slope > 0; a NaN h gives
-// relu 0, as torch's threshold_backward), tanh 1 − h², sigmoid h(1 − h) — autograd's *_backward formulas
-// with the result as input.
+// g·act'(z) from h = act(z): relu/leaky by the sign of h (h > 0 iff z > 0 for slope > 0), tanh 1 − h²,
+// sigmoid h(1 − h) — autograd's *_backward formulas with the result as input, NaN h included (relu
+// passes g, as threshold_backward's h <= 0 test; leaky scales it, as leaky_relu_backward's h > 0 test).
 template <typename T, int kAct>
 inline T backward(T g, T h, T slope) {
-  if (kAct == kRelu) return h > T(0) ? g : T(0);
+  if (kAct == kRelu) return h <= T(0) ? T(0) : g;
   if (kAct == kLeaky) {
     const T gs = g * slope;
     return h > T(0) ? g : gs;
@@ -51,7 +51,8 @@ FIMODA_CLONES void forward_block(T* z, const T* bias, const T* w, T* out, int64_
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) zr[c] = forward<T, kAct>(zr[c], slope);
     }
-    if (w) {  // the one-output layer after this one, on the row while it is in L1
+    if (w) {  // the one-output layer after this one, on the row while it is in L1 (the order of this
+              // sum follows the SIMD width: bitwise results are per instruction set)
       T acc = T(0);
 #pragma omp simd reduction(+ : acc)
       for (int64_t c = 0; c < C; ++c) acc += zr[c] * w[c];

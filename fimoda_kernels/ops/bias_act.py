@@ -19,8 +19,10 @@ torch's vectorized math does better, so ``bias_act`` takes only the piecewise-li
 
 Backends: torch (the reference: separate passes and GEMMs, as the unfused engine did) and cpu
 (csrc/cpu/bias_act.cpp: one OpenMP pass each, compiled for AVX-512 / AVX2 / baseline; the sums per
-model over rows in order, so they depend neither on the thread count nor on M). On the GPU the torch
-path is used.
+model over rows in order, so they depend neither on the thread count nor on M; the one-output dot
+product's order follows the SIMD width, so its bits may differ between instruction sets). Further
+training uses them on the CPU only: on a GPU, baddbmm's bias and aten's one-pass backward do better
+than the torch reference's separate passes.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def _bias_act_backward_reference(g, h, bias_grad, act: str, slope: float, out_gr
         torch.mul(out_grad[:, :, None], out_weight[:, None, :], out=g)
         torch.bmm(out_grad[:, None, :], h, out=out_weight_grad[:, None, :])
     if act == "relu":
-        g.mul_(h > 0)
+        g.masked_fill_(h <= 0, 0)  # as aten's threshold_backward: a NaN h passes g
     elif act == "leaky_relu":
         torch.where(h > 0, g, g * slope, out=g)
     elif act == "tanh":

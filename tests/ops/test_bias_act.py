@@ -146,12 +146,17 @@ def test_cpu_hypothesis(M, R, C, act, slope, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_values_propagate_as_torch(backend):
-    """NaN pre-activations stay NaN; relu's derivative at a NaN output is 0 (threshold_backward's)."""
+    """NaN pre-activations stay NaN; at a NaN output relu's backward passes g and leaky_relu's scales
+    it, exactly as aten's threshold_backward / leaky_relu_backward (what the GPU path runs)."""
+    aten = torch.ops.aten
     z = torch.tensor([[[float("nan"), -1.0, 2.0]]])
     assert torch.equal(bias_act(z.clone(), None, "relu", backend=backend).isnan(), torch.tensor([[[True, False, False]]]))
-    g = torch.ones(1, 1, 3)
-    out = bias_act_backward(g, torch.tensor([[[float("nan"), 0.0, 2.0]]]), "relu", backend=backend)
-    assert torch.equal(out, torch.tensor([[[0.0, 0.0, 1.0]]]))
+    h = torch.tensor([[[float("nan"), 0.0, 2.0, -0.5]]])
+    g = torch.tensor([[[3.0, 5.0, 7.0, 11.0]]])
+    out = bias_act_backward(g.clone(), h, "relu", backend=backend)
+    assert torch.equal(out, aten.threshold_backward(g, h, 0))
+    out = bias_act_backward(g.clone(), h, "leaky_relu", slope=0.25, backend=backend)
+    assert torch.equal(out, aten.leaky_relu_backward(g, h, 0.25, True))
 
 
 @pytest.mark.parametrize("call,err,match", [

@@ -24,11 +24,22 @@ def _activations(act, M, R, C, dtype, seed):
     return h.to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("act", FORWARD_ACTS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_bias", [True, False])
+def _grid(acts, with_bias=True):
+    """The reference comparisons' grid: backend × dtype × act × shape (× with_bias)."""
+    marks = [pytest.mark.parametrize("backend", BACKENDS), pytest.mark.parametrize("dtype", list(TOL)),
+             pytest.mark.parametrize("act", acts), pytest.mark.parametrize("shape", SHAPES)]
+    if with_bias:
+        marks.append(pytest.mark.parametrize("with_bias", [True, False]))
+
+    def wrap(test):
+        for mark in marks:
+            test = mark(test)
+        return test
+
+    return wrap
+
+
+@_grid(FORWARD_ACTS)
 def test_forward_matches_reference(backend, dtype, act, shape, with_bias):
     M, R, C = shape
     z = randn(M, R, C, dtype=dtype, seed=1, shift=0.0)
@@ -44,11 +55,7 @@ def test_forward_matches_reference(backend, dtype, act, shape, with_bias):
             assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("act", BACKWARD_ACTS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_bias", [True, False])
+@_grid(BACKWARD_ACTS)
 def test_backward_matches_reference(backend, dtype, act, shape, with_bias):
     M, R, C = shape
     h = _activations(act, M, R, C, dtype, seed=3)
@@ -64,10 +71,7 @@ def test_backward_matches_reference(backend, dtype, act, shape, with_bias):
         torch.testing.assert_close(gb.double(), want_gb, rtol=TOL[dtype] * max(R, 1), atol=TOL[dtype] * max(R, 1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("act", FORWARD_ACTS)
-@pytest.mark.parametrize("shape", SHAPES)
+@_grid(FORWARD_ACTS, with_bias=False)
 def test_one_output_layer_forward(backend, dtype, act, shape):
     """out[m, r] = Σ_c act(z + b)[m, r, c]·w[m, c]: the following one-output layer's GEMM, folded in."""
     M, R, C = shape
@@ -80,11 +84,7 @@ def test_one_output_layer_forward(backend, dtype, act, shape):
     torch.testing.assert_close(out.double(), want_out, rtol=TOL[dtype] * C, atol=TOL[dtype] * C)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("act", BACKWARD_ACTS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_bias", [True, False])
+@_grid(BACKWARD_ACTS)
 def test_one_output_layer_backward(backend, dtype, act, shape, with_bias):
     """g = (u ⊗ w)·act'(h) from the one-output layer's output gradient u (g's input is ignored), and
     that layer's weight gradient Σ_r u h."""

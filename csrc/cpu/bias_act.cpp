@@ -38,7 +38,12 @@ inline T backward(T g, T h, T slope) {
 
 // The loops over one block, compiled for AVX-512, AVX2 and the baseline and picked at load time (the
 // portable build's SSE2 ran the cache-resident passes of the training step at half torch's speed).
+// target_clones needs x86 and ifunc (ELF); elsewhere the baseline build serves.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__)
 #define FIMODA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FIMODA_CLONES
+#endif
 
 template <typename T, int kAct>
 FIMODA_CLONES void forward_block(T* z, const T* bias, const T* w, T* out, int64_t rows, int64_t C, T slope) {

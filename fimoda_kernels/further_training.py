@@ -54,7 +54,7 @@ from ._validate import check_choice, check_float, check_int, check_tensor
 from .grads import activation_numel
 from .ops.bias_act import _BWD as _EPI_BWD, _FWD as _EPI_FWD, FORWARD_ACTS, epilogue_backend
 from .ops.ensemble_step import EnsembleStepper, state_buffers
-from .tasks import CrossEntropyTask, MSETask, Task, get_task, output_derivatives
+from .tasks import Task, get_task, output_derivatives
 
 __all__ = ["further_train", "FurtherTrainingResult"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.func import grad, jvp, vmap
 
 from ._validate import FLOAT_DTYPES, check_choice, check_tensor
 
@@ -189,7 +190,6 @@ def output_derivatives(task: Task, out: torch.Tensor, y: torch.Tensor, w: torch.
         o = out.detach().requires_grad_(True)
         with torch.enable_grad():
             return torch.autograd.grad(weighted(o), o)[0]
-    from torch.func import grad, jvp, vmap
     g_of = grad(weighted)
     axis = w.dim()  # the tangents' r axis
     Rg = vmap(lambda t: jvp(g_of, (out,), (t,))[1], in_dims=axis, out_dims=axis)(tangents)

@@ -137,6 +137,13 @@ class Op:
         reasons = backend_unavailable_reasons(backend, device)
         return reasons or list(self.impls[backend].unsupported_reasons(*args, **kwargs))
 
+    def cpu_or_torch(self, x: torch.Tensor) -> str:
+        """"cpu" where the native implementation takes ``x`` (built module, CPU tensor, supported dtype),
+        else "torch": for internal callers that pick the backend once and then call
+        ``impls[name].fn`` in a loop. They name it themselves, so FIMODA_BACKEND (meant for the public
+        ops) never sends an internal op to a backend it lacks."""
+        return "torch" if self.reasons("cpu", x.device, x) else "cpu"
+
     def available(self, device) -> list[str]:
         """Backends that can run this op on ``device`` (ignoring per-input limits)."""
         return [b for b in BACKENDS if b in self.impls and not backend_unavailable_reasons(b, device)]

@@ -58,10 +58,8 @@ def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, 
 
 
 def patches_backend(x: torch.Tensor) -> str:
-    """"cpu" where the native pass takes x (built module, CPU tensor, float32/float64), else "torch".
-    The capture names the backend itself, so FIMODA_BACKEND (meant for the public ops) never sends
-    this internal op to a backend it lacks."""
-    return "torch" if _OP.reasons("cpu", x.device, x) else "cpu"
+    """The backend the capture uses for x (see ``Op.cpu_or_torch``)."""
+    return _OP.cpu_or_torch(x)
 
 
 @_OP.register("torch")

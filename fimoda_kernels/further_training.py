@@ -388,7 +388,7 @@ class _FusedMLP:
                 bias_done = epi is not None
                 if self.head and l == len(self.layers) - 1:
                     # g_in = (g ⊗ W)·act'(h), gb_in, and gW = Σ_rows g h in one pass
-                    self._epi_bwd(g_in, h, gb_in, *epi, g.view(M, Wd), W.view(M, -1), gW.view(M, -1))
+                    self._epi_bwd(g_in, h, gb_in, *epi, g.reshape(M, Wd), W.view(M, -1), gW.view(M, -1))
                     g = g_in
                     continue
                 torch.bmm(g.transpose(1, 2), h, out=gW)

@@ -17,6 +17,9 @@ Activations: "identity", "relu", "leaky_relu" (``slope`` ≥ 0), and for the bac
 "sigmoid" (their derivatives 1 − h², h(1 − h) are polynomials in h; their forward needs exp, which
 torch's vectorized math does better, so ``bias_act`` takes only the piecewise-linear ones).
 
+Non-finite values propagate as in torch's own ops (NaN in, NaN out; act' at a NaN h as aten's
+``*_backward``): these are passes inside a training step, whose caller checks its losses.
+
 Backends: torch (the reference: separate passes and GEMMs, as the unfused engine did) and cpu
 (csrc/cpu/bias_act.cpp: one OpenMP pass each, compiled for AVX-512 / AVX2 / baseline; the sums per
 model over rows in order, so they depend neither on the thread count nor on M; the one-output dot
@@ -137,6 +140,9 @@ def bias_act_backward(g: torch.Tensor, h: torch.Tensor, act: str = "relu", bias_
     if given:
         for name, shape in (("out_grad", (M, R)), ("out_weight", (M, C)), ("out_weight_grad", (M, C))):
             _check(name, head[name], g, shape)
+        if g.numel() and g.untyped_storage().data_ptr() == h.untyped_storage().data_ptr():
+            raise ValueError("g: expected memory separate from h's when out_grad is given (g is written "
+                             "before h is read for out_weight_grad)")
     act = check_choice("act", act, tuple(ACT_CODES))
     slope = check_float("slope", slope, min_value=0.0)
     impl = _BWD.select(backend, g.device, g)
@@ -145,9 +151,8 @@ def bias_act_backward(g: torch.Tensor, h: torch.Tensor, act: str = "relu", bias_
 
 
 def epilogue_backend(x: torch.Tensor) -> str:
-    """"cpu" where the native passes take x (built module, CPU tensor, float32/float64), else "torch";
-    for callers that select once and then call ``_FWD.impls[...]`` / ``_BWD.impls[...]`` per step."""
-    return "torch" if _FWD.reasons("cpu", x.device, x) else "cpu"
+    """The backend the further-training engine uses for x (see ``Op.cpu_or_torch``)."""
+    return _FWD.cpu_or_torch(x)
 
 
 def _cpu_unsupported(x, *args, **kwargs) -> list[str]:

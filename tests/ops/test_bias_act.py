@@ -181,3 +181,10 @@ def test_bad_inputs_name_the_argument(call, err, match):
     z, b = randn(2, 3, 5), randn(2, 5)
     with pytest.raises(err, match=match):
         call(z, b)
+
+
+def test_backward_with_out_grad_rejects_g_sharing_h():
+    """With out_grad, g is written before h is read for out_weight_grad: aliasing would give wrong sums."""
+    h = randn(2, 3, 5).clamp(min=0)
+    with pytest.raises(ValueError, match="g: expected memory separate from h's"):
+        bias_act_backward(h, h, "relu", out_grad=randn(2, 3), out_weight=randn(2, 5), out_weight_grad=randn(2, 5))

@@ -334,7 +334,7 @@ class HVPOperator:
                   R g_{l-1} = σ'_{l-1} ⊙ (W_lᵀ R g_l + V_lᵀ g_l) + σ''_{l-1} ⊙ R z_{l-1} ⊙ (W_lᵀ g_l)
 
         with g_l = ∂ℓ/∂z_l. Per chunk of samples the forward and backward of the data (h, σ', σ'', g) run
-        once, then the tangents of all r vectors as [c, r, d] blocks (sample-major), so W products are one
+        once for all r vectors, their tangents as [c, r, d] blocks (sample-major), so W products are one
         [c·r, d] GEMM and V products one GEMM against the vectors' stacked weights. (Blocks of fewer
         vectors, to keep the operands in L2, measured slower: the GEMMs shrink.) Every chunk adds into
         the output; temporaries live in the workspace (``_buf``)."""
@@ -348,29 +348,24 @@ class HVPOperator:
         Vt = [None] + [self._buf(("Vt", l), do, r, di).copy_(Vw[l].transpose(0, 1))
                        for l, (do, di) in enumerate(dims) if l > 0]
         out = torch.zeros(V.shape, dtype=self.dtype, device=self.device) if out is None else out.zero_()
-        task, L = self.task, len(self._mlp)
         with torch.no_grad():
             for i0 in range(0, n, chunk):
                 rows = slice(i0, min(n, i0 + chunk)) if idx is None else idx[i0:i0 + chunk]
                 x, y = self.inputs[rows], self.targets[rows]
                 c = x.shape[0]
                 w = torch.full((c,), 1.0 / n, dtype=self.dtype, device=self.device)
-                hs, derivs, h = [x], [], x                    # the data: forward
+                hs, derivs, h = [x], [], x                    # the data's forward
                 for lin, act, _, _ in self._mlp:
                     z = F.linear(h, lin.weight, lin.bias)
                     h, d = (z, (None, None)) if act is None else _act_derivatives(act, z)
                     hs.append(h)
                     derivs.append(d)
-                gs, ghs, gh = [None] * L, [None] * L, output_derivatives(task, h, y, w)  # and backward
-                for l in range(L - 1, -1, -1):
-                    ghs[l] = gh                                              # ∂ℓ/∂h_l
-                    gs[l] = gh if derivs[l][0] is None else gh * derivs[l][0]  # ∂ℓ/∂z_l
-                    gh = gs[l] @ self._mlp[l][0].weight if l > 0 else None
-                self._mlp_tangents(out, c, y, w, hs, derivs, gs, ghs, Vw, Vc, Vt, dims)
+                self._mlp_tangents(out, c, y, w, hs, derivs, Vw, Vc, Vt, dims)
         return out
 
-    def _mlp_tangents(self, out, c, y, w, hs, derivs, gs, ghs, Vw, Vc, Vt, dims) -> None:
-        """The R-forward and R-backward of all vectors over one chunk of samples (see above)."""
+    def _mlp_tangents(self, out, c, y, w, hs, derivs, Vw, Vc, Vt, dims) -> None:
+        """The data's backward and the R-forward and R-backward of all vectors over one chunk of samples
+        (see above)."""
         r = out.shape[0]
         L = len(self._mlp)
         Rhs, Rzs, Rh = [None], [], None
@@ -393,7 +388,12 @@ class HVPOperator:
                 Rh = Rz.mul_(d1[:, None, :])
             Rzs.append(Rz if d2 is not None else None)
             Rhs.append(Rh)
-        _, Rgh = output_derivatives(self.task, hs[-1], y, w, Rh)          # along h_L
+        gh, Rgh = output_derivatives(self.task, hs[-1], y, w, Rh)         # along h_L
+        gs, ghs = [None] * L, [None] * L                                    # the data's backward
+        for l in range(L - 1, -1, -1):
+            ghs[l] = gh                                                     # ∂ℓ/∂h_l
+            gs[l] = gh if derivs[l][0] is None else gh * derivs[l][0]       # ∂ℓ/∂z_l
+            gh = gs[l] @ self._mlp[l][0].weight if l > 0 else None
         for l in range(L - 1, -1, -1):
             lin, _, w0, b0 = self._mlp[l]
             do, di = dims[l]

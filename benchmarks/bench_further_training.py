@@ -26,9 +26,14 @@ bytes (default: the library's 1 GiB on a CPU, 32 GiB on a GPU, where one chunk o
 keeps the device busy); the time of one call is recorded as op ``further_train_study``. Scaling
 the small case linearly can overstate a GPU's time: the H200 ran the 1010-model case 4.5% busy, so its
 time per step should grow far less than linearly with the models per chunk (this measures it).
+``--study`` shows the progress bar (model·steps/s) on stderr, so a run cut short still gives its rate.
+
+``--profile`` runs torch.profiler over one epoch of the fused fp32 case (all of its models in one chunk)
+and prints the operators and kernels that take the most time: device time on a GPU, CPU time otherwise.
 
     python benchmarks/bench_further_training.py [--quick] [--device cpu|cuda] [--out DIR]
     python benchmarks/bench_further_training.py --study [--study-epochs E] [--max-memory BYTES] [--device cuda]
+    python benchmarks/bench_further_training.py --profile [--device cuda]
 """
 import copy
 import sys
@@ -118,11 +123,13 @@ def study(args) -> int:
 
     def run(s, e):
         return fk.further_train(model, train, test, loo, s, epochs=e, lr=LR, batch_size=BATCH,
-                                max_memory=max_memory, progress=False)
+                                max_memory=max_memory, progress=progress)
 
+    progress = False
     run(seeds[:2], 1)  # warm-up: kernels compiled, allocator primed
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     sync()
+    progress = True
     t = time.perf_counter()
     result = run(seeds, epochs)
     sync()
@@ -142,16 +149,48 @@ def study(args) -> int:
     return finish()
 
 
+def profile(args) -> int:
+    """torch.profiler over one epoch of the fused fp32 case (see the module doc)."""
+    import fimoda_kernels as fk
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    case = CASES[args.mode]
+    model, train, test = energy_like(args.device, torch.float32)
+    loo, seeds = list(range(0, N, N // case["n_loo"]))[:case["n_loo"]], list(range(case["seeds"]))
+    runs = (len(loo) + 1) * len(seeds)
+
+    def fused():
+        fk.further_train(model, train, test, loo, seeds, epochs=1, lr=LR, batch_size=BATCH, models_per_chunk=runs,
+                         max_memory=2**40, progress=False)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    fused()  # warm-up
+    cuda = args.device == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        fused()
+        wall = time.perf_counter() - t
+    steps = -(-N // BATCH)
+    print(f"  {runs} models in one chunk, 1 epoch ({steps} steps): {fmt_time(wall)} under the profiler")
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=25, max_name_column_width=60))
+    return 0
+
+
 def main(argv=None) -> int:
     def options(p):
         p.add_argument("--study", action="store_true", help="time the paper's whole Energy study once")
         p.add_argument("--study-epochs", type=int, default=STUDY_EPOCHS, help="epochs of --study (default 500)")
         p.add_argument("--max-memory", type=int, default=None,
                        help="further_train's max_memory for --study (default 1 GiB on cpu, 32 GiB on cuda)")
+        p.add_argument("--profile", action="store_true", help="profile one epoch of the fused fp32 case")
 
     args = parse_args(__doc__, argv, options)
     if args.study:
         return study(args)
+    if args.profile:
+        return profile(args)
     import fimoda_kernels as fk
 
     cpu = args.device == "cpu"

@@ -76,7 +76,8 @@ bench() {  # bench NAME [MAX_S [ARGS...]] (MAX_S default 60)
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
   step "$name${*:+ $*}" "$max" 30 "$PY" "benchmarks/$name.py" --device "$DEVICE" --out "$OUT/results" ${BENCH_ARGS:-} "$@"
 }
-for spec in ${BENCHES:-"bench_further_training:150:--study" "bench_projection:100:--time-limit:70" \
+for spec in ${BENCHES:-"bench_further_training:150:--study" "bench_further_training:40:--profile" \
+    "bench_projection:100:--time-limit:70" \
     bench_further_training:90 bench_ekfac:60 \
     "bench_projection:60:--dtype:bfloat16:--time-limit:40" bench_grad_dot:45 "bench_methods:60:--cases:energy" \
     bench_solvers:60}; do

@@ -20,6 +20,7 @@ model on the host in float64 (as torch does with Python floats) and passed as a 
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -206,8 +207,11 @@ def _addr(t):
     return 0 if t is None else t.data_ptr()
 
 
-def _segments_tensor(segments, device):
-    return torch.tensor(segments, dtype=torch.int64, device=device)
+@functools.lru_cache(maxsize=256)
+def _device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernels' small argument tables (segments, hyperparameters), copied to the device once: a
+    fresh host-to-device copy per step would wait for the device to drain, every step."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @_OP.register("cpu")
@@ -218,7 +222,7 @@ def _ensemble_step_cpu(params, grads, state1, state2, coef, segments, optimizer,
 
 @_OP.register("cuda")
 def _ensemble_step_cuda(params, grads, state1, state2, coef, segments, optimizer, hp):
-    seg = _segments_tensor(segments, params.device)
+    seg = _device_table(tuple(segments), torch.int64, params.device)
     _C.ensemble_step_cuda(params.data_ptr(), grads.data_ptr(), _addr(state1), _addr(state2), coef.data_ptr(),
                           seg.data_ptr(), len(segments), max(segments), coef.shape[0],
                           params.dtype == torch.float64, _OPT_CODE[optimizer], hp, cuda_stream(params.device))
@@ -228,7 +232,9 @@ def _ensemble_step_cuda(params, grads, state1, state2, coef, segments, optimizer
 def _ensemble_step_triton(params, grads, state1, state2, coef, segments, optimizer, hp):
     from ..triton.ensemble_step import ensemble_step as kernel
 
-    kernel(params, grads, state1, state2, coef, segments, _OPT_CODE[optimizer], hp)
+    kernel(params, grads, state1, state2, coef, _device_table(tuple(segments), torch.int64, params.device),
+           _device_table(tuple(hp), params.dtype, params.device), max(segments), _OPT_CODE[optimizer],
+           momentum=hp[1] != 0.0, decay=hp[2] != 0.0)
 
 
 def state_buffers(optimizer: str, momentum: float, like: torch.Tensor) -> tuple:

@@ -1,5 +1,5 @@
 """One optimizer step for M models at once in Triton (layout and formulas:
-fimoda_kernels/ops/ensemble_step.py). Grid (entry tiles, models, parameter blocks); the hyperparameters
+fimoda_kernels/ops/ensemble_step.py). Grid ((model, entry tile) pairs, parameter blocks); the hyperparameters
 come in a small tensor of the parameters' dtype (Triton passes Python floats as float32, which would
 round float64 runs), the per-model (active, a, b) table in float64."""
 import torch
@@ -10,18 +10,20 @@ import triton.language as tl
 @triton.jit  # "params_ptr", not "params": Triton 3.6's generated argument binder shadows that name
 def _ensemble_step_kernel(params_ptr, grads, s1, s2, coef, segments, hyper, M,
                           OPT: tl.constexpr, MOMENTUM: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr):
-    j = tl.program_id(2)
-    m = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(1)
     base = tl.zeros((), dtype=tl.int64)
     for k in range(0, j):
         base += M * tl.load(segments + k)
     n = tl.load(segments + j)
+    tiles = tl.maximum((n + BLOCK - 1) // BLOCK, 1)
+    t = tl.program_id(0).to(tl.int64)
+    m = tl.minimum(t // tiles, M - 1)  # programs past this block's pairs: masked below
     DT = params_ptr.dtype.element_ty
     active = tl.load(coef + 3 * m)
     a = tl.load(coef + 3 * m + 1)
     b = tl.load(coef + 3 * m + 2)
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    limit = tl.where(active != 0.0, n, 0)  # an inactive model: every entry masked
+    e = (t - (t // tiles) * tiles) * BLOCK + tl.arange(0, BLOCK)
+    limit = tl.where((active != 0.0) & (t < M * tiles), n, 0)  # an inactive model: every entry masked
     mask = e < limit
     i = base + m * n + e
     neg_lr = tl.load(hyper + 0)
@@ -57,21 +59,21 @@ def _ensemble_step_kernel(params_ptr, grads, s1, s2, coef, segments, hyper, M,
         tl.store(params_ptr + i, q + ((-a).to(DT) * m1) / denom, mask=mask)
 
 
-def ensemble_step(params, grads, state1, state2, coef, segments, optimizer: int, hp) -> None:
-    """In place on the flat contiguous ``params`` (see ops/ensemble_step.py for the arguments)."""
+def ensemble_step(params, grads, state1, state2, coef, seg, hyper, max_segment: int, optimizer: int, *,
+                  momentum: bool, decay: bool) -> None:
+    """In place on the flat contiguous ``params`` (see ops/ensemble_step.py for the arguments); ``seg``
+    int64 segment sizes and ``hyper`` the hyperparameters as device tensors, ``max_segment`` the largest
+    segment."""
     M = coef.shape[0]
     if M == 0:
         return
-    device = params.device
-    seg = torch.tensor(segments, dtype=torch.int64, device=device)
-    hyper = torch.tensor(hp, dtype=params.dtype, device=device)
-    interpret = device.type == "cpu"
+    interpret = params.device.type == "cpu"
     block = 1024 if interpret else 512  # the interpreter pays per program: few, large blocks
-    block = min(block, triton.next_power_of_2(max(segments)))
-    grid = (triton.cdiv(max(segments), block), M, len(segments))
-    if grid[1] > 65535 or grid[2] > 65535:
-        raise ValueError(f"triton ensemble_step: at most 65535 models and parameter blocks, got {M}, {len(segments)}")
+    block = min(block, triton.next_power_of_2(max_segment))
+    grid = (M * triton.cdiv(max_segment, block), seg.numel())
+    if grid[1] > 65535:
+        raise ValueError(f"triton ensemble_step: at most 65535 parameter blocks, got {seg.numel()}")
     s1 = state1 if state1 is not None else params  # never read when unused (constexpr flags)
     s2 = state2 if state2 is not None else params
     _ensemble_step_kernel[grid](params, grads, s1, s2, coef, seg, hyper, M, OPT=optimizer,
-                                MOMENTUM=hp[1] != 0.0, DECAY=hp[2] != 0.0, BLOCK=block)
+                                MOMENTUM=momentum, DECAY=decay, BLOCK=block)

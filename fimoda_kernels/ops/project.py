@@ -264,13 +264,14 @@ def _project_linear_triton(a3, s3, k, seed, kind, row_offset, bias):
 
 
 # The cuda backend multiplies on tensor cores where it can (sm_80+, float32/16 and bfloat16 inputs):
-# P is generated unscaled (±1 exact in bfloat16) tile by tile into a reused buffer by the Philox
-# kernel, operands are split into bfloat16 parts (csrc/cuda/project.cu split_bf16: float32 → 3 parts,
-# float16 → 2, bfloat16 → itself; a Gaussian P tile → 3), and the products of the parts are summed
-# by cuBLAS bfloat16 GEMMs with float32 accumulation (torch.addmm(out_dtype=float32)), keeping the
-# pairs whose weight reaches 2^-24: the result matches float32 arithmetic, not TF32. Measured on an
-# H200 (benchmarks/RESULTS.md): the fused shared-memory FMA kernel (project_gemm_kernel) reached
-# ~25 TFLOP/s, half the float32 GEMM peak, Philox-bound; it stays for float64 and older GPUs.
+# P is generated unscaled tile by tile into a reused buffer by the Philox kernel (Rademacher ±1
+# directly as bfloat16, exact; Gaussian in float32), operands are split into bfloat16 parts
+# (csrc/cuda/project.cu split_bf16: float32 → 3 parts, float16 → 2, bfloat16 → itself; a Gaussian P
+# tile → 3), and the products of the parts are summed by cuBLAS bfloat16 GEMMs with float32
+# accumulation (torch.addmm(out_dtype=float32)), keeping the pairs whose weight reaches 2^-24: the
+# result matches float32 arithmetic, not TF32. Measured on an H200 (benchmarks/RESULTS.md): the fused
+# shared-memory FMA kernel (project_gemm_kernel) reached ~25 TFLOP/s, half the float32 GEMM peak,
+# Philox-bound; it stays for float64 and older GPUs.
 _MMA_TILE_BYTES = 64 * 2**20    # bfloat16 P parts per tile
 _MMA_SPLIT_BYTES = 256 * 2**20  # bfloat16 operand parts per tile
 _X_PARTS = {torch.float32: 3, torch.float16: 2, torch.bfloat16: 1}
@@ -299,10 +300,16 @@ class _MMAPrimitives:
 
     @staticmethod
     def fill(P: torch.Tensor, seed: int, kind: str, row_offset: int) -> None:
-        """P [rows, k] float32 contiguous ← unscaled P[row_offset : row_offset + rows] (±1 / N(0, 1))."""
+        """P [rows, k] contiguous ← unscaled P[row_offset : row_offset + rows] (±1 / N(0, 1)): float32,
+        or bfloat16 for Rademacher (±1 exact; written directly, no float32 tile to convert)."""
         from .._dispatch import cuda_stream
         from .._ext import _C
 
+        if P.dtype == torch.bfloat16:
+            if kind != "rademacher":
+                raise ValueError(f"kind: a bfloat16 P tile holds Rademacher entries only, got {kind!r}")
+            _C.rademacher_bf16_cuda(P.data_ptr(), P.shape[0], P.shape[1], seed, row_offset, cuda_stream(P.device))
+            return
         _C.projection_matrix_cuda(P.data_ptr(), False, P.shape[0], P.shape[1], seed, _KIND_CODE[kind], row_offset,
                                   1.0, cuda_stream(P.device))
 
@@ -346,19 +353,24 @@ def _columns(blocks, width: int):
 def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows, prims=_MMAPrimitives):
     """Σ over (row_offset, X [n, r ≤ tile_rows], X's dtype = dtype, unit column stride) blocks of
     X @ P[row_offset : row_offset + r] on tensor cores (see above); peak extra memory
-    2·n·k·4 + tile_rows·k·(4 + 2·p_parts) + 2·n·tile_rows·x_parts bytes."""
+    2·n·k·4 + tile_rows·k·2·p_parts (+ tile_rows·k·4 for Gaussian) + 2·n·tile_rows·x_parts bytes."""
     x_parts, p_parts = _X_PARTS[dtype], 1 if kind == "rademacher" else 3
     out = torch.zeros(n, k, dtype=torch.float32, device=device)
-    tile = torch.empty(tile_rows, k, dtype=torch.float32, device=device)
+    # Rademacher: the bfloat16 ±1 tile is filled directly; Gaussian: a float32 tile, then split
+    tile = torch.empty(0 if p_parts == 1 else tile_rows * k, dtype=torch.float32, device=device)
     p_buf = torch.empty(p_parts * tile_rows * k, dtype=torch.bfloat16, device=device)
     x_buf = torch.empty(0 if x_parts == 1 else x_parts * n * tile_rows, dtype=torch.bfloat16, device=device)
     for offset, X in blocks:
         rows = X.shape[1]
         if rows > tile_rows:  # the Philox kernel would write past the tile
             raise RuntimeError(f"project (cuda): a block of {rows} columns exceeds the {tile_rows}-row P tile")
-        P = tile[:rows]
-        prims.fill(P, seed, kind, offset)
-        Ps = [p_buf[:rows * k].view(rows, k).copy_(P)] if p_parts == 1 else _split(P, p_parts, p_buf, prims)
+        if p_parts == 1:
+            Ps = [p_buf[:rows * k].view(rows, k)]
+            prims.fill(Ps[0], seed, kind, offset)
+        else:
+            P = tile[:rows * k].view(rows, k)
+            prims.fill(P, seed, kind, offset)
+            Ps = _split(P, p_parts, p_buf, prims)
         Xs = [X] if x_parts == 1 else _split(X, x_parts, x_buf, prims)
         for i, Xi in enumerate(Xs):
             for j, Pj in enumerate(Ps):

@@ -1,5 +1,6 @@
 // Bindings of projection_matrix: fill a row-major float32/float64 buffer ([rows, cols] of P's columns
-// [col_begin, col_begin + cols) on the CPU, [rows, k] on CUDA).
+// [col_begin, col_begin + cols) on the CPU, [rows, k] on CUDA; on CUDA also unscaled Rademacher
+// entries as bfloat16).
 #include "bindings.h"
 #include "fimoda/cpu.h"
 #ifdef FIMODA_WITH_CUDA
@@ -30,6 +31,11 @@ void init_projection_matrix(py::module_& m) {
       fimoda::cuda::projection_matrix<float>(ptr<float>(out), rows, k, seed, kind, row_offset, scale,
                                              stream);
     }
+  });
+  m.def("rademacher_bf16_cuda", [](std::uintptr_t out, int64_t rows, int64_t k, uint64_t seed,
+                                   uint64_t row_offset, std::uintptr_t stream) {
+    py::gil_scoped_release release;
+    fimoda::cuda::rademacher_bf16(ptr<uint16_t>(out), rows, k, seed, row_offset, stream);
   });
 #endif
 }

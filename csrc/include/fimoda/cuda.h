@@ -17,6 +17,11 @@ template <typename T>
 void projection_matrix(T* out, int64_t rows, int64_t k, uint64_t seed, int kind, uint64_t row_offset,
                        double scale, std::uintptr_t stream);
 
+// Unscaled Rademacher P[row_offset : row_offset + rows, :k] as bfloat16 bit patterns (±1 exact), out
+// [rows, k] contiguous: projection_matrix's entries without the float32 tile and its conversion.
+void rademacher_bf16(uint16_t* out, int64_t rows, int64_t k, uint64_t seed, uint64_t row_offset,
+                     std::uintptr_t stream);
+
 // out[n, k] = grads[n, p] @ P[row_offset : row_offset + p, :k] (MATH.md §9, P as projection_matrix's).
 // grads contiguous, dtype 0 float32, 1 float16, 2 bfloat16, 3 float64; out float32 (float64 for
 // dtype 3), overwritten; fp32 accumulation (fp64 for dtype 3); deterministic (no atomics).

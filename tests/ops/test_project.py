@@ -115,6 +115,23 @@ def test_project_cuda_tensor_cores(monkeypatch, dtype, kind):
 
 
 @pytest.mark.cuda
+def test_rademacher_bf16_fill():
+    """The tensor-core path's bfloat16 Rademacher tile: exactly the unscaled ±1 of MATH.md §9 (odd k, a
+    partial last group of four, rows across 2^32)."""
+    from fimoda_kernels.ops.projection_matrix import _projection_matrix_reference
+
+    P = torch.empty(19, 7, dtype=torch.bfloat16, device="cuda")
+    pr._MMAPrimitives.fill(P, 2**63 + 1, "rademacher", 2**32 - 3)
+    ref = _projection_matrix_reference(19, 7, 2**63 + 1, "rademacher", 2**32 - 3, torch.float64, "cpu")
+    assert torch.equal(P.cpu().double(), torch.sign(ref))
+
+
+def test_bf16_fill_rejects_gaussian():
+    with pytest.raises(ValueError, match="kind: a bfloat16 P tile holds Rademacher entries only"):
+        pr._MMAPrimitives.fill(torch.empty(2, 2, dtype=torch.bfloat16), 1, "gaussian", 0)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_project_linear_cuda_tensor_cores(monkeypatch, T, dtype):

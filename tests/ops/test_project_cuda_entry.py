@@ -26,3 +26,9 @@ def test_project_cuda_checks_device_before_arguments(dtype_code):
     """require_device() runs first: even a bad kind gives the no-device message here."""
     with pytest.raises(RuntimeError, match="no CUDA device available"):
         _C.project_cuda(0, dtype_code, 0, 1, 1, 1, 2**64 - 1, 7, 2**63 - 1, 1.0, 0)
+
+
+def test_rademacher_bf16_cuda_raises_without_device():
+    with pytest.raises(RuntimeError, match="no CUDA device available"):
+        #                       out rows k  seed row_offset stream
+        _C.rademacher_bf16_cuda(0, 4, 4, 0, 0, 0)

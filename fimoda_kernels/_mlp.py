@@ -12,12 +12,12 @@ ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.
 def mlp_layers(model: nn.Module):
     """[(linear, activation module or None), ...] when ``model`` is an nn.Sequential of Linear layers,
     each followed by at most one supported activation, with every weight and bias a trainable
-    parameter and no forward hooks; else a string saying why not."""
+    parameter of its own layer (no tied weights) and no forward hooks; else a string saying why not."""
     if type(model) is not nn.Sequential:
         return f"the model is a {type(model).__name__}, not an nn.Sequential"
     if model._forward_hooks or model._forward_pre_hooks:
         return "the model has forward hooks (the written-out paths would skip them)"
-    layers = []
+    layers, seen = [], {}
     for k, m in enumerate(model):
         if m._forward_hooks or m._forward_pre_hooks:
             return f"layer {k} has forward hooks (the written-out paths would skip them)"
@@ -26,6 +26,9 @@ def mlp_layers(model: nn.Module):
                 return f"layer {k}'s weight or bias is not a parameter (pruned or reparametrized)"
             if any(not p.requires_grad for p in m.parameters()):
                 return f"layer {k} has frozen parameters"
+            for t in (m.weight, m.bias):  # one parameter per layer slot: named_parameters() lists a shared one once
+                if t is not None and seen.setdefault(id(t), k) != k:
+                    return f"layer {k} shares a parameter with layer {seen[id(t)]} (tied weights)"
             layers.append([m, None])
         elif type(m) in ACTIVATIONS:
             if not layers:

@@ -30,6 +30,23 @@ def check_int(name: str, value, *, min_value: int | None = None, max_value: int 
     return value
 
 
+def check_int_list(name: str, values, *, min_value: int | None = None, max_value: int | None = None,
+                   distinct: bool = True) -> list[int]:
+    """A non-empty sequence of integers (list, tuple, range, numpy array or 1-D tensor) as a list of
+    Python ints, each checked as :func:`check_int` (``name[j]``), distinct unless ``distinct=False``."""
+    if isinstance(values, torch.Tensor) and values.dim() == 1:
+        values = values.tolist()
+    elif type(values).__module__ == "numpy" and getattr(values, "ndim", None) == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple, range)) or len(values) == 0:
+        raise ValueError(f"{name}: expected a non-empty sequence of integers, got {values!r:.80}")
+    out = [check_int(f"{name}[{j}]", v, min_value=min_value, max_value=max_value) for j, v in enumerate(values)]
+    if distinct and len(set(out)) != len(out):
+        dup = sorted({v for v in out if out.count(v) > 1})
+        raise ValueError(f"{name}: expected distinct values, got duplicates {dup[:10]}")
+    return out
+
+
 def check_float(name: str, value, *, min_value: float | None = None, positive: bool = False) -> float:
     """Return ``value`` as a finite Python float."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:

@@ -50,11 +50,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ._mlp import mlp_layers
-from ._validate import check_choice, check_float, check_int, check_tensor
+from ._validate import check_choice, check_float, check_int, check_int_list, check_tensor
 from .grads import activation_numel
 from .ops.bias_act import _BWD as _EPI_BWD, _FWD as _EPI_FWD, FORWARD_ACTS, epilogue_backend
-from .ops.ensemble_step import EnsembleStepper, state_buffers
-from .tasks import Task, get_task, output_derivatives
+from .ops.ensemble_step import EnsembleStepper, check_hyperparameters, state_buffers
+from .tasks import CrossEntropyTask, Task, get_task, output_derivatives
 
 __all__ = ["further_train", "FurtherTrainingResult"]
 
@@ -98,10 +98,10 @@ class FurtherTrainingResult:
         if seeds is None:
             cols = list(range(len(self.seeds)))
         else:
-            seeds = [check_int("seeds[]", s) for s in seeds]
+            seeds = check_int_list("seeds", seeds)
             missing = [s for s in seeds if s not in self.seeds]
-            if not seeds or missing or len(set(seeds)) != len(seeds):
-                raise ValueError(f"seeds: expected distinct seeds of this result {self.seeds}, got {seeds}")
+            if missing:
+                raise ValueError(f"seeds: expected seeds of this result {self.seeds}, got {missing} among them")
             cols = [self.seeds.index(s) for s in seeds]
         L = self.losses[..., cols].to(torch.float64)
         loo = L[:, :, 1:]
@@ -120,6 +120,9 @@ class FurtherTrainingResult:
     @classmethod
     def load(cls, path) -> "FurtherTrainingResult":
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "done" in state and "eval_points" not in state:
+            raise ValueError(f"path: {path} is a further_train checkpoint, not a saved result: run further_train "
+                             f"with checkpoint_dir={str(Path(path).parent)!r} and the same arguments to finish it")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"path: {path} is not a saved FurtherTrainingResult (format {_FORMAT})")
         return cls(state["losses"], state["eval_points"], state["eval_unit"], state["loo_indices"],
@@ -155,9 +158,12 @@ def _activation(m: nn.Module):
                 ("sigmoid", 0.0))
     if t is nn.LeakyReLU:
         slope = m.negative_slope
+        if slope < 0:  # h's sign no longer tells z's: keep z (aten refuses the in-place backward too)
+            return ((lambda z: F.leaky_relu(z, slope)),
+                    (lambda g, z, h: _aten.leaky_relu_backward.grad_input(g, z, slope, False, grad_input=g)), None)
         return ((lambda z: F.leaky_relu_(z, slope)),
                 (lambda g, z, h: _aten.leaky_relu_backward.grad_input(g, h, slope, True, grad_input=g)),
-                ("leaky_relu", slope) if slope >= 0 else None)
+                ("leaky_relu", slope))
     if t is nn.SiLU:
         return F.silu, lambda g, z, h: _aten.silu_backward.grad_input(g, z, grad_input=g), None
     if t is nn.GELU:
@@ -455,12 +461,22 @@ def _tensor_digest(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def _task_id(task: Task) -> str:
+    """The loss in the checkpoint fingerprint: a built-in task's name, else the class and its settings
+    (two custom Tasks must not share a checkpoint)."""
+    name = getattr(task, "name", None)
+    if type(task).__module__ == Task.__module__ and name:
+        return name
+    cls = type(task)
+    return f"{cls.__module__}.{cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in sorted(vars(task).items()))})"
+
+
 def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"{name}: expected an (inputs, targets) pair of tensors, got {type(pair).__name__}")
     x, y = pair
-    check_tensor(f"{name}[0] (inputs)", x, ndim=range(1, 10))
-    check_tensor(f"{name}[1] (targets)", y, ndim=range(1, 10), device=x.device)
+    check_tensor(f"{name}[0] (inputs)", x, ndim=range(1, 10), finite=True)
+    check_tensor(f"{name}[1] (targets)", y, ndim=range(1, 10), device=x.device, finite=True)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{name}: inputs and targets must have the same number of samples, got "
                          f"{x.shape[0]} and {y.shape[0]}")
@@ -524,21 +540,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     if x_te.shape[1:] != x_tr.shape[1:]:
         raise ValueError(f"test[0] (inputs): expected samples of shape {tuple(x_tr.shape[1:])} (as train), "
                          f"got {tuple(x_te.shape[1:])}")
-    if isinstance(loo_indices, torch.Tensor):
-        loo_indices = loo_indices.tolist()
-    if not isinstance(loo_indices, (list, tuple)) or not loo_indices:
-        raise ValueError(f"loo_indices: expected a non-empty sequence of training indices, got {loo_indices!r:.80}")
-    loo_indices = [check_int(f"loo_indices[{j}]", i, min_value=0, max_value=N - 1) for j, i in enumerate(loo_indices)]
-    if len(set(loo_indices)) != len(loo_indices):
-        dup = sorted({i for i in loo_indices if loo_indices.count(i) > 1})
-        raise ValueError(f"loo_indices: expected distinct indices, got duplicates {dup[:10]}")
-    if isinstance(seeds, torch.Tensor):
-        seeds = seeds.tolist()
-    if isinstance(seeds, int) or not isinstance(seeds, (list, tuple, range)) or len(seeds) == 0:
-        raise ValueError(f"seeds: expected a non-empty sequence of integer seeds, got {seeds!r:.80}")
-    seeds = [check_int(f"seeds[{r}]", s, min_value=0, max_value=2**63 - 1) for r, s in enumerate(seeds)]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: expected distinct seeds, got {seeds}")
+    loo_indices = check_int_list("loo_indices", loo_indices, min_value=0, max_value=N - 1)
+    seeds = check_int_list("seeds", seeds, min_value=0, max_value=2**63 - 1)
     if (epochs is None) == (steps is None):
         raise ValueError(f"epochs, steps: expected exactly one of them, got epochs={epochs!r}, steps={steps!r}")
     epochs = None if epochs is None else check_int("epochs", epochs, min_value=1)
@@ -546,19 +549,10 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     optimizer = check_choice("optimizer", optimizer, ("sgd", "adam", "adamw"))
     if lr is None:
         raise ValueError("lr: expected a learning rate > 0, got None")
-    lr = check_float("lr", lr, positive=True)
+    lr, momentum, weight_decay, betas, eps = check_hyperparameters(optimizer, lr, momentum, weight_decay, betas, eps)
     if batch_size is None:
         raise ValueError("batch_size: expected an integer >= 1, got None")
     batch_size = check_int("batch_size", batch_size, min_value=1)
-    momentum = check_float("momentum", momentum, min_value=0.0)
-    if momentum >= 1 or (momentum and optimizer != "sgd"):
-        raise ValueError(f"momentum: expected a number in [0, 1) with optimizer 'sgd' (0 otherwise), got "
-                         f"{momentum} with {optimizer!r}")
-    weight_decay = check_float("weight_decay", weight_decay, min_value=0.0)
-    betas = tuple(check_float(f"betas[{k}]", b, min_value=0.0) for k, b in enumerate(betas))
-    if len(betas) != 2 or max(betas) >= 1:
-        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas}")
-    eps = check_float("eps", eps, positive=True)
     mode = check_choice("mode", mode, ("remove", "downweight"))
     if eval_every == "epoch":
         if epochs is None:
@@ -572,7 +566,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
     device = torch.device(device) if device is not None else named[0][1].device
     max_memory = check_int("max_memory", max_memory, min_value=1)
-    task = get_task(loss)
+    task = get_task(loss, arg="loss")
     if path is not None:
         check_choice("path", path, ("fused", "generic"))
     if models_per_chunk is not None:
@@ -590,10 +584,18 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         y_tr, y_te = y_tr.to(dtype), y_te.to(dtype)
     with torch.no_grad():  # validates model/targets/loss compatibility on two samples
         base.eval()
-        probe = task.loss(base(x_tr[:2]), y_tr[:2])
+        logits = base(x_tr[:2])
+        probe = task.loss(logits, y_tr[:2])
         task.loss(base(x_te[:1]), y_te[:1])
     if probe.shape != (2,):
         raise ValueError(f"loss: expected one loss per sample, got shape {tuple(probe.shape)} for 2 samples")
+    if isinstance(task, CrossEntropyTask):  # all labels, once (the training steps index without checks)
+        C = logits.shape[-1]
+        for name, y in (("train", y_tr), ("test", y_te)):
+            lo, hi = (int(y.min()), int(y.max())) if y.numel() else (0, 0)
+            if lo < 0 or hi >= C:
+                raise ValueError(f"{name}[1] (targets): expected class indices in [0, {C}) (the model's "
+                                 f"{C} outputs), got values in [{lo}, {hi}]")
 
     mlp = mlp_layers(base)
     if path == "fused" and isinstance(mlp, str):
@@ -606,7 +608,9 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     n_models = len(loo_indices) + 1
     config = dict(optimizer=optimizer, lr=lr, batch_size=batch_size, momentum=momentum,
                   weight_decay=weight_decay, betas=list(betas), eps=eps, mode=mode, epochs=epochs, steps=steps,
-                  eval_every=eval_every, dtype=str(dtype).replace("torch.", ""), loss=getattr(task, "name", repr(task)),
+                  eval_every="epoch" if eval_steps is None else eval_steps,
+                  dtype=str(dtype).replace("torch.", ""), loss=_task_id(task), model=repr(base),
+                  parameters=[n for n, _ in named],
                   loo_indices=loo_indices, seeds=seeds, n_train=N, n_test=x_te.shape[0],
                   path="fused" if use_fused else "generic", device=device.type)
     h = hashlib.sha256()
@@ -646,8 +650,10 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         if ckpt.exists():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             saved = json.loads(state["config_json"])
-            if saved != config:
-                diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            # the chunking may differ: each model's result does not depend on its chunk
+            diff = sorted(k for k in set(saved) | set(config)
+                          if saved.get(k) != config.get(k) and k != "models_per_chunk")
+            if diff:
                 raise ValueError(f"checkpoint_dir: {ckpt} was written by a run with different arguments "
                                  f"(differing: {', '.join(diff)}); use another directory or the same arguments")
             losses, done = state["losses"], state["done"]
@@ -670,6 +676,9 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
             sched = _Schedule(N, batch_size, mode, epochs, steps, eval_steps, seeds_c, loo_c, dtype, device)
             out = _train_chunk(base, named, mlp if use_fused else None, sched, task, x_tr, y_tr, x_te, y_te,
                                optimizer, lr, momentum, weight_decay, betas, eps, bar)
+            if not bool(torch.isfinite(out[0]).all()):  # before any step: not the learning rate
+                raise ValueError("model: the test losses of the given model (t = 0) are not finite; check the "
+                                 "model's outputs and the test data")
             if not bool(torch.isfinite(out).all()):
                 bad = torch.nonzero(~torch.isfinite(out).all(0).all(0))[0].item()
                 r, j = pairs_c[bad]

@@ -196,12 +196,12 @@ def output_derivatives(task: Task, out: torch.Tensor, y: torch.Tensor, w: torch.
     return g_of(out), Rg
 
 
-def get_task(task: str | Task) -> Task:
+def get_task(task: str | Task, arg: str = "task") -> Task:
     """A :class:`Task` instance from a name ("mse"/"regression_mse", "cross_entropy"/
-    "classification_ce") or the instance itself."""
+    "classification_ce") or the instance itself; errors name the argument ``arg``."""
     if isinstance(task, Task):
         return task
     if isinstance(task, str):
-        return _TASKS[check_choice("task", task, list(_TASKS))]()
-    raise TypeError(f"task: expected a Task instance or one of {list(_TASKS)}, "
+        return _TASKS[check_choice(arg, task, list(_TASKS))]()
+    raise TypeError(f"{arg}: expected a Task instance or one of {list(_TASKS)}, "
                     f"got {type(task).__name__} {task!r}")

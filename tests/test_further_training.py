@@ -164,7 +164,8 @@ def test_equals_sequential_float32(mode, opt):
 
 
 @pytest.mark.parametrize("epilogues", ["cpu", "torch"])
-@pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.LeakyReLU(0.1), nn.Sigmoid], ids=["relu", "leaky", "sigmoid"])
+@pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.LeakyReLU(0.1), lambda: nn.LeakyReLU(-0.3), nn.Sigmoid],
+                         ids=["relu", "leaky", "leaky_negative", "sigmoid"])
 def test_fused_epilogues_equal_sequential(monkeypatch, epilogues, act):
     """The fused MLP with ops.bias_act's one-pass epilogues and the one-output layer folded in ("cpu",
     the CPU default), and without them (what GPUs run): both equal the sequential protocol."""
@@ -321,6 +322,85 @@ def test_resume_after_interruption(tmp_path, path):
                       **{**kw, "lr": 0.02})
 
 
+def test_resume_with_another_chunking(tmp_path):
+    """A run resumed with another max_memory / models_per_chunk continues (a model's result does not
+    depend on its chunk) and equals the uninterrupted run."""
+    train, test = data("mse")
+    model = mlp()
+    kw = dict(epochs=2, lr=0.05, batch_size=4, dtype=torch.float64)
+    full = further_train(model, train, test, [0, 3, 5], [1, 2], progress=False, **kw)
+
+    def stop(info):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        further_train(model, train, test, [0, 3, 5], [1, 2], checkpoint_dir=tmp_path, models_per_chunk=2,
+                      progress=stop, **kw)
+    seen = []
+    res = further_train(model, train, test, [0, 3, 5], [1, 2], checkpoint_dir=tmp_path, models_per_chunk=3,
+                        progress=seen.append, **kw)
+    assert seen[-1]["done"] == 8 and torch.equal(res.losses, full.losses)
+
+
+class _Quartic(MSETask):
+    def loss(self, model_out, targets):
+        return (model_out.reshape(-1) - targets.reshape(-1)) ** 4
+
+
+class _Power(MSETask):
+    def __init__(self, power):
+        self.power = power
+
+    def loss(self, model_out, targets):
+        return (model_out.reshape(-1) - targets.reshape(-1)).abs() ** self.power
+
+
+def test_checkpoint_fingerprint_covers_architecture_and_loss(tmp_path):
+    """Same parameter values, another activation; or another custom loss: never resumed from the
+    checkpoint of the other run (its losses would come back untrained)."""
+    train, test = data("mse")
+    kw = dict(epochs=1, lr=0.01, batch_size=4, progress=False)
+    further_train(mlp(act=nn.Tanh), train, test, [0], [1], checkpoint_dir=tmp_path / "a", **kw)
+    with pytest.raises(ValueError, match="different arguments.*model"):
+        further_train(mlp(act=nn.ReLU), train, test, [0], [1], checkpoint_dir=tmp_path / "a", **kw)
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "b", loss=_Quartic(), **kw)
+    with pytest.raises(ValueError, match="different arguments.*loss"):
+        further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "b", loss=_Power(4), **kw)
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", loss=_Power(3), **kw)
+    with pytest.raises(ValueError, match="different arguments.*loss"):
+        further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", loss=_Power(4), **kw)
+    with pytest.raises(ValueError, match="is a further_train checkpoint, not a saved result"):
+        FurtherTrainingResult.load(tmp_path / "c" / "further_training.pt")
+
+
+def test_tied_linear_takes_the_generic_path():
+    """A Linear used twice (one set of parameters) is not a plain MLP: the default path falls back to
+    the generic one and matches the sequential protocol."""
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(8, 1))
+    train, test = data("mse")
+    kw = dict(epochs=2, lr=0.05, batch_size=5)
+    ref = sequential(model, train, test, [3, 0], [1], **kw)
+    res = further_train(model, train, test, [3, 0], [1], dtype=torch.float64, progress=False, **kw)
+    assert res.config["path"] == "generic" and rel(res.losses, ref) < 1e-10
+
+
+def test_sequence_arguments_and_json_config(tmp_path):
+    """numpy arrays, ranges and numpy / tensor scalars are accepted and stored as plain ints."""
+    np = pytest.importorskip("numpy")
+    train, test = data("mse")
+    kw = dict(steps=3, lr=0.05, batch_size=4, progress=False)
+    a = further_train(mlp(), train, test, np.array([0, 4]), np.array([1, 2]), eval_every=np.int64(2), **kw)
+    b = further_train(mlp(), train, test, range(0, 5, 4), torch.tensor([1, 2]), eval_every=torch.tensor(2), **kw)
+    assert torch.equal(a.losses, b.losses) and a.config == b.config and a.config["eval_every"] == 2
+    a.save(tmp_path / "r.pt")
+    assert FurtherTrainingResult.load(tmp_path / "r.pt").config == a.config
+    assert torch.equal(a.gold(seeds=np.array([2])), a.gold(seeds=[2]))
+    with pytest.raises(ValueError, match="seeds: expected a non-empty sequence"):
+        a.gold(seeds=2)
+
+
 def test_chunking_does_not_change_results():
     train, test = data("mse")
     model = mlp()
@@ -358,12 +438,38 @@ def test_bad_inputs():
         (ValueError, "test", dict(test=(torch.randn(3, 4), torch.randn(3)))),
         (ValueError, "train", dict(train=(torch.randn(5, 5), torch.randn(4)))),
         (ValueError, "model_out", dict(model=mlp(out=2))),
+        (ValueError, r"loss: expected one of", dict(loss="MSE")),
+        (ValueError, r"train\[0\] \(inputs\): expected finite", dict(train=(train[0].index_put((torch.tensor([3]),), torch.tensor(float("nan"))), train[1]))),
+        (ValueError, r"test\[1\] \(targets\): expected finite", dict(test=(test[0], test[1].index_put((torch.tensor([1]),), torch.tensor(float("inf")))))),
     ]
     for exc, pattern, over in cases:
         args = dict(model=model, train=train, test=test, loo_indices=[0, 1], seeds=[0], **kw)
         args.update(over)
         with pytest.raises(exc, match=pattern):
             further_train(**args)
+
+
+@pytest.mark.parametrize("where,label", [("train", 3), ("test", -100), ("train", -1)])
+def test_class_labels_checked_in_full(where, label):
+    """Every label is checked against the model's classes before training (a bad one deep in the set
+    would otherwise fail mid-run, or be skipped by cross_entropy's ignore_index=-100)."""
+    train, test = data("cross_entropy")
+    pair = {"train": train, "test": test}[where]
+    y = pair[1].clone()
+    y[-1] = label
+    args = {"train": train, "test": test, where: (pair[0], y)}
+    with pytest.raises(ValueError, match=rf"{where}\[1\] \(targets\): expected class indices in \[0, 3\)"):
+        further_train(mlp(out=3), args["train"], args["test"], [0], [0], epochs=1, lr=0.1, batch_size=4,
+                      loss="cross_entropy", progress=False)
+
+
+def test_non_finite_model_is_not_blamed_on_lr():
+    train, test = data("mse")
+    model = mlp()
+    with torch.no_grad():
+        model[-1].bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"model: the test losses of the given model \(t = 0\)"):
+        further_train(model, train, test, [0], [0], epochs=1, lr=0.1, batch_size=4, progress=False)
 
 
 def test_divergence_is_an_error():

@@ -150,7 +150,7 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
     if sum(segments) != P:
         raise ValueError(f"segments: expected block sizes summing to P = {P}, got {list(segments)} "
                          f"(sum {sum(segments)})")
-    hyper = _check_hyper(optimizer, lr, momentum, weight_decay, betas, eps)
+    hyper = check_hyperparameters(optimizer, lr, momentum, weight_decay, betas, eps)
     if active is not None:
         check_tensor("active", active, ndim=1, dtypes=(torch.bool,), device=params.device)
         if active.shape[0] != M:
@@ -164,11 +164,14 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
         params, grads, step, state1, state2, active)
 
 
-def _check_hyper(optimizer, lr, momentum, weight_decay, betas, eps):
+def check_hyperparameters(optimizer, lr, momentum, weight_decay, betas, eps):
+    """The optimizer's validated (lr, momentum, weight_decay, betas, eps); momentum is SGD's only."""
+    optimizer = check_choice("optimizer", optimizer, OPTIMIZERS)
     lr = check_float("lr", lr, positive=True)
     momentum = check_float("momentum", momentum, min_value=0.0)
-    if momentum >= 1:
-        raise ValueError(f"momentum: expected a number in [0, 1), got {momentum}")
+    if momentum >= 1 or (momentum and optimizer != "sgd"):
+        raise ValueError(f"momentum: expected a number in [0, 1) with optimizer 'sgd' (0 otherwise), got "
+                         f"{momentum} with {optimizer!r}")
     weight_decay = check_float("weight_decay", weight_decay, min_value=0.0)
     eps = check_float("eps", eps, positive=True)
     if len(betas) != 2:

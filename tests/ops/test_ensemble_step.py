@@ -114,6 +114,8 @@ def test_bad_inputs():
         ensemble_step(p, g, step, optimizer="rmsprop", lr=0.1)
     with pytest.raises(ValueError, match="state1"):
         ensemble_step(p, g, step, optimizer="sgd", lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum.*'sgd'.*'adam'"):  # Adam has no momentum: not ignored silently
+        ensemble_step(p, g, step, optimizer="adam", lr=0.1, momentum=0.9, state1=p.clone(), state2=p.clone())
     with pytest.raises(ValueError, match="segments"):
         ensemble_step(p, g, step, optimizer="sgd", lr=0.1, segments=(3,))
     with pytest.raises(ValueError, match="step"):

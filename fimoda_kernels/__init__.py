@@ -20,7 +20,8 @@ from .ops.philox import philox4x32
 from .ops.project import kronecker_dims, project, project_linear
 from .ops.projection_matrix import projection_matrix
 from .projection import project_model
-from .solvers import CGBreakdownError, CGNotConvergedWarning, LiSSADivergedError, cg, lissa, lissa_scale_ladder
+from .solvers import (CGBreakdownError, CGNotConvergedWarning, LiSSADivergedError, cg, extreme_eigenvalues, lissa,
+                      lissa_scale_ladder)
 from .tasks import CrossEntropyTask, MSETask, Task, get_task
 
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ __all__ = [
     "METHODS", "OPTIONS", "Scores", "attribute", "attribute_scores", "self_influence",
     "per_sample_grads", "capture_linear", "param_layout",
     "Task", "MSETask", "CrossEntropyTask", "get_task",
-    "gn_hvp", "hessian_hvp", "HVPOperator", "lissa_update", "lissa", "cg", "lissa_scale_ladder",
+    "gn_hvp", "hessian_hvp", "HVPOperator", "lissa_update", "lissa", "cg", "lissa_scale_ladder", "extreme_eigenvalues",
     "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
     "EKFAC", "kfac_factors", "ekfac_eigenbases", "ekfac_eigen_correction", "kfac_eigenvalues",
     "ekfac_precondition", "ekfac_scores",

@@ -6,7 +6,8 @@ point i ∈ S) and a method's scores ``scores[i, z]`` (rows = the LOO training p
 
 A similarity is undefined (NaN) where either vector is constant (Spearman) or zero (cosine) —
 e.g. the gold at t = 0, which is exactly zero under the mean adjustment. Curves therefore leave
-out t = 0, and the aggregates count only defined values and report how many (``n``).
+out t = 0, and the aggregates count only defined values and report how many (``n``). NaN is kept for
+these cases alone: non-finite gold or scores are rejected, not counted as undefined.
 """
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ def mean_sem(values, axis=-1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean, sem, n
 
 
+def _finite(name: str, values) -> np.ndarray:
+    """``values`` as float64, rejecting NaN / Inf (a NaN result would pass for an undefined similarity)."""
+    a = np.asarray(values, np.float64)
+    if not np.isfinite(a).all():
+        first = tuple(np.argwhere(~np.isfinite(a))[0].tolist())
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf (first at index {first})")
+    return a
+
+
 def _nonzero_t(eval_points) -> np.ndarray:
     return np.asarray(eval_points) != 0
 
@@ -64,15 +74,19 @@ def similarity_curves(gold, scores, eval_points, spearman_too: bool = True) -> d
     ``eval_points [E]``, ``cosine``/``spearman [E, Z]``, ``cosine_mean``/``cosine_sem``/``cosine_n``,
     ``spearman_mean``/``spearman_sem``/``spearman_n`` ``[E]`` (the Spearman entries only with
     ``spearman_too``: ranking is the expensive part)."""
-    gold = np.asarray(gold, np.float64)
-    scores = np.asarray(scores, np.float64)
+    gold = _finite("gold", gold)
+    scores = _finite("scores", scores)
     if gold.ndim != 3 or scores.shape != (gold.shape[2], gold.shape[1]):
         raise ValueError(f"gold [n_evals, n_test, n_loo] and scores [n_loo, n_test] do not match: "
                          f"got {gold.shape} and {scores.shape}")
+    eval_points = np.asarray(eval_points)
+    if eval_points.shape != gold.shape[:1]:
+        raise ValueError(f"eval_points: expected {gold.shape[0]} values (one per evaluation, gold.shape[0]), "
+                         f"got shape {eval_points.shape}")
     keep = _nonzero_t(eval_points)
     g = gold[keep]
     a = scores.T[None]  # [1, Z, S]
-    out = {"eval_points": np.asarray(eval_points)[keep]}
+    out = {"eval_points": eval_points[keep]}
     for name, fn in (("cosine", cosine_similarity), ("spearman", spearman))[:2 if spearman_too else 1]:
         v = fn(g, a)
         out[name] = v
@@ -122,8 +136,10 @@ def mislabel_auc(self_scores, flipped) -> float:
 
     flipped = np.asarray(flipped, bool)
     s = np.asarray(self_scores, np.float64)
+    if s.ndim != 1 or flipped.shape != s.shape:
+        raise ValueError(f"self_scores and flipped: expected one flag per score (1-D, one length), got shapes "
+                         f"{s.shape} and {flipped.shape}")
+    s = _finite("self_scores", s)
     if flipped.all() or not flipped.any():
         raise ValueError("flipped: expected both flipped and clean points")
-    if not np.isfinite(s).all():
-        return float("nan")
     return float(roc_auc_score(flipped, s))

@@ -12,6 +12,7 @@ All r recursions share each operator call: one batched HVP per iteration instead
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -20,7 +21,7 @@ from ._validate import check_float, check_int, check_tensor
 from .hvp import HVPOperator
 from .ops.lissa_update import lissa_update
 
-__all__ = ["lissa", "cg", "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
+__all__ = ["lissa", "cg", "extreme_eigenvalues", "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
            "LISSA_SCALES", "lissa_scale_ladder"]
 
 # The paper's ladder {10, 20, 50, 100, 200, 500}, continued 1-2-5 per decade up to the maximum.
@@ -86,10 +87,43 @@ def _check_rhs(v, p: int, hvp) -> tuple[torch.Tensor, bool]:
 
 # ----------------------------------------------------------------------------- LiSSA
 
+def extreme_eigenvalues(hvp, steps: int = 40, seed: int = 0) -> tuple[float, float]:
+    """Lanczos estimates (θ_min, θ_max) of the extreme eigenvalues of the operator's full-data matrix M
+    (``steps`` products with one vector, full reorthogonalization, float64, a seeded start). They are
+    Rayleigh quotients, so λ_min(M) ≤ θ_min and θ_max ≤ λ_max(M): a bound derived from them is never
+    a false alarm."""
+    p, _ = _check_operator(hvp)
+    steps = min(check_int("steps", steps, min_value=1), p)
+    device = getattr(hvp, "device", None) or "cpu"
+    q = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    q /= q.norm()
+    Q = torch.empty(steps, p, dtype=torch.float64, device=device)
+    alpha, beta = [], []
+    for j in range(steps):
+        Q[j] = q
+        w = hvp(q[None], batch=None).to(torch.float64)[0]
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("hvp: the operator returned non-finite values (Lanczos spectrum estimate)")
+        alpha.append(float(w @ q))
+        for _ in range(2):  # full reorthogonalization, twice ("twice is enough")
+            w -= Q[:j + 1].T @ (Q[:j + 1] @ w)
+        b = float(w.norm())
+        if j == steps - 1 or b <= 1e-12 * max(abs(a) for a in alpha):  # done, or an invariant subspace
+            break
+        beta.append(b)
+        q = w / b
+    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    if beta:
+        off = torch.tensor(beta, dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    ev = torch.linalg.eigvalsh(T)
+    return float(ev[0]), float(ev[-1])
+
+
 def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int = 1,
           batch_size: int | None = 128, seed: int = 0, *, absolute_damping: bool = False,
-          kappa: float = 1e3, max_scale: float = _MAX_AUTO_SCALE, return_info: bool = False,
-          backend: str | None = None):
+          kappa: float = 1e3, max_growth: float | None = 10.0, max_scale: float = _MAX_AUTO_SCALE,
+          return_info: bool = False, backend: str | None = None):
     """LiSSA inverse-HVPs of r vectors at once (MATH.md §5, torch-influence's recursion).
 
     For every row of v: h₀ = v; h_k = v + (1 − d)·h_{k−1} − M_{b_k} h_{k−1} / s for k = 1..depth; the
@@ -106,7 +140,8 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
         depth: D ≥ 1. repeat: ≥ 1.
         scale: s > 0, or ``"auto"``: the smallest value of :func:`lissa_scale_ladder` (10, 20, 50, 100,
             200, 500, 1000, 2000, 5000, ...) up to ``max_scale`` (default 1e7) for which the whole run does
-            not diverge — each rung is a full run with the same minibatches; if every rung diverges,
+            not diverge — each rung is a full run with the same minibatches (rungs that fail the spectral
+            check below, or with d = λ/s ≥ 2, are skipped without running); if every rung diverges,
             LiSSADivergedError says so. The recursion converges when s exceeds λ_max(M_b)/(2 − d).
         damping: d with 0 ≤ d < 2 (MATH.md §5's d; λ = d·s). With ``absolute_damping=True`` it is λ
             itself (torch-influence's ``damp``: the step adds λ·h to M h), i.e. d = λ/s for whichever
@@ -115,9 +150,18 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
             kappa·‖v_row‖·s. A non-expanding recursion has ‖h_k‖ ≤ k‖v‖, so the default 1000 (with
             s ≥ 10) cannot flag a convergent run of depth ≤ 10⁴ while a divergent one grows geometrically.
             Checked at every step from the norms the fused update returns (no extra pass).
+        max_growth: the spectral check, before a scale runs (None: off). A slow divergence never reaches
+            the κ bound: one step multiplies an eigendirection of M (eigenvalue μ) by 1 − d − μ/s, and
+            a factor just past ±1 (s just under (μ_max + λ)/2, or a true Hessian with μ_min + λ < 0,
+            which no scale fixes) grows it only ρ^D-fold over the run while the result is wrong by that
+            factor. So θ_min, θ_max of M are estimated first (:func:`extreme_eigenvalues`: 40 full-data
+            products with one vector), and a scale whose ρ = max |1 − d − θ/s| gives ρ^depth > max_growth
+            diverges (LiSSADivergedError at iteration 0). The check sees the full-data M, not the
+            minibatch ones (those stay the κ check's).
         return_info: also return a dict: ``scale`` (the one used), ``damping`` (d), ``effective_damping``
-            (d·s), ``tried`` ([(scale, iteration it diverged at)] of the rejected rungs), ``depth``,
-            ``repeat``, ``batch_size``, ``seed``, ``final_norms`` (‖h_D‖ per row, last repeat).
+            (d·s), ``tried`` ([(scale, iteration it diverged at)] of the rejected rungs; 0: the spectral
+            check), ``depth``, ``repeat``, ``batch_size``, ``seed``, ``final_norms`` (‖h_D‖ per row, last
+            repeat), ``spectrum`` ((θ_min, θ_max) or None) and ``growth`` (ρ^depth at the scale used).
         backend: of the fused update :func:`~fimoda_kernels.ops.lissa_update.lissa_update`.
 
     Returns ``[r, p]`` (or ``[p]``) in v's dtype, or ``(result, info)`` with ``return_info``.
@@ -137,6 +181,8 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
         raise ValueError(f"damping: expected 0 <= d < 2 (the recursion's factor 1 - d must lie in (-1, 1]), "
                          f"got {damping}")
     kappa = check_float("kappa", kappa, positive=True)
+    if max_growth is not None:
+        max_growth = check_float("max_growth", max_growth, min_value=1.0)
     max_scale = check_float("max_scale", max_scale, positive=True)
     if isinstance(scale, str):
         if scale != "auto":
@@ -144,17 +190,40 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
         ladder = lissa_scale_ladder(max_scale)
         if not ladder:
             raise ValueError(f"max_scale: expected at least the first rung 10, got {max_scale}")
+        if absolute_damping:  # d = λ/s must stay below 2: start above λ/2
+            ladder = [s for s in ladder if damping / s < 2]
+            if not ladder:
+                raise ValueError(f"damping: λ = {damping} needs a scale > λ/2 = {damping / 2:g}, beyond "
+                                 f"max_scale={max_scale:g}")
     else:
         ladder = [check_float("scale", scale, positive=True)]
     full = batch_size is None or batch_size >= n
     v_norm = torch.linalg.vector_norm(V, dim=1).double()
+    spectrum = extreme_eigenvalues(hvp, seed=seed) if max_growth is not None else None
+
+    def growth(s: float, d: float) -> float:
+        """ρ^depth: how much the worst eigendirection of the full-data M grows over the run."""
+        rho = max(abs(1 - d - t / s) for t in spectrum)
+        return math.exp(min(depth * math.log(rho), 700.0)) if rho > 0 else 0.0
 
     def run(s: float):
         d = damping / s if absolute_damping else damping
         if d >= 2:
             raise ValueError(f"damping: λ/s = {damping}/{s} = {d} >= 2; use a larger scale")
-        gen = torch.Generator().manual_seed(seed)
         threshold = kappa * v_norm * s
+        if spectrum is not None and growth(s, d) > max_growth:
+            lo, hi = spectrum
+            why = (f"the damped operator has negative curvature (θ_min + λ = {lo + d * s:.4g} < 0), which "
+                   "LiSSA cannot invert at any scale: raise the damping" if lo + d * s < 0 else
+                   f"the scale is below (θ_max + λ)/2 = {(hi + d * s) / 2:.4g}: use a larger scale")
+            raise LiSSADivergedError(
+                f"LiSSA diverges with scale={s:g}, d={d:g} (spectral check before running): the full-data "
+                f"M has Rayleigh quotients θ in [{lo:.4g}, {hi:.4g}], so one step multiplies an "
+                f"eigendirection by up to {max(abs(1 - d - t / s) for t in spectrum):.6g} and {depth} steps "
+                f"by {growth(s, d):.4g} > max_growth={max_growth:g}; {why}",
+                iteration=0, repeat=0, scale=s, norms=torch.full_like(v_norm, float("nan")).cpu(),
+                threshold=threshold.cpu(), rows=torch.arange(V.shape[0]))
+        gen = torch.Generator().manual_seed(seed)
         total = torch.zeros_like(V)
         # our operators write into a buffer: the loop then allocates nothing per step
         mh_buf = torch.empty_like(V) if isinstance(hvp, HVPOperator) else None
@@ -191,11 +260,11 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
         if not return_info:
             return out
         return out, dict(scale=s, damping=d, effective_damping=d * s, tried=tried, depth=depth, repeat=repeat,
-                         batch_size=None if full else batch_size, seed=seed, final_norms=norms.cpu())
+                         batch_size=None if full else batch_size, seed=seed, final_norms=norms.cpu(),
+                         spectrum=spectrum, growth=None if spectrum is None else growth(s, d))
     raise LiSSADivergedError(
         f"scale='auto': LiSSA diverged for every scale of the ladder up to max_scale={max_scale:g} "
-        f"(tried {[t[0] for t in tried]}); the operator's largest eigenvalue is beyond reach — raise "
-        "max_scale or check the model / damping", iteration=last.iteration, repeat=last.repeat,
+        f"(tried {[t[0] for t in tried]}); the last: {last}", iteration=last.iteration, repeat=last.repeat,
         scale=last.scale, norms=last.norms, threshold=last.threshold, rows=last.rows, tried=tried)
 
 

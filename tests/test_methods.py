@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 import fimoda_kernels as fk
+from fimoda_kernels._dispatch import backend_unavailable_reasons
 from fimoda_kernels.grads import per_sample_grads
+from fimoda_kernels.projection import project_model
 
 from helpers import randn, rel
 
@@ -123,6 +125,23 @@ def test_trak_equals_gn_inverse_formula(k_over_p):
     sc = fk.attribute_scores("trak", model, "mse", train, test, proj_dim=k_over_p * D.p, seed=5)
     assert rel(sc.scores, ref) < (1e-5 if k_over_p == 1 else 1e-4)  # JᵀJ is ill-conditioned
     assert (sc.info["jitter"] == 0) == (k_over_p == 1)
+
+
+@pytest.mark.parametrize("n, k, dup", [(20, 10, False), (20, 20, False), (20, 35, False), (20, 2048, False),
+                                        (20, 35, True), (60, 100, False)])
+def test_trak_is_the_pseudo_inverse_formula(n, k, dup):
+    # φ_zᵀ (ΦᵀΦ)⁺ φ_i (−φ'_i) = [(Φ⁺)ᵀ Φ_teᵀ]_iz (−φ'_i), also where ΦᵀΦ is singular (k > n): Φ of full
+    # row rank, a duplicated training point, or rank(Φ) ≤ p = 49 < n = 60
+    model, train, test = _mlp().eval(), _data(n), _data(M, seed=2)
+    if dup:
+        train = tuple(torch.cat([t, t[3:4]]) for t in train)
+    D = Dense(model, "mse", train, test)
+    Phi, Phi_te = (project_model(model, "mse", *pair, k=k, seed=3, wrt="output") for pair in (train, test))
+    ref = (torch.linalg.pinv(Phi).T @ Phi_te.T) * (-D.d1)[:, None]
+    sc = fk.attribute_scores("trak", model, "mse", train, test, proj_dim=k, seed=3)
+    # k ≤ n solves the Gram matrix ΦᵀΦ (error ∝ cond(Φ)² ≈ 4e8 here), k > n works on Φ itself
+    assert rel(sc.scores, ref) < (1e-7 if k <= n else 1e-10)
+    assert sc.info["jitter"] == 0 and sc.info["dropped"] == (0 if k <= n else n + dup - min(n, D.p))
 
 
 def test_datainf_matches_its_formula(problem):
@@ -256,12 +275,59 @@ def test_bad_method_and_options():
                                "generalized_if"}
 
 
+def test_inputs_not_matching_the_model_name_train_or_test():
+    model, train, test = _mlp(classes=3), _data(N, classes=3), _data(M, seed=2, classes=3)
+    with pytest.raises(ValueError, match=r"test\[0\] \(inputs\): the model rejects a sample of shape \(2,\)"):
+        fk.attribute("cg", model, "cross_entropy", train, (test[0][:, :2], test[1]))
+    with pytest.raises(TypeError, match=r"train\[0\] \(inputs\): expected dtype torch.float64 .* got torch.float32"):
+        fk.attribute("grad_dot", model, "cross_entropy", (train[0].float(), train[1]), test)
+    bad = test[1].clone()
+    bad[4] = 3  # past the 3 classes, and not in the first sample: every target is checked
+    with pytest.raises(ValueError, match=r"test: targets: expected class indices in \[0, 3\)"):
+        fk.attribute("grad_dot", model, "cross_entropy", train, (test[0], bad))
+    with pytest.raises(TypeError, match="train: targets: expected dtype"):
+        fk.attribute("trak", model, "cross_entropy", (train[0], train[1].double()), test)
+    with pytest.raises(ValueError, match="train: targets: expected 40 samples"):
+        fk.self_influence("grad_dot", model, "cross_entropy", (train[0], train[1][:-1]))
+    with pytest.raises(ValueError, match="train: model_out: MSETask needs one output per sample"):
+        fk.attribute("grad_dot", model, "mse", _data(N), _data(M, seed=2))
+    training = model.train()
+    assert fk.attribute("grad_dot", training, "cross_entropy", train, test).dtype == torch.float64
+    assert training.training  # the one-sample probe ran in eval mode and left the mode as it was
+
+
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_ekfac_method_is_the_fitted_estimator(problem, strategy):
     model, task, train, test = problem
     out = fk.attribute("ekfac", model, task, train, test, strategy=strategy, damping=0.01, batch_size=16)
-    est = fk.EKFAC(model, task, strategy=strategy, damping=0.01).fit(*train, batch_size=16)
+    # the model is float64: so must the estimator be (EKFAC's own default dtype is float32)
+    est = fk.EKFAC(model, task, strategy=strategy, damping=0.01, dtype=torch.float64).fit(*train, batch_size=16)
+    assert out.dtype == torch.float64
     assert rel(out, est.scores(*train, *test)) < 1e-12
     # with damping far above the curvature, (G + λI)^{-1} ≈ I/λ: the scores approach Grad-Dot / λ
     big = fk.attribute("ekfac", model, task, train, test, strategy=strategy, damping=1e4)
     assert rel(big * 1e4, fk.attribute("grad_dot", model, task, train, test)) < 1e-3
+
+
+def test_ekfac_method_honours_backend_and_max_memory():
+    model, train, test = _mlp(), _data(N), _data(M, seed=2)
+    kw = dict(strategy="ekfac", damping=0.01, batch_size=16)
+    # an unavailable backend is refused as by the other methods, not silently replaced
+    missing = next((b for b in ("cuda", "triton") if backend_unavailable_reasons(b, "cpu")), None)
+    if missing is not None:
+        for method in ("grad_dot", "ekfac"):
+            with pytest.raises(ValueError, match=f"backend='{missing}' cannot run"):
+                fk.attribute(method, model, "mse", train, test, backend=missing)
+    assert rel(fk.attribute("ekfac", model, "mse", train, test, backend="torch", **kw),
+               fk.attribute("ekfac", model, "mse", train, test, **kw)) < 1e-12
+    # max_memory bounds the fit's (a, s) cache: with 1 byte the correction pass reads the data again
+    calls = []
+    hook = model[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        cached = fk.attribute("ekfac", model, "mse", train, test, **kw)
+        n_cached = len(calls)
+        again = fk.attribute("ekfac", model, "mse", train, test, max_memory=1, **kw)
+    finally:
+        hook.remove()
+    assert len(calls) - 2 * n_cached == N // 16 + 1  # one more pass over the 3 training batches
+    assert rel(again, cached) < 1e-12

@@ -127,3 +127,29 @@ def test_mislabel_auc_matches_sklearn_and_pair_count():
     assert metrics.mislabel_auc(flipped.astype(float), flipped) == 1.0
     with pytest.raises(ValueError, match="flipped"):
         metrics.mislabel_auc(s, np.zeros(30, bool))
+
+
+def test_bad_inputs_are_rejected_not_counted_as_undefined():
+    rng = _rng(7)
+    gold, scores = rng.normal(size=(4, 3, 6)), rng.normal(size=(6, 3))
+    with pytest.raises(ValueError, match=r"eval_points: expected 4 values .* got shape \(3,\)"):
+        metrics.similarity_curves(gold, scores, [1, 2, 3])
+    # NaN means "undefined" (a zero / constant vector) only: a NaN input would silently drop a test point
+    for name, a in (("scores", scores), ("gold", gold)):
+        bad = a.copy()
+        bad.flat[5] = np.nan
+        args = {"gold": gold, "scores": scores, name: bad}
+        with pytest.raises(ValueError, match=f"{name}: expected finite values"):
+            metrics.similarity_curves(args["gold"], args["scores"], [0, 1, 2, 3])
+    gold[2, 1] = 0.0  # a zero gold vector stays the documented undefined case
+    out = metrics.similarity_curves(gold, scores, [0, 1, 2, 3])
+    assert np.isnan(out["cosine"][1, 1]) and list(out["cosine_n"]) == [3, 2, 3]
+
+    flipped = np.zeros(10, bool)
+    flipped[:3] = True
+    s = rng.normal(size=10)
+    with pytest.raises(ValueError, match="self_scores and flipped"):
+        metrics.mislabel_auc(s[:9], flipped)
+    s[5] = np.inf
+    with pytest.raises(ValueError, match="self_scores: expected finite values"):
+        metrics.mislabel_auc(s, flipped)

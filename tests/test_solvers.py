@@ -131,9 +131,11 @@ def test_lissa_batched_equals_one_at_a_time(problem):
 
 
 def test_lissa_divergence_raises(problem):
+    """The run-time κ check (the spectral check off, which would stop this run before it starts)."""
     model, x, y, _, _, V = problem
     with pytest.raises(fk.LiSSADivergedError, match="diverged at iteration") as err:
-        fk.lissa(fk.gn_hvp(model, "mse", x, y), V, depth=2000, scale=10.0, damping=0.01, batch_size=None)
+        fk.lissa(fk.gn_hvp(model, "mse", x, y), V, depth=2000, scale=10.0, damping=0.01, batch_size=None,
+                 max_growth=None)
     e = err.value
     assert 1 < e.iteration < 2000 and e.scale == 10.0 and e.norms.shape == (4,) and len(e.rows) >= 1
     assert (e.norms[e.rows] > e.threshold[e.rows]).all() or not torch.isfinite(e.norms[e.rows]).all()
@@ -154,6 +156,61 @@ def test_lissa_auto_scale_picks_expected_rung(problem):
     assert info["effective_damping"] == pytest.approx(d * expected)
     assert rel(out, fk.lissa(fk.gn_hvp(model, "mse", x, y), V, depth=300, scale=50.0, damping=d,
                              batch_size=None)) == 0
+
+
+def test_extreme_eigenvalues_match_dense(problem):
+    model, x, y, G, H, _ = problem
+    for op, M in ((fk.gn_hvp(model, "mse", x, y), G), (fk.hessian_hvp(model, "mse", x, y), H)):
+        ev = torch.linalg.eigvalsh(M)
+        lo, hi = fk.extreme_eigenvalues(op)
+        assert abs(hi - float(ev[-1])) < 1e-8 * float(ev[-1]) and abs(lo - float(ev[0])) < 1e-8 * float(ev[-1])
+        assert lo >= float(ev[0]) - 1e-10 and hi <= float(ev[-1]) + 1e-10  # Rayleigh quotients: inside
+
+
+def test_lissa_slow_divergence_is_caught(problem):
+    """A scale just under (λ_max + λ)/2 (GN): the top direction's factor is −1.005, its growth over the
+    run (2e4) stays below the κ bound, yet the result is wrong many times over; the spectral check
+    refuses to run it."""
+    model, x, y, G, _, V = problem
+    op, lam, depth = fk.gn_hvp(model, "mse", x, y), 1.0, 2000
+    s = (float(torch.linalg.eigvalsh(G).max()) + lam) / 2.005
+    unchecked = fk.lissa(op, V, depth, s, lam, batch_size=None, absolute_damping=True, max_growth=None)
+    assert rel(unchecked, _solve(G, lam, V)) > 10  # silently wrong without the check
+    with pytest.raises(fk.LiSSADivergedError, match="spectral check.*below .θ_max . λ./2") as err:
+        fk.lissa(op, V, depth, s, lam, batch_size=None, absolute_damping=True)
+    assert err.value.iteration == 0 and err.value.scale == s
+
+
+def test_lissa_negative_curvature_picks_a_bounded_scale(problem):
+    """True Hessian with λ_min(H) + λ < 0: every step grows the negative direction by 1 + |μ|/s, so
+    'auto' rejects the rungs where that compounds past max_growth over the depth and names the cause."""
+    model, x, y, _, H, V = problem
+    ev = torch.linalg.eigvalsh(H)
+    lam, depth = 0.01, 300
+    mu = float(ev[0]) + lam
+    assert mu < -0.05  # indefinite after damping
+    op = fk.hessian_hvp(model, "mse", x, y)
+    _, info = fk.lissa(op, V, depth, "auto", lam, batch_size=None, absolute_damping=True, return_info=True)
+    s = info["scale"]
+
+    def dense_growth(scale):
+        return max(abs(1 - (float(e) + lam) / scale) for e in (ev[0], ev[-1])) ** depth
+
+    assert dense_growth(s) <= 10 * (1 + 1e-6) and info["growth"] == pytest.approx(dense_growth(s), rel=1e-6)
+    assert all(t[1] == 0 and dense_growth(t[0]) > 10 for t in info["tried"]) and len(info["tried"]) >= 2
+    with pytest.raises(fk.LiSSADivergedError, match="negative curvature"):
+        fk.lissa(op, V, depth, info["tried"][-1][0], lam, batch_size=None, absolute_damping=True)
+
+
+def test_lissa_auto_skips_scales_below_half_the_damping(problem):
+    """With absolute damping λ, a rung s ≤ λ/2 (d = λ/s ≥ 2) is skipped, not an error."""
+    model, x, y, G, _, V = problem
+    op = fk.gn_hvp(model, "mse", x, y)
+    out, info = fk.lissa(op, V, 300, "auto", 25.0, batch_size=None, absolute_damping=True, return_info=True)
+    assert info["scale"] == 50 and [t[0] for t in info["tried"]] == [20]  # 10 skipped (d = 2.5)
+    assert rel(out, _solve(G, 25.0, V)) < 1e-6
+    with pytest.raises(ValueError, match="damping: λ = 50.0 needs a scale > λ/2 = 25"):
+        fk.lissa(op, V, 300, "auto", 50.0, absolute_damping=True, max_scale=20)
 
 
 def test_lissa_auto_scale_gives_up_at_the_maximum(problem):

@@ -77,16 +77,49 @@ def make_options(cls, method: str, options: dict[str, Any]):
     return cls(**options).validate()
 
 
+@contextlib.contextmanager
+def _naming(name: str):
+    """Re-raise a check's ValueError / TypeError (and a torch RuntimeError, as ValueError) with the
+    data set's name in front: "targets: ..." alone does not say whether train or test is at fault."""
+    try:
+        yield
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from e
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{name}: {e}") from e
+
+
+def _check_against_model(model, task, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The data set ``name`` against the model, cheaply: the inputs' dtype, a no-grad forward of one
+    sample (a feature-shape mismatch otherwise surfaces as a bare torch error deep inside a method)
+    and every target against that output, broadcast (no further model evaluation)."""
+    with _naming(name):
+        _check_batch(model, task, x, y, "loss")
+    dtype = flat_params(model)[0].dtype
+    if x.dtype.is_floating_point and x.dtype != dtype:
+        raise TypeError(f"{name}[0] (inputs): expected dtype {dtype} (the model's parameters), got {x.dtype}")
+    with torch.no_grad(), eval_mode(model):
+        try:
+            out = model(x[:1])
+        except RuntimeError as e:
+            raise ValueError(f"{name}[0] (inputs): the model rejects a sample of shape {tuple(x.shape[1:])}: "
+                             f"{e}") from e
+        with _naming(name):
+            for i in range(0, y.shape[0], 4096):
+                rows = y[i:i + 4096]
+                task.output(out.expand(rows.shape[0], *out.shape[1:]) if isinstance(out, torch.Tensor) else out,
+                            rows)
+
+
 def check_problem(model, task, train, test) -> tuple[Task, tuple, tuple | None]:
     task = get_task(task)
-    x_tr, y_tr = as_pair("train", train)
-    _check_batch(model, task, x_tr, y_tr, "loss")
+    pair_tr = as_pair("train", train)
+    _check_against_model(model, task, "train", *pair_tr)
     pair_te = None
     if test is not None:
-        x_te, y_te = as_pair("test", test)
-        _check_batch(model, task, x_te, y_te, "loss")
-        pair_te = (x_te, y_te)
-    return task, (x_tr, y_tr), pair_te
+        pair_te = as_pair("test", test)
+        _check_against_model(model, task, "test", *pair_te)
+    return task, pair_tr, pair_te
 
 
 def base_damping(model, task, train, max_memory: int = 2**30) -> float:

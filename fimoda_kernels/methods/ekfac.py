@@ -1,11 +1,19 @@
 """EK-FAC influence (MATH.md §3, §6): score(z, i) = g_zᵀ (G_EKFAC + λI)^{-1} g_i, fitted on the
-training set and scored in factored form by :class:`fimoda_kernels.EKFAC`."""
+training set and scored in factored form by :class:`fimoda_kernels.EKFAC`.
+
+Factors, eigenvalues and scores are computed in the model's parameter dtype (float32 for float16 /
+bfloat16 models, EKFAC's lowest accumulation dtype); ``backend`` selects EKFAC's kernels and
+``max_memory`` caps the (a, s) cache of the fit's first pass (``EKFAC.fit``'s ``cache_bytes``;
+beyond it the eigenvalue-correction pass reads the training data again).
+"""
 from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .._validate import check_choice, check_float, check_int
-from ._common import Options
+from ._common import Options, flat_params
 
 CURVATURES = ("gn", "empirical", "sampled")
 STRATEGIES = ("ekfac", "kfac")
@@ -37,7 +45,10 @@ class EKFACOptions(Options):
 def ekfac(model, task, train, test, opts):
     from ..ekfac import EKFAC
 
-    est = EKFAC(model, task, curvature=opts.curvature, strategy=opts.strategy, damping=opts.damping)
-    est.fit(train[0], train[1], batch_size=opts.batch_size)
+    # EKFAC's dtype defaults to float32; a float64 model must get float64 scores like every other method
+    dtype = torch.float64 if flat_params(model)[0].dtype == torch.float64 else torch.float32
+    est = EKFAC(model, task, curvature=opts.curvature, strategy=opts.strategy, damping=opts.damping,
+                dtype=dtype, backend=opts.backend)
+    est.fit(train[0], train[1], batch_size=opts.batch_size, cache_bytes=opts.max_memory)
     scores = est.scores(train[0], train[1], test[0], test[1])
     return scores, {"curvature": opts.curvature, "strategy": opts.strategy}

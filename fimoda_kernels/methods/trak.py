@@ -1,11 +1,19 @@
 """TRAK with one model (MATH.md §7): score(z, i) = φ_zᵀ (ΦᵀΦ)^{-1} φ_i · (−φ'_i).
 
-φ = Pᵀ∇f (projected output gradients, :func:`project_model` with ``wrt="output"``), Φ the training
-set's rows, λ = 0 and Q = I as in TRAK. The k × k kernel ΦᵀΦ is factored by Cholesky in float64.
-It is singular whenever n_train < k or p < k; then the smallest jitter ε·tr(ΦᵀΦ)/k (ε = 1e-12,
-×10 until the factorization succeeds) is added and reported as ``info["jitter"]`` — as ε → 0 this
-is the pseudo-inverse, which for k ≥ p gives the exact GN-inverse formula
-∇f_zᵀ (JᵀJ)^{-1} ∇f_i (−φ'_i).
+φ = Pᵀ∇f (projected output gradients, :func:`project_model` with ``wrt="output"``), Φ ``[n, k]`` the
+training set's rows, λ = 0 and Q = I as in TRAK, solved in float64:
+
+- k ≤ n: the k × k kernel ΦᵀΦ by Cholesky. It is singular when p < k (rank(Φ) ≤ p); then the
+  smallest jitter ε·tr(ΦᵀΦ)/k (ε = 1e-12, ×10 until the factorization succeeds) is added and
+  reported as ``info["jitter"]`` — as ε → 0 this is the pseudo-inverse, which for k ≥ p gives the
+  exact GN-inverse formula ∇f_zᵀ (JᵀJ)^{-1} ∇f_i (−φ'_i).
+- k > n: ΦᵀΦ has rank ≤ n < k, and the jitter's limit is computed exactly instead (a jittered
+  k × k system has a condition number near 1/ε, whose rounding swamps the result):
+  Φ (ΦᵀΦ)⁺ Φ_teᵀ = (Φ⁺)ᵀ Φ_teᵀ = R^{-1} Qᵀ Φ_teᵀ from the QR factorization Φᵀ = QR (k × n), which
+  works on Φ itself (error ∝ cond(Φ), not cond(Φ)² as a Gram matrix would). When R's diagonal shows
+  dependent rows (some |R_jj| ≤ √ε·max |R_jj|: duplicated training points, or p < n), the
+  pseudo-inverse comes from the SVD of Φ instead, without the singular values below √ε·σ_max (the
+  jitter's ε on the scale of Φ); how many were dropped is ``info["dropped"]``.
 
 Regression: f is the prediction and −φ'_i = −2(f_i − y_i); the score then measures the point's
 effect on the test *prediction*, not the test loss (positive = removing i lowers f_z), so its sign
@@ -43,15 +51,16 @@ class TRAKOptions(Options):
         return self
 
 
+EPS = 1e-12  # the Gram matrix's relative jitter; on Φ's scale (singular values) its root, √EPS
+
+
 def cholesky_with_jitter(K: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Cholesky factor of the symmetric PSD ``K`` (float64), adding ε·tr(K)/k·I only if needed."""
     L, bad = torch.linalg.cholesky_ex(K)
     if int(bad) == 0:
         return L, 0.0
     base = float(K.diagonal().mean())
-    if not base > 0:
-        raise ValueError("trak: the projected training gradients are all zero (ΦᵀΦ = 0); nothing to attribute")
-    eps = 1e-12
+    eps = EPS
     while eps < 1:
         jitter = eps * base
         L, bad = torch.linalg.cholesky_ex(K + jitter * torch.eye(K.shape[0], dtype=K.dtype, device=K.device))
@@ -61,14 +70,34 @@ def cholesky_with_jitter(K: torch.Tensor) -> tuple[torch.Tensor, float]:
     raise ValueError("trak: ΦᵀΦ could not be factored even with a jitter of tr/k; check for non-finite gradients")
 
 
+def row_space_solve(P: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Φ (ΦᵀΦ)⁺ B = (Φ⁺)ᵀ B for ``P`` = Φ ``[n, k]``, n < k (float64), and the number of singular
+    directions dropped (module docstring)."""
+    cut = EPS ** 0.5
+    Q, R = torch.linalg.qr(P.T)  # Φᵀ = QR, so (Φ⁺)ᵀ = R^{-1} Qᵀ when Φ has full row rank
+    d = R.diagonal().abs()
+    if float(d.min()) > cut * float(d.max()):
+        return torch.linalg.solve_triangular(R, Q.T @ B, upper=True), 0
+    U, sv, Vh = torch.linalg.svd(P, full_matrices=False)  # (Φ⁺)ᵀ = U diag(1/σ) Vh on the kept σ
+    keep = sv > cut * sv[0]
+    return U[:, keep] @ ((Vh[keep] @ B) / sv[keep][:, None]), int((~keep).sum())
+
+
 def trak(model, task, train, test, opts):
     proj = dict(k=opts.proj_dim, seed=opts.seed, wrt="output", kind=opts.kind, max_memory=opts.max_memory,
                 backend=opts.backend)
     Phi = project_model(model, task, train[0], train[1], **proj)
     Phi_te = project_model(model, task, test[0], test[1], **proj)
-    L, jitter = cholesky_with_jitter(Phi.double().T @ Phi.double())
-    # (ΦᵀΦ)^{-1} φ_z for all test points, then rows of Φ against it
-    X = torch.cholesky_solve(Phi_te.double().T, L)
+    P, P_te = Phi.double(), Phi_te.double()
+    if not bool(P.any()):
+        raise ValueError("trak: the projected training gradients are all zero (Φ = 0); nothing to attribute")
+    jitter, dropped = 0.0, 0
+    if P.shape[1] <= P.shape[0]:
+        # (ΦᵀΦ)^{-1} φ_z for all test points, then rows of Φ against it
+        L, jitter = cholesky_with_jitter(P.T @ P)
+        S = P @ torch.cholesky_solve(P_te.T, L)
+    else:  # ΦᵀΦ is singular: its pseudo-inverse limit from Φ's n-dimensional row space
+        S, dropped = row_space_solve(P, P_te.T)
     _, d1, _ = outputs(model, task, train)
-    scores = (Phi.double() @ X) * (-d1.double())[:, None]
-    return scores.to(Phi.dtype), {"jitter": jitter, "proj_dim": opts.proj_dim}
+    scores = S * (-d1.double())[:, None]
+    return scores.to(Phi.dtype), {"jitter": jitter, "dropped": dropped, "proj_dim": opts.proj_dim}

@@ -89,6 +89,15 @@ def test_cg_matches_dense_solve(problem):
     assert rel(out, D.inv_score(D.G, 0.05)) < 1e-8
 
 
+def test_cg_that_cannot_converge_is_an_error():
+    """λ = 0 with a singular G (rank ≤ 40 points < p = 59, one margin output each): CG runs off to ~1e18;
+    that is refused with the cause, not returned with a warning."""
+    model, train, test = _mlp(classes=3), _data(N, classes=3), _data(M, seed=2, classes=3)
+    with pytest.warns(fk.CGNotConvergedWarning), \
+            pytest.raises(ValueError, match=r"damping: CG left a relative residual of .* raise the damping"):
+        fk.attribute("cg", model, "cross_entropy", train, test, damping=0.0, max_iter=300)
+
+
 @pytest.mark.parametrize("method", ["lissa", "lissa_h"])
 def test_lissa_reaches_its_fixed_point(problem, method):
     model, task, train, test = problem

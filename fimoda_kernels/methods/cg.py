@@ -40,11 +40,22 @@ def resolve_damping(model, task, train, opts, factor: float = 100.0) -> float:
     return opts.damping if opts.damping is not None else factor * base_damping(model, task, train, opts.max_memory)
 
 
+# A final relative residual this far above tol is no solution (e.g. λ = 0 with a singular G gives
+# scores of 1e18): refused, where the solver only warns (a warning is easily filtered away).
+FAILED_RESIDUAL = 1e-2
+
+
 def solve(model, task, train, rhs, opts, damping):
     """(G + λI)^{-1} for every row of ``rhs [r, p]`` (one batched CG), and the solver's info."""
     hvp = gn_hvp(model, task, train[0], train[1], max_memory=opts.max_memory)
     kwargs = {} if opts.max_iter is None else {"max_iter": opts.max_iter}
-    return cg_solve(hvp, rhs, damping, tol=opts.tol, **kwargs)
+    X, info = cg_solve(hvp, rhs, damping, tol=opts.tol, **kwargs)
+    worst = float(info["final_residual"].max()) if rhs.shape[0] else 0.0
+    if not worst <= max(FAILED_RESIDUAL, opts.tol):
+        raise ValueError(f"damping: CG left a relative residual of {worst:.3g} (tol {opts.tol:g}) after "
+                         f"{int(info['iterations'].max())} iterations: G + λI at λ = {damping:g} is too "
+                         "ill-conditioned or singular for it; raise the damping (or max_iter)")
+    return X, info
 
 
 def cg(model, task, train, test, opts):

@@ -27,6 +27,9 @@ class LiSSAOptions(Options):
         repeat: independent recursions averaged.
         batch_size: minibatch size of each iteration's HVP.
         seed: seeds the minibatch draws.
+        max_growth: the solver's spectral check (:func:`~fimoda_kernels.lissa`): a scale at which some
+            eigendirection of the full-data curvature would grow more than this over the depth counts as
+            diverging; None turns the check off (only the run-time norm check, as torch-influence has none).
     """
     damping: float | None = None
     depth: int = 5000
@@ -34,6 +37,7 @@ class LiSSAOptions(Options):
     repeat: int = 1
     batch_size: int = 128
     seed: int = 0
+    max_growth: float | None = 10.0
 
     def validate(self):
         super().validate()
@@ -45,6 +49,8 @@ class LiSSAOptions(Options):
         self.repeat = check_int("repeat", self.repeat, min_value=1)
         self.batch_size = check_int("batch_size", self.batch_size, min_value=1)
         self.seed = check_int("seed", self.seed, min_value=0)
+        if self.max_growth is not None:
+            self.max_growth = check_float("max_growth", self.max_growth, min_value=1.0)
         return self
 
 
@@ -58,7 +64,7 @@ def _lissa(model, task, train, test, opts, make_hvp):
     hvp = make_hvp(model, task, train[0], train[1])
     H, info = lissa_solve(hvp, dense_loss_grads(model, task, test, opts.max_memory), opts.depth, opts.scale,
                           damping, repeat=opts.repeat, batch_size=min(opts.batch_size, train[0].shape[0]),
-                          seed=opts.seed, absolute_damping=True, return_info=True)
+                          seed=opts.seed, absolute_damping=True, max_growth=opts.max_growth, return_info=True)
     scores = grad_dot_vectors(model, task, train[0], train[1], H, "loss", opts.max_memory)
     return scores, {"damping": damping, "lissa": info}
 

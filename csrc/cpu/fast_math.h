@@ -1,12 +1,12 @@
 // Branch-free float32 Box–Muller (MATH.md §9) for the CPU projection kernels: the Gaussian entry
 //   sqrt(-2 ln u1) · cos(2π u2) · scale,   u1 = (w_a + 1)·2^-32 ∈ (0, 1],  u2 = w_b·2^-32,
 // as plain integer/float arithmetic (no libm calls, no data-dependent branches), so that the loops
-// over the lanes of a Philox block vectorize. CPU-only: the CUDA kernels keep
-// fimoda::gaussian_entry (philox.h) with the device logf/cosf, and float64 outputs keep
-// gaussian_entry<double>.
+// over the lanes of a Philox block vectorize. CPU-only: the CUDA kernels use
+// fimoda::gaussian_entry<float> (philox.h: the same integer reductions with the device
+// log1pf/logf/sinf/cosf), and float64 outputs keep gaussian_entry<double>.
 //
 // Both factors start from the Philox words, not from the rounded floats u1 and u2, and are more
-// accurate than gaussian_entry<float> against the float64 reference:
+// accurate than the formula evaluated in float against the float64 reference:
 // - ln u1 = e·ln 2 + ln(1 + f), f ∈ [√½ - 1, √2 - 1], with f obtained exactly in integers and
 //   rounded once: near 1, u1 = 1 - v·2^-32 with v = ~w_a (so f = -v·2^-32, e = 0: full relative
 //   precision as u1 -> 1, where float(w_a) + 1 rounds to 1 and loses sqrt(-2 ln u1) up to 2.4e-4);
@@ -18,7 +18,7 @@
 // extremes and the branch edges of w_a, w_b): -2 ln u1 within 1.4e-7 relative, cos within 9.2e-8
 // absolute; the entry (scale 1) within 7.2e-7 absolute and 2.4e-7·max(|entry|, 1) — rounding the
 // exact -2 ln u1 and cos to float32 and doing the same sqrt and product gives 1.8e-7·max(|entry|, 1)
-// already. Relative error in norm 4.7e-8 (gaussian_entry<float>: 3.4e-6).
+// already. Relative error in norm 4.7e-8 (the formula in float: 3.4e-6).
 //
 // The results are identical on every instruction set: the code is compiled without floating-point
 // contraction (no FMA), and every step is an IEEE-rounded +, -, ×, sqrt or an exact integer

@@ -11,9 +11,31 @@ from .philox import philox4x32_10
 
 @triton.jit
 def _gaussian(wa, wb, scale, DTYPE: tl.constexpr):
-    u1 = (wa.to(DTYPE) + 1.0) * 2.3283064365386963e-10
-    u2 = wb.to(DTYPE) * 2.3283064365386963e-10
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2) * scale
+    """MATH.md §9's Box–Muller entry. float64: the formula as written. float32: both factors from the
+    Philox words' integer bits, as the CPU kernel (csrc/cpu/fast_math.h), so every entry keeps ~1e-7
+    relative accuracy: rounding u2 first would cost up to 5e-4 near the zeros of cos, and u1 = 1 − v·2^-32
+    near 1 rounds to 1 (a zero entry) without the log1p form."""
+    if DTYPE == tl.float64:
+        u1 = (wa.to(DTYPE) + 1.0) * 2.3283064365386963e-10
+        u2 = wb.to(DTYPE) * 2.3283064365386963e-10
+        return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2) * scale
+    # ln u1: near 1 (v = 2^32 − 1 − w_a small) ln(1 − v·2^-32) by Kahan's log1p, log(1 + f)·f / ((1 + f) − 1)
+    v = wa ^ 0xFFFFFFFF
+    near = v < 0x4B000000
+    f = (v & 0x7FFFFFFF).to(tl.float32) * -2.3283064365386963e-10
+    u = 1.0 + f
+    d = tl.where(u == 1.0, 1.0, u - 1.0)
+    ln_near = tl.where(u == 1.0, f, tl.log(u) * (f / d))
+    ln_far = tl.log((wa.to(tl.float32) + 1.0) * 2.3283064365386963e-10)
+    radius = tl.sqrt(-2.0 * tl.where(near, ln_near, ln_far))
+    # cos(2π w_b 2^-32) = cos(q·π/2 + θ), quadrant q and θ = x·π/4 (x ∈ [−1, 1)) exact from the bits
+    t = wb + 0x20000000
+    q = t >> 30
+    x = ((t & 0x3FFFFFFF).to(tl.int32) - 0x20000000).to(tl.float32) * 1.862645149230957e-09
+    theta = x * 0.7853981633974483
+    c = tl.where((q & 1) == 1, tl.sin(theta), tl.cos(theta))
+    c = tl.where(((q + 1) & 2) != 0, -c, c)  # q = 1: −sin θ, 2: −cos θ
+    return radius * c * scale
 
 
 @triton.jit

@@ -155,6 +155,54 @@ def test_gaussian_float32_cpu_tight():
     assert float(err.norm() / want.norm()) < 1e-7
 
 
+def test_gaussian_float32_entries_tight(backend_device):
+    """Every backend's float32 Gaussian entry keeps float32 relative accuracy, also near the zeros of
+    cos(2π u2) (a rounded u2 costs up to 5e-4 relative there) and where u1 -> 1."""
+    backend, device = backend_device
+    p, k, seed, offset = 96, 130, 0xBEEF, 2**32 - 40
+    want = reference(p, k, seed, "gaussian", offset, dtype=torch.float64)
+    got = projection_matrix(p, k, seed, "gaussian", offset, device=device, backend=backend).double().cpu()
+    assert float(((got - want).abs() / want.abs()).max()) < 5e-7
+
+
+@pytest.mark.triton
+def test_triton_gaussian_edge_words():
+    """The Triton float32 Box–Muller on the edges of its integer reductions: quadrant boundaries of w_b,
+    and w_a at 0, at the near-one switch (2^32 − 1 − w_a = 0x4B000000) and up to 2^32 − 1 (u1 = 1)."""
+    import triton
+    import triton.language as tl
+
+    from helpers import TRITON_DEVICE, triton_module
+
+    global _triton_gaussian  # a jitted kernel resolves the functions it calls among its module's globals
+    _triton_gaussian = triton_module("projection_matrix")._gaussian
+
+    @triton.jit
+    def kernel(wa_ptr, wb_ptr, scale_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        wa, wb = tl.load(wa_ptr + i).to(tl.uint32), tl.load(wb_ptr + i).to(tl.uint32)
+        tl.store(out_ptr + i, _triton_gaussian(wa, wb, tl.load(scale_ptr), tl.float32))
+
+    was = [0, 1, 2**31 - 1, 2**31, 0xB4FFFFFE, 0xB4FFFFFF, 0xB5000000, 0xFFFFFF00, 0xFFFFFFFD, 0xFFFFFFFE,
+           0xFFFFFFFF, 0x9E3779B9]
+    wbs = [0, 1, 2**29 - 1, 2**29, 2**30 - 1, 2**30, 2**30 + 1, 0x60000000, 2**31 - 1, 2**31, 0xBFFFFFFF,
+           0xC0000000, 0xC0000001, 0xE0000000, 0xFFFFFFFF, 0x3C6EF372]
+    pairs = [(a, b) for a in was for b in wbs]
+    pairs += [(0x7F4A7C15, b) for b in range(2**30 - 64, 2**30 + 64)]  # cos's zero at a quarter turn
+    n = triton.next_power_of_2(len(pairs))
+    pairs += [(0, 0)] * (n - len(pairs))
+    wa = torch.tensor([a for a, _ in pairs], dtype=torch.int64, device=TRITON_DEVICE)
+    wb = torch.tensor([b for _, b in pairs], dtype=torch.int64, device=TRITON_DEVICE)
+    out = torch.empty(n, dtype=torch.float32, device=TRITON_DEVICE)
+    kernel[(1,)](wa, wb, torch.ones(1, device=TRITON_DEVICE), out, N=n)
+    want = torch.tensor([math.sqrt(-2 * math.log((a + 1) / 2**32)) * math.cos(2 * math.pi * b / 2**32)
+                         for a, b in pairs], dtype=torch.float64)
+    err = (out.double().cpu() - want).abs()
+    # relative, with a floor for cos's exact zeros (float64's cos(π/2) is 6e-17, ours exactly 0)
+    assert bool((err <= 5e-7 * want.abs() + 1e-12).all())
+    assert float(out[was.index(0xFFFFFFFF) * len(wbs)]) == 0.0  # u1 = 1
+
+
 def test_gaussian_float32_distribution():
     """2^21 float32 entries: N(0, 1) by KS, moments, two-sided tail counts, the Box–Muller bound."""
     k = 1024

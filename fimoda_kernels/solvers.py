@@ -157,7 +157,9 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
             factor. So θ_min, θ_max of M are estimated first (:func:`extreme_eigenvalues`: 40 full-data
             products with one vector), and a scale whose ρ = max |1 − d − θ/s| gives ρ^depth > max_growth
             diverges (LiSSADivergedError at iteration 0). The check sees the full-data M, not the
-            minibatch ones (those stay the κ check's).
+            minibatch ones (those stay the κ check's). Its cost, ≈ 40·N/batch_size minibatch products
+            with one vector, is small against the run's depth products with r vectors unless r is 1
+            and N large: then max_growth=None skips it.
         return_info: also return a dict: ``scale`` (the one used), ``damping`` (d), ``effective_damping``
             (d·s), ``tried`` ([(scale, iteration it diverged at)] of the rejected rungs; 0: the spectral
             check), ``depth``, ``repeat``, ``batch_size``, ``seed``, ``final_norms`` (‖h_D‖ per row, last

@@ -5,6 +5,7 @@ so bad input never turns into silently wrong numbers further down.
 """
 from __future__ import annotations
 
+import collections
 import numbers
 from typing import Iterable, Sequence
 
@@ -42,7 +43,7 @@ def check_int_list(name: str, values, *, min_value: int | None = None, max_value
         raise ValueError(f"{name}: expected a non-empty sequence of integers, got {values!r:.80}")
     out = [check_int(f"{name}[{j}]", v, min_value=min_value, max_value=max_value) for j, v in enumerate(values)]
     if distinct and len(set(out)) != len(out):
-        dup = sorted({v for v in out if out.count(v) > 1})
+        dup = sorted(v for v, c in collections.Counter(out).items() if c > 1)
         raise ValueError(f"{name}: expected distinct values, got duplicates {dup[:10]}")
     return out
 

@@ -199,6 +199,9 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
                                  f"max_scale={max_scale:g}")
     else:
         ladder = [check_float("scale", scale, positive=True)]
+        d_fixed = damping / ladder[0] if absolute_damping else damping
+        if d_fixed >= 2:  # before the spectrum's cost
+            raise ValueError(f"damping: λ/s = {damping}/{ladder[0]} = {d_fixed} >= 2; use a larger scale")
     full = batch_size is None or batch_size >= n
     v_norm = torch.linalg.vector_norm(V, dim=1).double()
     spectrum = extreme_eigenvalues(hvp, seed=seed) if max_growth is not None else None
@@ -215,9 +218,14 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
         threshold = kappa * v_norm * s
         if spectrum is not None and growth(s, d) > max_growth:
             lo, hi = spectrum
-            why = (f"the damped operator has negative curvature (θ_min + λ = {lo + d * s:.4g} < 0), which "
-                   "LiSSA cannot invert at any scale: raise the damping" if lo + d * s < 0 else
-                   f"the scale is below (θ_max + λ)/2 = {(hi + d * s) / 2:.4g}: use a larger scale")
+            mu = lo + d * s  # the damped operator's lowest Rayleigh quotient
+            if abs(1 - d - lo / s) > abs(1 - d - hi / s):  # the low end grows faster: negative curvature
+                need = -mu / math.expm1(math.log(max_growth) / depth)  # (1 + |μ|/s)^depth = max_growth
+                why = (f"the damped operator has negative curvature (θ_min + λ = {mu:.4g} < 0), which LiSSA "
+                       f"cannot invert: each step grows it by 1 + {-mu:.4g}/s; keeping that under max_growth "
+                       f"over the depth needs s ≥ {need:.4g} (a truncated series there), or raise the damping")
+            else:
+                why = f"the scale is below (θ_max + λ)/2 = {(hi + d * s) / 2:.4g}: use a larger scale"
             raise LiSSADivergedError(
                 f"LiSSA diverges with scale={s:g}, d={d:g} (spectral check before running): the full-data "
                 f"M has Rayleigh quotients θ in [{lo:.4g}, {hi:.4g}], so one step multiplies an "

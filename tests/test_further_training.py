@@ -371,6 +371,21 @@ def test_checkpoint_fingerprint_covers_architecture_and_loss(tmp_path):
         further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", loss=_Power(4), **kw)
     with pytest.raises(ValueError, match="is a further_train checkpoint, not a saved result"):
         FurtherTrainingResult.load(tmp_path / "c" / "further_training.pt")
+    # a frozen layer's values are part of the model too
+    frozen = mlp()
+    frozen[0].requires_grad_(False)
+    other = copy.deepcopy(frozen)
+    with torch.no_grad():
+        other[0].weight.add_(0.1)
+    further_train(frozen, train, test, [0], [1], checkpoint_dir=tmp_path / "d", **kw)
+    with pytest.raises(ValueError, match="different arguments.*data_sha256"):
+        further_train(other, train, test, [0], [1], checkpoint_dir=tmp_path / "d", **kw)
+    # a custom Task's tensor settings by value (their repr shows 4 digits)
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "e", loss=_Power(torch.tensor([2.12341])),
+                  **kw)
+    with pytest.raises(ValueError, match="different arguments.*loss"):
+        further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "e",
+                      loss=_Power(torch.tensor([2.12344])), **kw)
 
 
 def test_tied_linear_takes_the_generic_path():

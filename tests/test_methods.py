@@ -153,6 +153,24 @@ def test_trak_is_the_pseudo_inverse_formula(n, k, dup):
     assert sc.info["jitter"] == 0 and sc.info["dropped"] == (0 if k <= n else n + dup - min(n, D.p))
 
 
+def test_trak_refuses_non_finite_projections(monkeypatch):
+    """A non-finite Φ (here injected) is an error on both solve paths, not zeros from the SVD of k > n."""
+    import fimoda_kernels.methods.trak as trak_mod
+
+    real = trak_mod.project_model
+
+    def poisoned(*args, **kw):
+        phi = real(*args, **kw)
+        phi[1, 3] = float("inf")
+        return phi
+
+    monkeypatch.setattr(trak_mod, "project_model", poisoned)
+    model, train, test = _mlp(), _data(N), _data(M, seed=2)
+    for k in (16, 64):  # k ≤ n and k > n
+        with pytest.raises(ValueError, match="trak: non-finite projected training gradients"):
+            fk.attribute("trak", model, "mse", train, test, proj_dim=k)
+
+
 def test_datainf_matches_its_formula(problem):
     model, task, train, test = problem
     D = Dense(model, task, train, test)

@@ -83,6 +83,8 @@ def _naming(name: str):
     data set's name in front: "targets: ..." alone does not say whether train or test is at fault."""
     try:
         yield
+    except torch.OutOfMemoryError:  # not a data error
+        raise
     except TypeError as e:
         raise TypeError(f"{name}: {e}") from e
     except (ValueError, RuntimeError) as e:
@@ -101,6 +103,8 @@ def _check_against_model(model, task, name: str, x: torch.Tensor, y: torch.Tenso
     with torch.no_grad(), eval_mode(model):
         try:
             out = model(x[:1])
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:
             raise ValueError(f"{name}[0] (inputs): the model rejects a sample of shape {tuple(x.shape[1:])}: "
                              f"{e}") from e

@@ -89,6 +89,9 @@ def trak(model, task, train, test, opts):
     Phi = project_model(model, task, train[0], train[1], **proj)
     Phi_te = project_model(model, task, test[0], test[1], **proj)
     P, P_te = Phi.double(), Phi_te.double()
+    for name, t in (("training", P), ("test", P_te)):  # the QR / SVD path would turn Inf into zeros
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"trak: non-finite projected {name} gradients; check the model and data")
     if not bool(P.any()):
         raise ValueError("trak: the projected training gradients are all zero (Φ = 0); nothing to attribute")
     jitter, dropped = 0.0, 0

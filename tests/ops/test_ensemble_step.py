@@ -87,7 +87,7 @@ def test_matches_torch_optim(backend_device, dtype, optimizer, momentum, wd):
     assert torch.equal(_blocks(p, M, 2)[0], _blocks(sentinel, M, 2)[0])
 
 
-@pytest.mark.parametrize("M,segments", [(1, (1,)), (3, (1025,)), (2, (3, 2049, 5))])
+@pytest.mark.parametrize("M,segments", [(1, (1,)), (3, (1025,)), (2, (3, 2049, 5)), (5, (4097, 3))])
 def test_odd_sizes_match_reference(backend_device, M, segments):
     backend, device = backend_device
     P = sum(segments)

@@ -19,6 +19,13 @@ def method_names() -> tuple[str, ...]:
     return tuple(_pkg().METHODS)
 
 
+def check_options(method: str, options: dict) -> None:
+    """Validate ``options`` for ``method`` as ``attribute`` will (unknown names, bad values)."""
+    from .methods._common import make_options
+
+    make_options(_pkg().OPTIONS[method], method, dict(options))
+
+
 def loo_scores(method: str, model, task, train, test, loo: torch.Tensor, options: dict) -> torch.Tensor:
     """Scores of the LOO training points for every test point, ``Tensor[n_loo, n_test]``."""
     scores = _pkg().attribute(method, model, task, train, test, **options)

@@ -153,6 +153,9 @@ def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), tas
     if len(rows) < 2:
         raise DatasetError(f"csv: expected a header row and data rows in {path!r}, got {len(rows)} row(s)")
     header = [h.strip() for h in rows[0]]
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:  # columns are found by name: a repeated one would silently read the last copy twice
+        raise DatasetError(f"csv: repeated column name(s) {dup} in the header of {path!r}")
     for col in [target, *drop]:
         if col not in header:
             raise DatasetError(f"csv: column {col!r} not in {path!r} (columns: {', '.join(header)})")

@@ -160,8 +160,11 @@ class EKFAC:
             device = next(self.model.parameters()).device
             generator = torch.Generator(device=device).manual_seed(self.seed)
             quantity = self._quantity(generator)
-        for x, y in data:
-            cap = self._capture.run(self.task, x, y, wrt="loss", quantity=quantity)
+        for k, (x, y) in enumerate(data):
+            try:
+                cap = self._capture.run(self.task, x, y, wrt="loss", quantity=quantity)
+            except ValueError as e:  # e.g. non-finite inputs: say which batch
+                raise ValueError(f"batch {k}: {e}") from e
             names = [l.name for l in cap.layers]
             if not names:
                 raise ValueError("model: no nn.Linear/nn.Conv2d layer could be captured "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -164,17 +165,28 @@ class StudyConfig:
         return self.cache_dir or os.path.join(self.out_dir, "cache")
 
     def resolved_methods(self) -> tuple[str, ...]:
+        """The selected methods, with every method option checked before anything trains (a typo in
+        a name or a value would otherwise surface, if at all, as a failed row after the study)."""
         known = api.method_names()
-        if self.methods == "all":
-            return known
-        bad = [m for m in self.methods if m not in known]
+        bad = [] if self.methods == "all" else [m for m in self.methods if m not in known]
         if bad:
             raise StudyConfigError(f"methods: unknown {', '.join(map(repr, bad))}; expected 'all' or "
                                    f"names from {', '.join(known)}")
+        selected = known if self.methods == "all" else tuple(dict.fromkeys(self.methods))
         unknown_opts = [m for m in self.method_options if m not in known]
         if unknown_opts:
-            raise StudyConfigError(f"method_options: unknown method(s) {unknown_opts}")
-        return tuple(dict.fromkeys(self.methods))
+            raise StudyConfigError(f"method_options: unknown method(s) {unknown_opts}; expected names from "
+                                   f"{', '.join(known)}")
+        unused = [m for m in self.method_options if m not in selected]
+        if unused:
+            raise StudyConfigError(f"method_options: options for method(s) {unused} that the study does not "
+                                   f"run (methods: {', '.join(selected)})")
+        for m, opts in self.method_options.items():
+            try:
+                api.check_options(m, opts)
+            except (TypeError, ValueError) as e:
+                raise StudyConfigError(f"method_options[{m!r}]: {e}") from e
+        return selected
 
 
 @dataclass
@@ -198,6 +210,22 @@ class StudyResult:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The package's Python sources and native module: part of every stage key, so a cached stage
+    is not reused by a build whose code could compute it differently."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(files):
+            if name.endswith((".py", ".so", ".pyd")):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, root).encode())
+                h.update(_file_digest(path).encode())
+    return h.hexdigest()[:16]
 
 
 def _file_digest(path: str) -> str:
@@ -316,7 +344,8 @@ def _final_model(config: StudyConfig, data: _Data, stages: _Stages):
     lr, epochs = default_training(data.ds, data.embedded)
     lr = config.final_lr if config.final_lr is not None else lr
     epochs = config.final_epochs if config.final_epochs is not None else epochs
-    spec = {"data": data.key, "flips": data.loo[data.flipped].tolist(), "arch": "cnn" if data.ds.is_image else "mlp",
+    spec = {"code": _code_digest(), "data": data.key, "flips": data.loo[data.flipped].tolist(),
+            "arch": "cnn" if data.ds.is_image else "mlp",
             "lr": lr, "epochs": epochs, "batch_size": config.batch_size, "seed": config.seed,
             "device": torch.device(config.device).type, "dtype": config.dtype}
     key = _digest(spec)

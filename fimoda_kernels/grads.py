@@ -74,7 +74,21 @@ def _check_batch(model, task, inputs, targets, wrt) -> tuple[Task, list[ParamSlo
     check_choice("wrt", wrt, ("loss", "output"))
     if not slots:
         raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
-    check_same_device(inputs=inputs, targets=targets, model=next(model.parameters()))
+    for name, t in (("inputs", inputs), ("targets", targets)):  # NaN in, NaN scores out: refuse it here
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t.flatten(1) if t.dim() > 1 else t[:, None]).all(1)
+            if bool(bad.any()):
+                raise ValueError(f"{name}: expected finite values, got NaN or Inf at sample "
+                                 f"{int(bad.nonzero()[0])}")
+    first = next(p for p in model.parameters() if p.requires_grad)
+    check_same_device(inputs=inputs, targets=targets, model=first)
+    if inputs.is_floating_point() and inputs.dtype != first.dtype:
+        raise TypeError(f"inputs: expected dtype {first.dtype} (the model's parameters), got {inputs.dtype}")
+    random = [name or "model" for name, m in model.named_modules() if m.training and (
+        isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0))]
+    if random:  # per-sample gradients of a batch-coupled or randomly masked forward mean nothing
+        raise ValueError(f"model: {random[0]} is in training mode (BatchNorm couples the samples of a batch, "
+                         "Dropout draws a new mask per call); call model.eval() first")
     return task, slots
 
 
@@ -196,6 +210,7 @@ class CapturedLayer:
     _reason: str | None = field(default=None, repr=False)
     _calls: int = field(default=0, repr=False)
     _out: torch.Tensor | None = field(default=None, repr=False)
+    _version: int = field(default=0, repr=False)  # _out's version when recorded (in-place changes bump it)
 
     @property
     def has_bias(self) -> bool:
@@ -360,7 +375,7 @@ class LinearCapture:
         rec.a = rec._a_from_input(x.detach())
         rec.T = 1 if rec.a.dim() == 2 else rec.a.shape[1]
         if out.requires_grad:
-            rec._out = out
+            rec._out, rec._version = out, out._version
             self._handles.append(out.register_hook(functools.partial(self._grad_hook, rec)))
 
     @staticmethod
@@ -415,17 +430,28 @@ class LinearCapture:
         return self._run(task, inputs, targets, wrt, quantity)
 
     def _run(self, task, inputs, targets, wrt, quantity) -> "LinearCapture":
-        with self:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("capture_linear: cannot differentiate under torch.inference_mode(); call it outside")
+        with self, torch.enable_grad():  # an outer no_grad() would leave nothing to capture
             out = self.model(inputs)
             total = (quantity(out, targets) if quantity is not None else _evaluate(task, out, targets, wrt)).sum()
             for r in self.layers:
                 if r.a.shape[0] != inputs.shape[0]:
                     r._reason = (f"layer input has {r.a.shape[0]} rows along dim 0, not the "
                                  f"{inputs.shape[0]} samples")
-            outs = [r._out for r in self.layers if r._out is not None]
+            # the tensor hooks record s as the backward passes each layer. A layer output changed in
+            # place afterwards (ReLU(inplace=True), h += x) is another tensor version: a gradient
+            # with respect to it would stop above the layer, so ask for the layer's parameter instead
+            outs = [r._out if r._out._version == r._version else _a_parameter(r.module)
+                    for r in self.layers if r._out is not None]
             if outs and total.requires_grad:
-                torch.autograd.grad(total, outs, allow_unused=True)  # the tensor hooks record s
+                torch.autograd.grad(total, outs, allow_unused=True)
         return self
+
+
+def _a_parameter(module: nn.Module) -> torch.Tensor:
+    """A trainable parameter of a captured layer (one exists: frozen layers are not captured)."""
+    return next(p for p in module.parameters() if p.requires_grad)
 
 
 def for_sample_chunks(n: int, max_memory: int, fn, first: int = 8) -> None:

@@ -100,7 +100,9 @@ def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False,
         return tr.cap.bytes_per_sample() + dense_bytes
 
     for_sample_chunks(n, max_memory, chunk)
-    if normalize:
+    if out is None:  # no training samples
+        out = torch.empty(0, m, dtype=x_te.dtype, device=x_te.device)
+    elif normalize:
         sq_te = 0
         if te_factored:
             sq_te = factored_sq_norms(te_factored, out.dtype)
@@ -194,6 +196,8 @@ def grad_dot_vectors(model: nn.Module, task, inputs: torch.Tensor, targets: torc
         return per_sample + inter * total.element_size()
 
     for_sample_chunks(n, max_memory, chunk)
+    if out is None:  # no samples
+        out = torch.empty(0, r, dtype=torch.promote_types(inputs.dtype, vectors.dtype), device=inputs.device)
     return out
 
 

@@ -107,6 +107,10 @@ def test_csv_errors(tmp_path):
         load_csv(path, "a")
     with pytest.raises(DatasetError, match="cannot be dropped"):
         load_csv(path, "label", drop=["label"], task="classification")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("a,a,y\n" + "".join(f"{k},{-k},{k % 2}\n" for k in range(20)))
+    with pytest.raises(DatasetError, match=r"repeated column name\(s\) \['a'\]"):
+        load_csv(twice, "y")
     ds = load_csv(path, "label", task="classification")
     assert ds.n_classes == 2 and ds.x_train.shape == (36, 2)
     # labels map to indices in sorted order: "no" → 0, "yes" → 1

@@ -238,7 +238,7 @@ def test_nan_input_names_layer_and_batch():
     model, task = _model("mlp")
     x, y = _data("mlp", 40, 1)
     x[25, 2] = float("nan")  # batch 2 at batch_size 10
-    with pytest.raises(ValueError, match=r"inputs a of layer '0' in batch 2"):
+    with pytest.raises(ValueError, match=r"batch 2: inputs: expected finite values, got NaN or Inf at sample 5"):
         EKFAC(model, task, dtype=torch.float64).fit(x, y, batch_size=10)
 
 

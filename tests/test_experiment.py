@@ -8,6 +8,7 @@ import pytest
 from scipy.spatial import distance
 
 import fimoda_kernels as fk
+from fimoda_kernels import experiment
 from fimoda_kernels.experiment import StudyConfig, StudyConfigError, run_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -123,7 +124,7 @@ def test_all_methods(tmp_path):
     assert set(results["peak_cosine"]) == set(fk.METHODS)
 
 
-def test_rerun_with_another_method_reuses_stages(tmp_path):
+def test_rerun_with_another_method_reuses_stages(tmp_path, monkeypatch):
     first = run_study(_config(tmp_path, "diabetes", ("grad_dot",)))
     stages = {s["stage"]: s["cached"] for s in first.results["stages"]}
     assert stages == {"final_model": False, "method:grad_dot": False, "gold": False}
@@ -142,6 +143,11 @@ def test_rerun_with_another_method_reuses_stages(tmp_path):
     assert stages == {"final_model": True, "method:grad_dot": True, "gold": False}
     assert third.gold.shape[0] == 5
 
+    # another build of the library never reuses a stage
+    monkeypatch.setattr(experiment, "_code_digest", lambda: "another build")
+    fourth = run_study(_config(tmp_path, "diabetes", ("grad_dot",), epochs=4))
+    assert not any(s["cached"] for s in fourth.results["stages"])
+
 
 def test_config_errors(tmp_path):
     with pytest.raises(StudyConfigError, match="seeds"):
@@ -158,4 +164,11 @@ def test_config_errors(tmp_path):
         run_study(StudyConfig(dataset="breast_cancer", n_loo=2, out=str(tmp_path / "y"), progress=False))
     with pytest.raises(TypeError, match="config"):
         run_study({"dataset": "diabetes"})
+    # method options are checked before anything trains, also with methods="all"
+    for methods, options, match in [("all", {"lisa": {"depth": 5}}, r"unknown method\(s\) \['lisa'\]"),
+                                    (("grad_dot",), {"lissa": {"depth": 5}}, "does not run"),
+                                    (("cg",), {"cg": {"nosuch": 5}}, r"method_options\['cg'\]: cg: unknown option"),
+                                    (("cg",), {"cg": {"damping": -1.0}}, r"method_options\['cg'\]: damping")]:
+        with pytest.raises(StudyConfigError, match=match):
+            StudyConfig(methods=methods, method_options=options, out=str(tmp_path / "z")).resolved_methods()
     assert math.isclose(StudyConfig().mislabel_fraction, 0.2)

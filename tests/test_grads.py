@@ -112,6 +112,9 @@ def test_non_finite_gradients_raise():
     model = mlp()
     x, y = torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D)
     x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="inputs: expected finite values, got NaN or Inf at sample 3"):
+        per_sample_grads(model, "mse", x, y)
+    x[3, 2], y[3] = 0.5, 1e308  # finite data, a loss gradient 2(f − y) that overflows
     with pytest.raises(ValueError, match="finite per-sample gradients, got NaN or Inf for sample 3"):
         per_sample_grads(model, "mse", x, y)
 
@@ -249,6 +252,71 @@ def test_capture_conv2d(bias):
     c1 = cap.layers[0]
     assert c1.d_in == 2 * 9 and c1.T == 5 * 6 and c1.a.shape == (4, 30, 18 + bias)
     assert c1.s.shape == (4, 30, 3) and cap.layers[2].T == 6 * 2
+
+
+class InPlaceResidual(nn.Module):
+    """A Linear output changed in place (``h += x``) before the rest of the model reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h += x
+        return self.o(torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", ["relu", "silu", "leaky", "residual", "conv"])
+def test_capture_with_in_place_ops_after_layers(kind):
+    """ReLU(inplace=True) and friends rewrite a layer's output: the capture still records that layer's
+    s (a gradient asked of the rewritten tensor would stop above the layer and leave s = 0), and so do
+    the entry points built on it."""
+    import fimoda_kernels as fk
+
+    torch.manual_seed(0)
+    act = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU(inplace=True),
+           "leaky": lambda: nn.LeakyReLU(0.1, inplace=True)}
+    if kind == "residual":
+        model, x = InPlaceResidual().to(D), torch.randn(7, 4, dtype=D)
+    elif kind == "conv":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(48, 3)).to(D)
+        x = torch.randn(7, 2, 6, 6, dtype=D)
+    else:
+        model, x = nn.Sequential(nn.Linear(4, 6), act[kind](), nn.Linear(6, 3)).to(D), torch.randn(7, 4, dtype=D)
+    y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(1))
+    cap = check_capture(model, "cross_entropy", x, y, n_layers=2)
+    assert all(bool(l.s.abs().sum() > 0) for l in cap.layers)
+    G = per_sample_grads(model, "cross_entropy", x, y)
+    torch.testing.assert_close(fk.grad_dot_model(model, "cross_entropy", (x[:4], y[:4]), (x[4:], y[4:])),
+                               G[:4] @ G[4:].T, **TOL)
+    V = torch.randn(2, G.shape[1], dtype=D)
+    torch.testing.assert_close(fk.grad_dot_vectors(model, "cross_entropy", x, y, V), G @ V.T, **TOL)
+
+
+def test_capture_under_no_grad_and_refusals():
+    """An outer no_grad() does not change the results; inference_mode and a model whose Dropout or
+    BatchNorm is in training mode are refused with the reason."""
+    import fimoda_kernels as fk
+
+    model = mlp()
+    x, y = torch.randn(6, 8, dtype=D), torch.randn(6, dtype=D)
+    want = fk.grad_dot_model(model, "mse", (x[:4], y[:4]), (x[4:], y[4:]))
+    V = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=D)
+    hvp = fk.gn_hvp(model, "mse", x, y)
+    with torch.no_grad():
+        torch.testing.assert_close(fk.grad_dot_model(model, "mse", (x[:4], y[:4]), (x[4:], y[4:])), want, **TOL)
+        op = fk.gn_hvp(model, "mse", x, y)
+        assert op.path == "linear"
+        torch.testing.assert_close(op(V), hvp(V), **TOL)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        capture_linear(model).run("mse", x, y)
+    for extra in (nn.Dropout(0.2), nn.BatchNorm1d(8)):
+        m = nn.Sequential(extra, *mlp()).to(D).train()
+        with pytest.raises(ValueError, match=r"model: 0 is in training mode.*model.eval\(\)"):
+            per_sample_grads(m, "mse", x, y)
+    with pytest.raises(TypeError, match=r"inputs: expected dtype torch.float64 \(the model's parameters\)"):
+        per_sample_grads(model, "mse", x.float(), y)
 
 
 def test_capture_conv_model_that_needs_nchw():

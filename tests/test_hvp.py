@@ -94,6 +94,16 @@ def test_linear_path_layer_without_bias():
     assert op.path == "linear" and rel(op(V), V @ dense_gn(model, "mse", x, y)) < 1e-12
 
 
+def test_linear_path_with_an_in_place_activation():
+    """ReLU(inplace=True) rewrites the first Linear's output; the captured GN path is still exact."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(inplace=True), nn.Linear(6, 1)).double().eval()
+    x, y = data(20, 3)
+    op = fk.gn_hvp(model, "mse", x, y)
+    V = _vectors(op.num_params)
+    assert op.path == "linear" and rel(op(V), V @ dense_gn(model, "mse", x, y)) < 1e-12
+
+
 def test_chunking_under_a_small_budget():
     model = mlp((5, 7, 6, 1))
     x, y = data(N, 5)

@@ -84,3 +84,15 @@ def test_grad_dot_vectors_rejects_bad_vectors():
         fk.grad_dot_vectors(model, "mse", x, y, torch.full((1, 4), float("nan"), dtype=torch.float64))
     with pytest.raises(TypeError, match="vectors: expected dtype"):
         fk.grad_dot_vectors(model, "mse", x, y, torch.ones(1, 4, dtype=torch.int64))
+
+
+def test_empty_sets_give_empty_results():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = randn(5, 3, dtype=torch.float64, seed=1), randn(5, dtype=torch.float64, seed=2)
+    for normalize in (False, True):
+        out = fk.grad_dot_model(model, "mse", (x[:0], y[:0]), (x, y), normalize=normalize)
+        assert out.shape == (0, 5) and out.dtype == torch.float64
+    assert fk.grad_dot_model(model, "mse", (x, y), (x[:0], y[:0])).shape == (5, 0)
+    V = randn(2, 21, dtype=torch.float64, seed=3)
+    assert fk.grad_dot_vectors(model, "mse", x[:0], y[:0], V).shape == (0, 2)

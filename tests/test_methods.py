@@ -306,7 +306,7 @@ def test_inputs_not_matching_the_model_name_train_or_test():
     model, train, test = _mlp(classes=3), _data(N, classes=3), _data(M, seed=2, classes=3)
     with pytest.raises(ValueError, match=r"test\[0\] \(inputs\): the model rejects a sample of shape \(2,\)"):
         fk.attribute("cg", model, "cross_entropy", train, (test[0][:, :2], test[1]))
-    with pytest.raises(TypeError, match=r"train\[0\] \(inputs\): expected dtype torch.float64 .* got torch.float32"):
+    with pytest.raises(TypeError, match=r"train: inputs: expected dtype torch.float64 .* got torch.float32"):
         fk.attribute("grad_dot", model, "cross_entropy", (train[0].float(), train[1]), test)
     bad = test[1].clone()
     bad[4] = 3  # past the 3 classes, and not in the first sample: every target is checked

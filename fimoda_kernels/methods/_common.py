@@ -92,14 +92,11 @@ def _naming(name: str):
 
 
 def _check_against_model(model, task, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    """The data set ``name`` against the model, cheaply: the inputs' dtype, a no-grad forward of one
-    sample (a feature-shape mismatch otherwise surfaces as a bare torch error deep inside a method)
+    """The data set ``name`` against the model, cheaply: the batch checks (dtype, finiteness), a no-grad
+    forward of one sample (a feature-shape mismatch otherwise surfaces as a bare torch error deep inside a method)
     and every target against that output, broadcast (no further model evaluation)."""
     with _naming(name):
-        _check_batch(model, task, x, y, "loss")
-    dtype = flat_params(model)[0].dtype
-    if x.dtype.is_floating_point and x.dtype != dtype:
-        raise TypeError(f"{name}[0] (inputs): expected dtype {dtype} (the model's parameters), got {x.dtype}")
+        _check_batch(model, task, x, y, "loss")  # also the inputs' dtype against the model's
     with torch.no_grad(), eval_mode(model):
         try:
             out = model(x[:1])

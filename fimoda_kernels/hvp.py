@@ -194,8 +194,8 @@ class HVPOperator:
             return None
         if isinstance(batch, slice):
             batch = range(*batch.indices(self.num_samples))
-        if isinstance(batch, (range, list, tuple)):
-            batch = torch.as_tensor(list(batch), dtype=torch.long)
+        if isinstance(batch, (range, list, tuple)):  # integers only (as_tensor would truncate 1.9 to 1)
+            batch = torch.as_tensor([check_int(f"batch[{k}]", i) for k, i in enumerate(batch)], dtype=torch.long)
         check_tensor("batch", batch, ndim=1, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
         if batch.numel() == 0:
             raise ValueError("batch: expected at least one sample index, got none")

@@ -156,6 +156,8 @@ def test_validation():
         op(torch.zeros(1, p, dtype=torch.float64), batch=[0, 37])
     with pytest.raises(ValueError, match="batch: expected at least one"):
         op(torch.zeros(1, p, dtype=torch.float64), batch=[])
+    with pytest.raises(TypeError, match=r"batch\[1\]: expected an integer, got float 1.9"):
+        op(torch.zeros(1, p, dtype=torch.float64), batch=[0, 1.9])
     with pytest.raises(ValueError, match="linear=True: the fast hessian path .* ScaledMLP, not an nn.Sequential"):
         fk.hessian_hvp(ScaledMLP(), "cross_entropy", x[:, :4], (y > 0).long(), linear=True)
     with pytest.raises(ValueError, match="linear=True: .*2-D inputs"):

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fit_float64_tile
 from .grad_dot import _mma
 
 # (BLOCK_A, BLOCK_B, BLOCK_K, num_warps): two output-tile sides and the reduction block.
@@ -31,8 +32,11 @@ def _config(dtype: torch.dtype, device: torch.device, a: int, b: int, k: int):
     caps = _INTERPRET_CONFIG if device.type != "cuda" else (
         _GPU_CONFIG_FP64 if dtype == torch.float64 else _GPU_CONFIG)
     lo = 16 if dtype != torch.float64 else 1  # tl.dot needs ≥ 16 per side
-    return (min(caps[0], max(16, triton.next_power_of_2(a))), min(caps[1], max(16, triton.next_power_of_2(b))),
-            min(caps[2], max(lo, triton.next_power_of_2(max(k, 1)))), caps[3])
+    ba, bb = min(caps[0], max(16, triton.next_power_of_2(a))), min(caps[1], max(16, triton.next_power_of_2(b)))
+    bk = min(caps[2], max(lo, triton.next_power_of_2(max(k, 1))))
+    if dtype == torch.float64:  # the [A, K, B] product must be one Triton tensor
+        ba, bb, bk = fit_float64_tile(ba, bb, bk)
+    return ba, bb, bk, caps[3]
 
 
 @triton.jit

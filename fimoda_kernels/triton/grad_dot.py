@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fit_float64_tile
+
 # Block caps (BLOCK_N, BLOCK_M, BLOCK_D, num_warps); BLOCK_N and BLOCK_M are the next power of two
 # of n and m clamped to [16, cap] (16: tl.dot's minimum operand size), BLOCK_D likewise of d.
 # GPU caps: compiled for sm_90 with triton 3.6 and 3.9 (PTX from triton.compile for a
@@ -156,6 +158,8 @@ def _config(n: int, m: int, d: int, dtype: torch.dtype, device: torch.device) ->
     bn = caps[0] if device.type == "cuda" else min(caps[0], max(16, triton.next_power_of_2(n)))
     bm = min(caps[1], max(16, triton.next_power_of_2(m)))
     bd = min(caps[2], max(16 if dtype != torch.float64 else 1, triton.next_power_of_2(max(d, 1))))
+    if dtype == torch.float64:  # the [BLOCK_N, BLOCK_D, BLOCK_M] product must be one Triton tensor
+        bn, bm, bd = fit_float64_tile(bn, bm, bd)
     return bn, bm, bd, caps[3]
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fit_float64_tile
+
 from .projection_matrix import p_tile
 
 # Block caps (BLOCK_N, BLOCK_K, BLOCK_P) and num_warps; BLOCK_N and BLOCK_K are the next power of
@@ -145,7 +147,10 @@ def _config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[i
         caps = _GPU_CONFIG_FP64 if dtype == torch.float64 else _GPU_CONFIG
     bn = min(caps[0], max(16, triton.next_power_of_2(n)))
     bk = min(caps[1], max(16, triton.next_power_of_2(k)))
-    return bn, bk, caps[2], caps[3]
+    bp = caps[2]
+    if dtype == torch.float64:  # the [BLOCK_N, BLOCK_P, BLOCK_K] product must be one Triton tensor
+        bn, bk, bp = fit_float64_tile(bn, bk, bp)
+    return bn, bk, bp, caps[3]
 
 
 # TF32 tensor-core split (see _mma): None = wherever the GPU has TF32 tensor cores (sm_80+) and the

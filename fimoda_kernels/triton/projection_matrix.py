@@ -90,6 +90,9 @@ def projection_matrix(out: torch.Tensor, seed: int, kind: int, row_offset: int, 
     block_g = min(64, triton.next_power_of_2(triton.cdiv(k, per_call)))
     block_r = max(1, min(64, 4096 // block_g))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(triton.cdiv(k, per_call), block_g))
+    if grid[1] > 65535:  # a CUDA grid's y limit
+        raise ValueError(f"k: the triton projection_matrix takes at most {65535 * block_g * per_call} columns, "
+                         f"got {k}; use the cpu or cuda backend")
     scale_t = torch.full((1,), scale, dtype=out.dtype, device=out.device)
     _projection_kernel[grid](out, rows, k, seed & 0xFFFFFFFF, seed >> 32, row_offset, scale_t,
                              GAUSSIAN=gaussian, BLOCK_R=block_r, BLOCK_G=block_g)

@@ -55,6 +55,22 @@ def test_config(tg):
     assert tg._native(torch.bfloat16, cuda) and not tg._native(torch.float32, cuda)
 
 
+def test_float64_tiles_fit_one_triton_tensor(tg):
+    """float64 (no tl.dot) multiplies a [BLOCK_N, BLOCK_D, BLOCK_M] broadcast product, which Triton caps at
+    2^20 elements: the interpreter's large tiles are shrunk for it (65 per side raised before)."""
+    from fimoda_kernels.ops.ekfac import kfac_factors
+
+    cpu = torch.device("cpu")
+    bn, bm, bd, _ = tg._config(1000, 1000, 1000, torch.float64, cpu)
+    assert bn * bm * bd <= 2**20
+    x, y = _randn(65, 65, dtype=torch.float64), _randn(66, 65, dtype=torch.float64, seed=1)
+    assert _rel(grad_dot(x, y, backend="triton"), _grad_dot_reference(x, y)) < 1e-13
+    pairs = [[(_randn(65, 65, dtype=torch.float64, seed=2), _randn(65, 3, dtype=torch.float64, seed=3))]]
+    got = kfac_factors(pairs, dtype=torch.float64, backend="triton")
+    want = kfac_factors(pairs, dtype=torch.float64, backend="torch")
+    assert all(_rel(g, w) < 1e-13 for gs, ws in zip(got, want) for g, w in zip(gs, ws))
+
+
 @pytest.mark.parametrize("n,m,d", [(16, 16, 16), (17, 33, 40), (1, 47, 17), (33, 5, 50)])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_tile_edges(tg, monkeypatch, n, m, d, normalize):

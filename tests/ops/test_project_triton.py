@@ -64,6 +64,15 @@ def test_split_k_deterministic_and_equal(tp, monkeypatch, kind):
     assert _rel(a, _project_reference(grads.cpu().double(), 20, 11, kind, 7)) < TOL
 
 
+def test_float64_tiles_fit_one_triton_tensor(tp):
+    """float64's [BLOCK_N, BLOCK_P, BLOCK_K] broadcast product within Triton's 2^20 elements (n = 33,
+    k = 129 raised under the interpreter before)."""
+    bn, bk, bp, _ = tp._config(1000, 10**4, torch.float64, torch.device("cpu"))
+    assert bn * bk * bp <= 2**20
+    g = _randn(33, 5, dtype=torch.float64)
+    assert _rel(project(g, 129, 1, backend="triton"), _project_reference(g, 129, 1)) < 1e-13
+
+
 @pytest.mark.parametrize("n,p,k", [(16, 16, 16), (17, 33, 3), (1, 47, 17), (33, 5, 50)])
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_tile_edges(tp, monkeypatch, n, p, k, kind):

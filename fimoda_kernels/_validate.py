@@ -92,6 +92,29 @@ def check_tensor(name: str, value, *, ndim: int | Iterable[int] | None = None,
     return value
 
 
+def memory_overlaps(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether the byte ranges ``a`` and ``b`` can reach intersect (each tensor's extent from its
+    strides; conservative for interleaved views)."""
+    if a is None or b is None or a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        return lo, lo + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_disjoint(written: str, t: torch.Tensor | None, **read: torch.Tensor | None) -> None:
+    """A kernel writes ``t`` while it reads the ``read`` tensors: their memory must not overlap (raw
+    pointers and __restrict__ see no aliasing; the result would silently depend on the order)."""
+    for name, other in read.items():
+        if memory_overlaps(t, other):
+            raise ValueError(f"{written}: expected memory separate from {name}'s (it is written while "
+                             f"{name} is read)")
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     devices = {n: t.device for n, t in tensors.items()}
     if len(set(devices.values())) > 1:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import op
-from .._validate import check_choice, check_float, check_tensor
+from .._validate import check_choice, check_disjoint, check_float, check_tensor
 
 _FWD, _BWD = op("bias_act"), op("bias_act_backward")
 _DTYPES = (torch.float32, torch.float64)
@@ -102,6 +102,8 @@ def bias_act(z: torch.Tensor, bias: torch.Tensor | None = None, act: str = "relu
     if out is not None:
         _check("out_weight", out_weight, z, (M, C))
         _check("out", out, z, (M, R))
+    check_disjoint("z", z, bias=bias, out_weight=out_weight)
+    check_disjoint("out", out, z=z, bias=bias, out_weight=out_weight)
     act = check_choice("act", act, FORWARD_ACTS)
     slope = check_float("slope", slope, min_value=0.0)
     impl = _FWD.select(backend, z.device, z)
@@ -140,9 +142,11 @@ def bias_act_backward(g: torch.Tensor, h: torch.Tensor, act: str = "relu", bias_
     if given:
         for name, shape in (("out_grad", (M, R)), ("out_weight", (M, C)), ("out_weight_grad", (M, C))):
             _check(name, head[name], g, shape)
-        if g.numel() and g.untyped_storage().data_ptr() == h.untyped_storage().data_ptr():
-            raise ValueError("g: expected memory separate from h's when out_grad is given (g is written "
-                             "before h is read for out_weight_grad)")
+        # g is written (from out_grad, out_weight) before h is read for out_weight_grad
+        check_disjoint("g", g, h=h, out_grad=out_grad, out_weight=out_weight)
+        check_disjoint("out_weight_grad", out_weight_grad, g=g, h=h, out_grad=out_grad, out_weight=out_weight)
+    check_disjoint("bias_grad", bias_grad, g=g, h=h, out_grad=out_grad, out_weight=out_weight,
+                   out_weight_grad=out_weight_grad)
     act = check_choice("act", act, tuple(ACT_CODES))
     slope = check_float("slope", slope, min_value=0.0)
     impl = _BWD.select(backend, g.device, g)

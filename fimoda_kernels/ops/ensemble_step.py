@@ -27,7 +27,7 @@ import torch
 
 from .._dispatch import cuda_stream, op
 from .._ext import _C
-from .._validate import check_choice, check_float, check_int, check_tensor
+from .._validate import check_choice, check_disjoint, check_float, check_int, check_tensor
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 _OPT_CODE = {"sgd": 0, "adam": 1, "adamw": 2}
@@ -157,6 +157,9 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
             raise ValueError(f"active: expected {M} entries, got {active.shape[0]}")
     state1 = _check_state("state1", state1, params, optimizer != "sgd" or momentum != 0)
     state2 = _check_state("state2", state2, params, optimizer != "sgd")
+    check_disjoint("params", params, grads=grads)
+    check_disjoint("state1", state1, params=params, grads=grads, state2=state2)
+    check_disjoint("state2", state2, params=params, grads=grads)
     if bool((step[active] if active is not None else step).lt(1).any()):
         raise ValueError(f"step: expected step numbers >= 1 for the active models, got min {int(step.min())}")
     EnsembleStepper(optimizer, *hyper, segments=segments, device=params.device, dtype=params.dtype,
@@ -196,6 +199,16 @@ class EnsembleStepper:
         self.impl = _OP.select(backend, torch.device(device), probe)
 
     def __call__(self, params, grads, step, state1=None, state2=None, active=None) -> None:
+        # cheap checks only (a call per training step); the kernels index raw pointers by these sizes
+        n = step.shape[0] * sum(self.segments)
+        if params.numel() != n or grads.numel() != n:
+            raise ValueError(f"params, grads: expected {n} entries (len(step) × sum(segments)), got "
+                             f"{params.numel()} and {grads.numel()}")
+        for name, t, needed in (("state1", state1, self.optimizer != "sgd" or self.hp[1] != 0),
+                                ("state2", state2, self.optimizer != "sgd")):
+            if needed and (t is None or t.numel() != n):
+                raise ValueError(f"{name}: expected {n} entries for {self.optimizer!r}, got "
+                                 f"{'None' if t is None else t.numel()}")
         coef = model_coefficients(step, active, self.optimizer, self.lr, self.betas)
         self.impl.fn(params.view(-1), grads.view(-1), None if state1 is None else state1.view(-1),
                      None if state2 is None else state2.view(-1), coef, self.segments, self.optimizer, self.hp)

@@ -92,6 +92,9 @@ def grad_dot(train: torch.Tensor, test: torch.Tensor, normalize: bool = False, t
             block, idx = torch.cat([best_v, block], 1), torch.cat([best_i, idx], 1)
         best_v, pos = block.topk(min(topk, block.shape[1]), dim=1)
         best_i = idx.gather(1, pos)
+    if best_v is None:  # no training rows: nothing to rank
+        best_v = _check_finite(impl.fn(train, test, normalize), "train, test").T
+        best_i = torch.empty(best_v.shape, dtype=torch.int64, device=best_v.device)
     return best_v, best_i
 
 
@@ -130,13 +133,13 @@ def _sequence_dot(a_tr, s_tr, a_te, s_te, dtype) -> torch.Tensor:
     n, T, _ = a_tr.shape
     m, U, _ = a_te.shape
     rows = max(1, _CHUNK_BYTES // (2 * 8 * max(1, m * T * U)))
-    a_te2, s_te2 = a_te.to(dtype).reshape(m * U, -1), s_te.to(dtype).reshape(m * U, -1)
+    a_te2, s_te2 = a_te.to(dtype).flatten(0, 1), s_te.to(dtype).flatten(0, 1)  # [m·U, d] (also for U = 0)
     out = torch.empty(n, m, dtype=dtype, device=a_tr.device)
     for i0 in range(0, n, rows):
         a, s = a_tr[i0:i0 + rows].to(dtype), s_tr[i0:i0 + rows].to(dtype)
         c = a.shape[0]
-        aa = (a.reshape(c * T, -1) @ a_te2.T).view(c, T, m, U)
-        ss = (s.reshape(c * T, -1) @ s_te2.T).view(c, T, m, U)
+        aa = (a.flatten(0, 1) @ a_te2.T).view(c, T, m, U)
+        ss = (s.flatten(0, 1) @ s_te2.T).view(c, T, m, U)
         out[i0:i0 + c] = (aa * ss).sum((1, 3))
     return out
 
@@ -148,7 +151,7 @@ def factored_sq_norms(layers, dtype) -> torch.Tensor:
     for a, s in layers:
         a, s = a.to(dtype), s.to(dtype)
         if a.dim() == 2 or a.shape[1] == 1:
-            a, s = a.reshape(a.shape[0], -1), s.reshape(s.shape[0], -1)
+            a, s = a.flatten(1), s.flatten(1)  # [n, d] (also for n = 0)
             total = total + (a * a).sum(1) * (s * s).sum(1)
         else:
             total = total + ((a @ a.transpose(1, 2)) * (s @ s.transpose(1, 2))).sum((1, 2))

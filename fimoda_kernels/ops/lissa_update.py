@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import op
-from .._validate import check_float, check_tensor
+from .._validate import check_disjoint, check_float, check_tensor, memory_overlaps
 
 _LISSA_UPDATE = op("lissa_update")
 _DTYPES = (torch.float32, torch.float64)
@@ -47,6 +47,8 @@ def lissa_update(h: torch.Tensor, v: torch.Tensor, mh: torch.Tensor, scale: floa
         if t.shape != h.shape:
             raise ValueError(f"{name}: expected shape {tuple(h.shape)} (as h), got {tuple(t.shape)}")
     scale = check_float("scale", scale, positive=True)
+    if 1.0 / scale > torch.finfo(h.dtype).max:  # the kernels multiply by 1/scale in h's dtype
+        raise ValueError(f"scale: expected a value whose reciprocal is finite in {h.dtype}, got {scale}")
     damping = check_float("damping", damping, min_value=0.0)
     if out is None:
         out = torch.empty_like(h, memory_format=torch.contiguous_format)
@@ -55,6 +57,9 @@ def lissa_update(h: torch.Tensor, v: torch.Tensor, mh: torch.Tensor, scale: floa
         if out.shape != h.shape or not out.is_contiguous():
             raise ValueError(f"out: expected a contiguous tensor of shape {tuple(h.shape)}, got shape "
                              f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+        check_disjoint("out", out, v=v, mh=mh)
+        if memory_overlaps(out, h) and (out.data_ptr() != h.data_ptr() or out.stride() != h.stride()):
+            raise ValueError("out: expected h itself (in place) or memory separate from h's, got a partial overlap")
     impl = _LISSA_UPDATE.select(backend, h.device, h)
     h, v, mh = h.contiguous(), v.contiguous(), mh.contiguous()
     return out, impl.fn(h, v, mh, out, scale, damping)

@@ -188,3 +188,20 @@ def test_backward_with_out_grad_rejects_g_sharing_h():
     h = randn(2, 3, 5).clamp(min=0)
     with pytest.raises(ValueError, match="g: expected memory separate from h's"):
         bias_act_backward(h, h, "relu", out_grad=randn(2, 3), out_weight=randn(2, 5), out_weight_grad=randn(2, 5))
+
+
+def test_outputs_sharing_inputs_memory_are_refused():
+    """Any output whose memory overlaps an input it is computed from (raw pointers see no aliasing)."""
+    g, h, w = randn(2, 3, 5), randn(2, 3, 5), randn(2, 5)
+    head = dict(out_grad=randn(2, 3), out_weight=w)
+    with pytest.raises(ValueError, match="out_weight_grad: expected memory separate from out_weight's"):
+        bias_act_backward(g, h, "relu", out_weight_grad=w, **head)
+    with pytest.raises(ValueError, match="bias_grad: expected memory separate from out_weight's"):
+        bias_act_backward(g, h, "relu", bias_grad=w, out_weight_grad=randn(2, 5), **head)
+    with pytest.raises(ValueError, match="g: expected memory separate from out_grad's"):
+        bias_act_backward(g, h, "relu", out_grad=g.view(-1)[:6].view(2, 3), out_weight=w, out_weight_grad=randn(2, 5))
+    with pytest.raises(ValueError, match="bias_grad: expected memory separate from g's"):
+        bias_act_backward(g, h, "relu", bias_grad=g.view(-1)[:10].view(2, 5))
+    z = randn(2, 3, 5)
+    with pytest.raises(ValueError, match="out: expected memory separate from z's"):
+        bias_act(z, randn(2, 5), "relu", out_weight=w, out=z.view(-1)[:6].view(2, 3))

@@ -114,6 +114,18 @@ def test_bad_inputs():
         ensemble_step(p, g, step, optimizer="rmsprop", lr=0.1)
     with pytest.raises(ValueError, match="state1"):
         ensemble_step(p, g, step, optimizer="sgd", lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="params: expected memory separate from grads'"):
+        ensemble_step(p, p, step, optimizer="sgd", lr=0.1)
+    s1 = torch.zeros_like(p)
+    with pytest.raises(ValueError, match="state1: expected memory separate from state2's"):
+        ensemble_step(p, g, step, optimizer="adam", lr=0.1, state1=s1, state2=s1)
+    from fimoda_kernels.ops.ensemble_step import EnsembleStepper
+
+    stepper = EnsembleStepper("sgd", 0.1, 0.9, 0.0, (0.9, 0.999), 1e-8, segments=(4,), device="cpu")
+    with pytest.raises(ValueError, match="state1: expected 8 entries for 'sgd', got None"):  # not a crash
+        stepper(p, g, step)
+    with pytest.raises(ValueError, match="params, grads: expected 8 entries"):
+        stepper(p, g[:1], step, s1, None)
     with pytest.raises(ValueError, match="momentum.*'sgd'.*'adam'"):  # Adam has no momentum: not ignored silently
         ensemble_step(p, g, step, optimizer="adam", lr=0.1, momentum=0.9, state1=p.clone(), state2=p.clone())
     with pytest.raises(ValueError, match="segments"):

@@ -3,6 +3,7 @@ import torch
 from helpers import randn, rel
 from hypothesis import given, settings, strategies as st
 
+from fimoda_kernels._ext import _C
 from fimoda_kernels.ops.grad_dot import (_factored_reference, _grad_dot_reference, grad_dot,
                                          grad_dot_factored)
 
@@ -157,3 +158,18 @@ def test_factored_cpu_hypothesis(n, m, specs, normalize, seed):
     ref = _factored_reference(_as3(tr), _as3(te), normalize)
     out = grad_dot_factored(tr, te, normalize, backend="cpu")
     assert float((out.double() - ref).norm()) <= 1e-5 * float(ref.norm()) + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_empty_sets_and_zero_length_sequences(backend):
+    """n = 0, m = 0 or T = 0 give empty / zero results (a reshape to [0, -1] raised), top-k included."""
+    if backend == "cpu" and _C is None:
+        pytest.skip("native module not built")
+    tr, te = [(torch.ones(0, 3), torch.ones(0, 4))], [(torch.ones(3, 3), torch.ones(3, 4))]
+    for normalize in (False, True):
+        assert grad_dot_factored(tr, te, normalize, backend=backend).shape == (0, 3)
+        assert grad_dot_factored(te, tr, normalize, backend=backend).shape == (3, 0)
+    seq = [(torch.ones(2, 0, 3), torch.ones(2, 0, 4))], [(torch.ones(3, 0, 3), torch.ones(3, 0, 4))]
+    assert torch.equal(grad_dot_factored(*seq, backend=backend), torch.zeros(2, 3))
+    v, i = grad_dot(torch.randn(0, 4), torch.randn(3, 4), topk=1, backend=backend)
+    assert v.shape == i.shape == (3, 0) and i.dtype == torch.int64

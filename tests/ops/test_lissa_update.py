@@ -80,3 +80,20 @@ def test_cuda_entry_raises_without_device():
     with pytest.raises(RuntimeError, match="no CUDA device available"):
         #                    h  v  mh out sq part dtype r  p  scale damping stream
         _C.lissa_update_cuda(0, 0, 0, 0, 0, 0, 0, 2, 5, 10.0, 0.1, 0)
+
+
+def test_out_overlapping_inputs_is_refused():
+    """out may be h itself (in place) but not overlap h shifted, v or mh."""
+    buf = randn(5, 7, dtype=torch.float64)
+    h, v, mh = buf[:4], randn(4, 7, dtype=torch.float64), randn(4, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out: expected h itself .* partial overlap"):
+        lissa_update(h, v, mh, 10.0, 0.1, out=buf[1:])
+    with pytest.raises(ValueError, match="out: expected memory separate from v's"):
+        lissa_update(h, v, mh, 10.0, 0.1, out=v)
+    lissa_update(h, v, mh, 10.0, 0.1, out=h)  # in place stays allowed
+
+
+def test_scale_whose_reciprocal_overflows_is_refused():
+    h = randn(2, 3)
+    with pytest.raises(ValueError, match="scale: expected a value whose reciprocal is finite in torch.float32"):
+        lissa_update(h, randn(2, 3), torch.zeros(2, 3), 1e-39, 0.0)

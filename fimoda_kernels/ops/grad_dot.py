@@ -107,10 +107,22 @@ def _sq_norms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=dtype) ** 2
 
 
+# Row norms outside this range would under- or overflow float32 products or squares: such rows are
+# normalized before the GEMM (an extra pass), all others after it.
+_SAFE_NORMS = (1e-15, 1e15)
+
+
 @_GRAD_DOT.register("cpu")
 def _grad_dot_cpu(train, test, normalize):
     dtype = _out_dtype(train.dtype)
     tr, te = train.to(dtype), test.to(dtype)  # no copy for float32/float64 inputs
+    if normalize and dtype == torch.float32:
+        n_tr, n_te = (torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) for x in (tr, te))
+        norms = torch.cat([n_tr, n_te])
+        if bool(((norms > 0) & ((norms < _SAFE_NORMS[0]) | (norms > _SAFE_NORMS[1]))).any()):
+            unit = [(x.double() * torch.where(n > 0, 1 / n, torch.zeros_like(n))[:, None]).to(dtype)
+                    for x, n in ((tr, n_tr), (te, n_te))]  # 1/n may not fit float32
+            return unit[0] @ unit[1].T
     out = tr @ te.T
     if normalize:
         cosine_normalize_(out, _sq_norms(tr, dtype), _sq_norms(te, dtype))

@@ -35,6 +35,21 @@ def cosine_normalize_(scores: torch.Tensor, sq_train: torch.Tensor, sq_test: tor
     return scores.mul_(_inv_norms(sq_train.to(scores.dtype))[:, None]).mul_(_inv_norms(sq_test.to(scores.dtype)))
 
 
+def _out_of_range(x: torch.Tensor) -> bool:
+    """Whether a non-zero row's squared norm leaves [1e-30, 1e30] in float32 (one fused reduction;
+    a zero row, whose cosines are 0 either way, counts too)."""
+    if x.numel() == 0:
+        return False
+    sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32) ** 2
+    return bool(((sq < 1e-30) | (sq > 1e30) | ~torch.isfinite(sq)).any())
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm in float64 (zero rows stay zero), back in x's dtype."""
+    n = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    return (x.double() * torch.where(n > 0, 1 / n, torch.zeros_like(n))[:, None]).to(x.dtype)
+
+
 def _check_finite(out: torch.Tensor, what: str) -> torch.Tensor:
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"{what}: expected finite values, got NaN or Inf (the scores are not finite)")
@@ -60,7 +75,8 @@ def grad_dot(train: torch.Tensor, test: torch.Tensor, normalize: bool = False, t
         train: ``[n, d]`` gradients (float32/16/bf16/64), one row per training point.
         test: ``[m, d]`` gradients, same dtype and device.
         normalize: divide by ‖train_i‖‖test_j‖ (norms computed from the same inputs); a zero
-            norm gives score 0.
+            norm gives score 0. Rows too small or large for float32 squares (norms outside about
+            [1e-15, 1e15]) are normalized first, in float64, on every backend.
         topk: None for the full ``[n, m]`` matrix; K to stream over ``train`` in chunks and return
             ``(values [m, K], indices [m, K])``: per test point the K largest scores, descending,
             indices into ``train`` — memory O(chunk·m + K·m), never n × m.
@@ -80,6 +96,10 @@ def grad_dot(train: torch.Tensor, test: torch.Tensor, normalize: bool = False, t
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
     impl = _GRAD_DOT.select(backend, train.device, train, test)
+    if normalize and train.dtype != torch.float64 and (_out_of_range(train) or _out_of_range(test)):
+        # squares or products of these rows leave float32's range (every backend squares in float32):
+        # the cosines of rows normalized first, in float64
+        train, test, normalize = _unit_rows(train), _unit_rows(test), False
     if topk is None:
         return _check_finite(impl.fn(train, test, normalize), "train, test")
     topk = check_int("topk", topk, min_value=1, max_value=max(1, train.shape[0]))
@@ -107,22 +127,10 @@ def _sq_norms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=dtype) ** 2
 
 
-# Row norms outside this range would under- or overflow float32 products or squares: such rows are
-# normalized before the GEMM (an extra pass), all others after it.
-_SAFE_NORMS = (1e-15, 1e15)
-
-
 @_GRAD_DOT.register("cpu")
 def _grad_dot_cpu(train, test, normalize):
     dtype = _out_dtype(train.dtype)
     tr, te = train.to(dtype), test.to(dtype)  # no copy for float32/float64 inputs
-    if normalize and dtype == torch.float32:
-        n_tr, n_te = (torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) for x in (tr, te))
-        norms = torch.cat([n_tr, n_te])
-        if bool(((norms > 0) & ((norms < _SAFE_NORMS[0]) | (norms > _SAFE_NORMS[1]))).any()):
-            unit = [(x.double() * torch.where(n > 0, 1 / n, torch.zeros_like(n))[:, None]).to(dtype)
-                    for x, n in ((tr, n_tr), (te, n_te))]  # 1/n may not fit float32
-            return unit[0] @ unit[1].T
     out = tr @ te.T
     if normalize:
         cosine_normalize_(out, _sq_norms(tr, dtype), _sq_norms(te, dtype))

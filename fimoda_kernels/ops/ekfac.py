@@ -379,9 +379,11 @@ def _cuda_gram(C, x, y, symmetric, square):
     from .._dispatch import cuda_stream
     from .._ext import _C
 
-    _C.ekfac_gram_cuda(x.to(C.dtype).contiguous().data_ptr(), y.to(C.dtype).contiguous().data_ptr(), C.data_ptr(),
-                       C.dtype == torch.float64, x.shape[0], x.shape[1], y.shape[1], symmetric, square,
-                       cuda_stream(C.device))
+    # held in locals until the launch: a temporary freed after .data_ptr() could be reallocated to
+    # the other operand's cast before the kernel reads it
+    x, y = x.to(C.dtype).contiguous(), y.to(C.dtype).contiguous()
+    _C.ekfac_gram_cuda(x.data_ptr(), y.data_ptr(), C.data_ptr(), C.dtype == torch.float64, x.shape[0], x.shape[1],
+                       y.shape[1], symmetric, square, cuda_stream(C.device))
 
 
 # ----------------------------------------------------------------------------- preconditioning

@@ -29,4 +29,31 @@ def cuda_unavailable_reason() -> str | None:
     count, why = _C.cuda_device_count()
     if count == 0:
         return f"compiled, no device ({why})"
+    import torch
+
+    archs = build_info().get("cuda_architectures") or []
+    if archs and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        if not arch_runs(archs, cap):
+            return (f"compiled for {', '.join(archs)}, which cannot run on this sm_{cap[0]}{cap[1]} device; "
+                    f"rebuild with CMAKE_CUDA_ARCHITECTURES={cap[0]}{cap[1]}")
     return None
+
+
+def arch_runs(archs, capability: tuple[int, int]) -> bool:
+    """Whether a build for ``archs`` (CMake's "80-real" / "90-virtual" / "90", or "8.0+PTX") has code for
+    a device of ``capability``: machine code of the same major version and a minor not above the
+    device's, or PTX of a version not above it (JIT-compiled)."""
+    for entry in archs:
+        text = str(entry).strip().lower()
+        real = not text.endswith("-virtual")
+        virtual = not text.endswith("-real") or text.endswith("+ptx")
+        digits = "".join(ch for ch in text.split("-")[0].split("+")[0] if ch.isdigit())
+        if len(digits) < 2:
+            continue
+        major, minor = int(digits[:-1]), int(digits[-1])
+        if real and major == capability[0] and minor <= capability[1]:
+            return True
+        if virtual and (major, minor) <= tuple(capability):
+            return True
+    return False

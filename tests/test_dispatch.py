@@ -103,3 +103,16 @@ def test_build_info_present():
     assert {"compiler", "cxx_flags", "openmp", "cuda", "cuda_architectures"} <= set(info)
     if info["cuda"]:
         assert info["cuda_architectures"]
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    (["80-real", "90-real", "90-virtual"], (9, 0), True),   # the default build on an H100/H200
+    (["80-real", "90-real", "90-virtual"], (8, 6), True),   # sm_80 machine code runs on sm_86
+    (["80-real", "90-real", "90-virtual"], (7, 0), False),  # a V100: no code, the backend is unavailable
+    (["80-real", "90-real", "90-virtual"], (10, 0), True),  # PTX 9.0, JIT-compiled
+    (["90-real"], (10, 0), False), (["90"], (9, 0), True), (["8.0+PTX"], (8, 9), True), (["70-real"], (8, 0), False),
+])
+def test_cuda_build_architectures_against_the_device(archs, capability, runs):
+    from fimoda_kernels._ext import arch_runs
+
+    assert arch_runs(archs, capability) is runs

@@ -156,6 +156,8 @@ class Op:
         else:
             origin = "backend"
         if backend is not None:
+            if backend not in BACKENDS:
+                raise ValueError(f"{origin}: expected one of {list(BACKENDS)}, got {backend!r}")
             reasons = self.reasons(backend, device, *args, **kwargs)
             if reasons:
                 raise ValueError(f"{origin}={backend!r} cannot run {self.name} on {device}: "

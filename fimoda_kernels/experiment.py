@@ -472,11 +472,11 @@ def _check_study_dependencies(config: StudyConfig) -> None:
 def run_study(config: StudyConfig) -> StudyResult:
     """Run (or resume from cache) the whole study of ``config``; write the artifacts under
     ``config.out_dir`` and return them as a :class:`StudyResult`."""
-    from . import metrics
-
     if not isinstance(config, StudyConfig):
         raise TypeError(f"config: expected a StudyConfig, got {type(config).__name__}")
-    _check_study_dependencies(config)
+    _check_study_dependencies(config)  # before metrics imports scipy: a clear message, not an ImportError
+    from . import metrics
+
     t_start = time.perf_counter()
     timings = {}
     t = time.perf_counter()

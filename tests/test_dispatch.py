@@ -40,7 +40,7 @@ def test_env_override(monkeypatch):
     with pytest.raises(ValueError, match="FIMODA_BACKEND='cuda' cannot run"):
         fimoda_kernels.projection_matrix(4, 4, 0)
     monkeypatch.setenv("FIMODA_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend: expected one of"):
+    with pytest.raises(ValueError, match="FIMODA_BACKEND: expected one of"):
         fimoda_kernels.projection_matrix(4, 4, 0)
     # an explicit argument wins over the environment
     assert fimoda_kernels.projection_matrix(4, 4, 0, backend="cpu").shape == (4, 4)
@@ -116,3 +116,31 @@ def test_cuda_build_architectures_against_the_device(archs, capability, runs):
     from fimoda_kernels._ext import arch_runs
 
     assert arch_runs(archs, capability) is runs
+
+
+def test_environment_overrides_are_checked(monkeypatch):
+    """FIMODA_BACKEND names itself when invalid; FIMODA_SIMD is case-insensitive and an unknown value
+    means "the best this CPU runs" (it used to force the slowest path silently)."""
+    import os
+    import subprocess
+    import sys
+
+    import fimoda_kernels as fk
+
+    monkeypatch.setenv("FIMODA_BACKEND", "CPU")
+    with pytest.raises(ValueError, match=r"FIMODA_BACKEND: expected one of .* got 'CPU'"):
+        fk.philox4x32(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+    monkeypatch.delenv("FIMODA_BACKEND")
+    if fk._ext._C is None:
+        return
+
+    def isa(value):
+        env = {k: v for k, v in os.environ.items() if k != "FIMODA_SIMD"}
+        if value is not None:
+            env["FIMODA_SIMD"] = value
+        code = "from fimoda_kernels._ext import _C; print(_C.cpu_simd())"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert isa("bogus") == isa("") == isa(None)
+    assert isa("AVX2") == isa("avx2") and isa("Scalar") == "scalar"

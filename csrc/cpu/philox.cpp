@@ -30,8 +30,10 @@ void philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_
 }  // namespace fimoda::cpu
 
 // ---- run-time choice of the block Philox (philox_simd.h)
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "philox_simd.h"
 
@@ -43,8 +45,20 @@ struct Choice {
   const char* isa;
 };
 
+// FIMODA_SIMD=scalar|avx2|avx512 (any case) caps the instruction set; unset, empty or anything else:
+// the best this CPU runs (an unknown value must not silently force the slowest path).
+const char* forced_isa() {
+  const char* env = std::getenv("FIMODA_SIMD");
+  if (!env) return nullptr;
+  std::string v(env);
+  for (char& c : v) c = char(std::tolower(static_cast<unsigned char>(c)));
+  for (const char* isa : {"scalar", "avx2", "avx512"})
+    if (v == isa) return isa;
+  return nullptr;
+}
+
 Choice choose() {
-  const char* force = std::getenv("FIMODA_SIMD");
+  const char* force = forced_isa();
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");

@@ -155,7 +155,7 @@ def _config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[i
 
 # TF32 tensor-core split (see _mma): None = wherever the GPU has TF32 tensor cores (sm_80+) and the
 # compute dtype is float32; True/False force it (tests run the split arithmetic in the interpreter).
-TF32_SPLIT: bool | None = None
+TF32_SPLIT = None  # None, True or False (a bool | None annotation needs Python 3.10 here)
 
 
 def _tf32_split(compute: torch.dtype, device: torch.device) -> bool:

@@ -51,7 +51,7 @@ from torch.func import functional_call, grad, vmap
 
 from ._mlp import mlp_layers
 from ._validate import check_choice, check_float, check_int, check_int_list, check_tensor
-from .grads import activation_numel
+from .grads import activation_numel, batch_dependent_modules
 from .ops.bias_act import _BWD as _EPI_BWD, _FWD as _EPI_FWD, FORWARD_ACTS, epilogue_backend
 from .ops.ensemble_step import EnsembleStepper, check_hyperparameters, state_buffers
 from .tasks import CrossEntropyTask, Task, get_task, output_derivatives
@@ -171,18 +171,6 @@ def _activation(m: nn.Module):
         return ((lambda z: F.gelu(z, approximate=approx)),
                 (lambda g, z, h: _aten.gelu_backward.grad_input(g, z, approximate=approx, grad_input=g)), None)
     raise AssertionError(f"no fused form for {t.__name__}")  # mlp_layers admits only the types above
-
-
-def _generic_problems(model: nn.Module) -> list[str]:
-    """Modules whose per-sample losses depend on the batch or on random draws: the sequential protocol
-    cannot be reproduced by a weighted, padded batch for them."""
-    bad = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            bad.append(f"{name or 'model'}: {type(m).__name__} couples the samples of a batch")
-        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            bad.append(f"{name or 'model'}: {type(m).__name__}(p={m.p}) draws random masks")
-    return bad
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -585,7 +573,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         raise TypeError(f"progress: expected a bool or a callable, got {type(progress).__name__}")
 
     base = copy.deepcopy(model).to(device=device, dtype=dtype)
-    problems = _generic_problems(base)
+    problems = [f"{name}: {why}" for name, _, why in batch_dependent_modules(base)]  # trained in train mode
     if problems:
         raise ValueError("model: the sequential protocol cannot be batched for it: " + "; ".join(problems))
     x_tr, x_te = x_tr.to(device=device, dtype=dtype), x_te.to(device=device, dtype=dtype)

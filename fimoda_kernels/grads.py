@@ -84,12 +84,23 @@ def _check_batch(model, task, inputs, targets, wrt) -> tuple[Task, list[ParamSlo
     check_same_device(inputs=inputs, targets=targets, model=first)
     if inputs.is_floating_point() and inputs.dtype != first.dtype:
         raise TypeError(f"inputs: expected dtype {first.dtype} (the model's parameters), got {inputs.dtype}")
-    random = [name or "model" for name, m in model.named_modules() if m.training and (
-        isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0))]
-    if random:  # per-sample gradients of a batch-coupled or randomly masked forward mean nothing
-        raise ValueError(f"model: {random[0]} is in training mode (BatchNorm couples the samples of a batch, "
-                         "Dropout draws a new mask per call); call model.eval() first")
+    training = [(name, why) for name, m, why in batch_dependent_modules(model) if m.training]
+    if training:  # per-sample gradients of a batch-coupled or randomly masked forward mean nothing
+        name, why = training[0]
+        raise ValueError(f"model: {name} is in training mode ({why}); call model.eval() first")
     return task, slots
+
+
+def batch_dependent_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, why) of the modules whose training-mode output depends on the rest of the batch
+    or on random draws (BatchNorm, Dropout with p > 0): no per-sample quantity exists for them."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out.append((name or "model", m, f"{type(m).__name__} couples the samples of a batch"))
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            out.append((name or "model", m, f"{type(m).__name__}(p={m.p}) draws random masks"))
+    return out
 
 
 def _evaluate(task: Task, model_out, targets, wrt: str) -> torch.Tensor:

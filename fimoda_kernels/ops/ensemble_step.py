@@ -195,12 +195,13 @@ class EnsembleStepper:
         self.optimizer, self.lr, self.betas = check_choice("optimizer", optimizer, OPTIMIZERS), lr, tuple(betas)
         self.hp = hyperparameters(optimizer, lr, momentum, weight_decay, self.betas, eps)
         self.segments = tuple(segments)
+        self._per_model = sum(self.segments)
         probe = torch.empty(0, dtype=dtype, device=device)
         self.impl = _OP.select(backend, torch.device(device), probe)
 
     def __call__(self, params, grads, step, state1=None, state2=None, active=None) -> None:
         # cheap checks only (a call per training step); the kernels index raw pointers by these sizes
-        n = step.shape[0] * sum(self.segments)
+        n = step.shape[0] * self._per_model
         if params.numel() != n or grads.numel() != n:
             raise ValueError(f"params, grads: expected {n} entries (len(step) × sum(segments)), got "
                              f"{params.numel()} and {grads.numel()}")

@@ -37,11 +37,14 @@ def cosine_normalize_(scores: torch.Tensor, sq_train: torch.Tensor, sq_test: tor
 
 def _out_of_range(x: torch.Tensor) -> bool:
     """Whether a non-zero row's squared norm leaves [1e-30, 1e30] in float32 (one fused reduction;
-    a zero row, whose cosines are 0 either way, counts too)."""
+    rows of exact zeros, whose cosines are 0 either way, do not count)."""
     if x.numel() == 0:
         return False
     sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32) ** 2
-    return bool(((sq < 1e-30) | (sq > 1e30) | ~torch.isfinite(sq)).any())
+    if bool(((sq > 1e30) | ~torch.isfinite(sq) | ((sq > 0) & (sq < 1e-30))).any()):
+        return True
+    zero = sq == 0  # underflowed, or truly zero: only the few such rows are looked at again
+    return bool(zero.any()) and bool(x[zero].any())
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

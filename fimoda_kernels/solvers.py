@@ -94,6 +94,7 @@ def extreme_eigenvalues(hvp, steps: int = 40, seed: int = 0) -> tuple[float, flo
     a false alarm."""
     p, _ = _check_operator(hvp)
     steps = min(check_int("steps", steps, min_value=1), p)
+    seed = check_int("seed", seed, min_value=0, max_value=2**63 - 1)
     device = getattr(hvp, "device", None) or "cpu"
     q = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     q /= q.norm()

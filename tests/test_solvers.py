@@ -165,6 +165,12 @@ def test_extreme_eigenvalues_match_dense(problem):
         lo, hi = fk.extreme_eigenvalues(op)
         assert abs(hi - float(ev[-1])) < 1e-8 * float(ev[-1]) and abs(lo - float(ev[0])) < 1e-8 * float(ev[-1])
         assert lo >= float(ev[0]) - 1e-10 and hi <= float(ev[-1]) + 1e-10  # Rayleigh quotients: inside
+    with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
+        fk.extreme_eigenvalues(op, steps=0)
+    with pytest.raises(TypeError, match="seed: expected an integer"):
+        fk.extreme_eigenvalues(op, seed=1.5)
+    with pytest.raises(TypeError, match="hvp: expected an operator"):
+        fk.extreme_eigenvalues(lambda V: V)
 
 
 def test_lissa_slow_divergence_is_caught(problem):

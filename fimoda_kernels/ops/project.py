@@ -85,7 +85,8 @@ def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", ro
     tile step, 2-core AVX-512: a native AVX-512 rank-update kernel with 4×32 register blocks reached
     48–71 GFLOP/s, torch's addmm 218–289, so the GEMM stays torch's.) Peak extra memory ≈ n·k·4 +
     16 MiB (+ n·16 MiB/(4k')·4 for half inputs). cuda on sm_80+ multiplies on tensor cores over split bfloat16 operands (float32
-    accuracy; see the GPU-backends section below), peak extra memory ≈ 2·n·k·4 bytes + at most
+    accuracy; see the GPU-backends section below), peak extra memory ≈ (2·x_parts + 1)·n·k·4 bytes
+    (x_parts = 3 for float32, 2 for float16, 1 for bfloat16; Gaussian float32: 10·n·k·4) + at most
     ~450 MiB of tiles. Non-finite results raise ``ValueError``.
     """
     check_tensor("grads", grads, ndim=2, dtypes=FLOAT_DTYPES)
@@ -330,11 +331,12 @@ class _MMAPrimitives:
         return torch.addmm(out, a, b, out_dtype=torch.float32)
 
 
-def _split(x: torch.Tensor, parts: int, buf: torch.Tensor, prims) -> list[torch.Tensor]:
+def _split(x: torch.Tensor, parts: int, buf: torch.Tensor, prims) -> torch.Tensor:
+    """The bfloat16 parts of x [rows, cols] in buf, as one contiguous [parts, rows, cols] tensor."""
     rows, cols = x.shape
     out = buf[:parts * rows * cols].view(parts, rows, cols)
     prims.split(x, parts, out)
-    return list(out)
+    return out
 
 
 def _mma_tile_rows(n: int, k: int, x_parts: int, p_parts: int) -> int:
@@ -352,10 +354,15 @@ def _columns(blocks, width: int):
 
 def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows, prims=_MMAPrimitives):
     """Σ over (row_offset, X [n, r ≤ tile_rows], X's dtype = dtype, unit column stride) blocks of
-    X @ P[row_offset : row_offset + r] on tensor cores (see above); peak extra memory
-    2·n·k·4 + tile_rows·k·2·p_parts (+ tile_rows·k·4 for Gaussian) + 2·n·tile_rows·x_parts bytes."""
+    X @ P[row_offset : row_offset + r] on tensor cores (see above). The X parts lie stacked as one
+    [x_parts·n, r] matrix, so each P part costs one GEMM over all the X parts it pairs with (rather than
+    one GEMM per pair, each reading the P tile again with a third of the rows); their row blocks are
+    summed once at the end. Peak extra memory: (Σ_j m_j + max_j m_j + 1)·n·k·4 (m_j = X parts paired
+    with P part j: Rademacher x_parts, Gaussian float32 3, 2, 1) + tile_rows·k·2·p_parts (+ tile_rows·k·4 for
+    Gaussian) + 2·n·tile_rows·x_parts bytes."""
     x_parts, p_parts = _X_PARTS[dtype], 1 if kind == "rademacher" else 3
-    out = torch.zeros(n, k, dtype=torch.float32, device=device)
+    used = [min(x_parts, 3 - j) for j in range(p_parts)]  # pairs i + j < 3: the others weigh <= 2^-24
+    acc = [torch.zeros(m * n, k, dtype=torch.float32, device=device) for m in used]
     # Rademacher: the bfloat16 ±1 tile is filled directly; Gaussian: a float32 tile, then split
     tile = torch.empty(0 if p_parts == 1 else tile_rows * k, dtype=torch.float32, device=device)
     p_buf = torch.empty(p_parts * tile_rows * k, dtype=torch.bfloat16, device=device)
@@ -365,17 +372,20 @@ def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows, prim
         if rows > tile_rows:  # the Philox kernel would write past the tile
             raise RuntimeError(f"project (cuda): a block of {rows} columns exceeds the {tile_rows}-row P tile")
         if p_parts == 1:
-            Ps = [p_buf[:rows * k].view(rows, k)]
+            Ps = p_buf[:rows * k].view(1, rows, k)
             prims.fill(Ps[0], seed, kind, offset)
         else:
             P = tile[:rows * k].view(rows, k)
             prims.fill(P, seed, kind, offset)
             Ps = _split(P, p_parts, p_buf, prims)
-        Xs = [X] if x_parts == 1 else _split(X, x_parts, x_buf, prims)
-        for i, Xi in enumerate(Xs):
-            for j, Pj in enumerate(Ps):
-                if i + j < 3:  # the dropped pairs weigh <= 2^-24
-                    out = prims.addmm(out, Xi, Pj)
+        Xs = X if x_parts == 1 else _split(X, x_parts, x_buf, prims).view(x_parts * n, rows)
+        for j, m in enumerate(used):
+            acc[j] = prims.addmm(acc[j], Xs[:m * n], Ps[j])
+    out = torch.zeros(n, k, dtype=torch.float32, device=device)
+    for i in reversed(range(x_parts)):  # smallest terms first
+        for j in reversed(range(p_parts)):
+            if i < used[j]:
+                out += acc[j][i * n:(i + 1) * n]
     return out.mul_(1.0 / math.sqrt(k))
 
 

@@ -222,6 +222,7 @@ class CapturedLayer:
     _calls: int = field(default=0, repr=False)
     _out: torch.Tensor | None = field(default=None, repr=False)
     _version: int = field(default=0, repr=False)  # _out's version when recorded (in-place changes bump it)
+    _in_shape: tuple = field(default=(), repr=False)  # the layer input's shape in the captured forward
 
     @property
     def has_bias(self) -> bool:
@@ -310,7 +311,8 @@ class LinearCapture:
     activation checkpointing) or not called at all. A layer whose output did not reach the
     differentiated quantity gets ``s = 0``. Parameters used directly by functional code (e.g.
     ``F.linear(x, self.fc.weight)`` outside ``fc``) cannot be detected: avoid them. Linear layers
-    must see the sample dimension first; :meth:`run` checks the leading dimension is n.
+    must see the sample dimension first; :meth:`run` checks the leading dimension is n and, where
+    another dimension of a layer input also has size n, runs one sample to see which one it is.
     Hooks are removed on exit, also on exceptions; a second backward overwrites ``s``.
     """
 
@@ -383,6 +385,7 @@ class LinearCapture:
         if x.dim() < (4 if isinstance(module, nn.Conv2d) else 2):
             rec._reason = f"unbatched input of shape {tuple(x.shape)}"
             return
+        rec._in_shape = tuple(x.shape)
         rec.a = rec._a_from_input(x.detach())
         rec.T = 1 if rec.a.dim() == 2 else rec.a.shape[1]
         if out.requires_grad:
@@ -457,7 +460,36 @@ class LinearCapture:
                     for r in self.layers if r._out is not None]
             if outs and total.requires_grad:
                 torch.autograd.grad(total, outs, allow_unused=True)
+        self._check_sample_dim(inputs)
         return self
+
+    def _check_sample_dim(self, inputs: torch.Tensor) -> None:
+        """A layer input with n rows along dim 0 may still carry the samples along another dimension
+        of size n (a time-major model: [T, n, d] with T = n); its (a, s) would mix samples silently.
+        Where another dimension has size n, a forward of one sample tells: the layers whose input
+        then does not have 1 row are left to the generic path."""
+        n = inputs.shape[0]
+        # Linear: the middle dims (the last is d_in); Conv2d: all but dim 0
+        unsure = [r for r in self.layers if n > 1
+                  and n in r._in_shape[1:-1 if isinstance(r.module, nn.Linear) else None]]
+        if not unsure:
+            return
+        rows: dict = {}
+
+        def record(r, module, args, kwargs):
+            rows.setdefault(id(r), (args[0] if args else kwargs["input"]).shape[0])
+
+        hooks = [r.module.register_forward_pre_hook(functools.partial(record, r), with_kwargs=True) for r in unsure]
+        try:
+            with torch.no_grad():
+                self.model(inputs[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        for r in unsure:
+            if rows.get(id(r)) != 1:
+                r._reason = (f"the samples are not along dim 0 of the layer input (shape {r._in_shape} for "
+                             f"{n} samples; one sample gives {rows.get(id(r))} rows)")
 
 
 def _a_parameter(module: nn.Module) -> torch.Tensor:

@@ -254,6 +254,38 @@ def test_capture_conv2d(bias):
     assert c1.s.shape == (4, 30, 3) and cap.layers[2].T == 6 * 2
 
 
+class TimeMajor(nn.Module):
+    """Takes [n, T, d] but runs its first Linear time-major ([T, n, d]): the samples lie along dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x.transpose(0, 1))).mean(0)).squeeze(-1)
+
+
+def test_capture_samples_off_dim_0():
+    """A layer whose input carries the samples along dim 1 is left to the generic path even when the
+    time dimension has the size of the batch (dim 0 then has n rows too: its (a, s) would mix the
+    samples); batch-first layers with T = n, and convolutions with n channels, stay captured."""
+    import fimoda_kernels as fk
+
+    torch.manual_seed(0)
+    model, x, y = TimeMajor().to(D), torch.randn(6, 6, 5, dtype=D), torch.randn(6, dtype=D)
+    cap = check_capture(model, "mse", x, y, n_layers=1)
+    assert [l.name for l in cap.layers] == ["head"]
+    assert {u.name for u in cap.uncovered} == {"fc.weight", "fc.bias"}
+    assert "not along dim 0" in cap.uncovered[0].reason
+    G = per_sample_grads(model, "mse", x, y)
+    torch.testing.assert_close(fk.grad_dot_model(model, "mse", (x, y), (x, y)), G @ G.T, **TOL)
+    assert [l.name for l in check_capture(model, "mse", x[:4], y[:4]).layers] == ["head"]  # T ≠ n: dim 0 ≠ n
+    seq = SeqModel().to(D)
+    assert len(check_capture(seq, "mse", torch.randn(4, 4, 5, dtype=D), torch.randn(4, dtype=D)).layers) == 3
+    conv = nn.Sequential(nn.Conv2d(3, 3, 2), nn.Flatten(), nn.Linear(12, 1)).to(D)
+    assert len(check_capture(conv, "mse", torch.randn(3, 3, 3, 3, dtype=D), torch.randn(3, 1, dtype=D)).layers) == 2
+
+
 class InPlaceResidual(nn.Module):
     """A Linear output changed in place (``h += x``) before the rest of the model reads it."""
 

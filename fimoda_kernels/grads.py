@@ -461,6 +461,12 @@ class LinearCapture:
             if outs and total.requires_grad:
                 torch.autograd.grad(total, outs, allow_unused=True)
         self._check_sample_dim(inputs)
+        for r in self.layers:  # e.g. float32 activations or output gradients that overflowed
+            for t, what in ((r.a, "input"), (r.s, "output gradient")):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t.flatten(1))).any(1).nonzero()[0])
+                    raise ValueError(f"inputs, targets: expected finite per-sample gradients, got NaN or Inf for "
+                                     f"sample {bad} (the {what} of layer {r.name!r}, {t.dtype})")
         return self
 
     def _check_sample_dim(self, inputs: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ._validate import FLOAT_DTYPES, check_int, check_tensor
 from .grads import _check_batch, capture_linear, for_sample_chunks, per_sample_grads
-from .ops.grad_dot import cosine_normalize_, factored_sq_norms, grad_dot, grad_dot_factored
+from .ops.grad_dot import cosine_normalize_, factored_sq_norms, grad_dot, grad_dot_factored, scale_rows, unit_scales
 
 
 def _check_pair(name: str, pair):
@@ -31,11 +31,17 @@ def _choose_form(layer, T_test: int, n: int, m: int) -> str:
 class _Side:
     """One side (train chunk or test set): captured layers + materialized uncovered gradients."""
 
-    def __init__(self, model, task, x, y, wrt, max_memory):
+    def __init__(self, model, task, x, y, wrt, max_memory, unit: bool = False):
         self.cap = capture_linear(model).run(task, x, y, wrt)
         unc = self.cap.uncovered
         self.uncovered = per_sample_grads(model, task, x, y, wrt, max_memory,
                                           param_names=[u.name for u in unc]) if unc else None
+        if unit:  # for cosines: each sample's gradient scaled by a power of two to a norm near 1
+            c = unit_scales([(l.a, l.s) for l in self.cap.layers], self.uncovered)
+            for l in self.cap.layers:
+                l.s = scale_rows(l.s, c)  # not in place: layers may share one gradient tensor
+            if self.uncovered is not None:
+                self.uncovered = scale_rows(self.uncovered, c)
 
     def dense(self, names):
         """[n, Σ numel] of the materialized layers in ``names`` plus the uncovered parameters."""
@@ -68,7 +74,7 @@ def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False,
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
     max_memory = check_int("max_memory", max_memory, min_value=1)
     n, m = x_tr.shape[0], x_te.shape[0]
-    te = _Side(model, task, x_te, y_te, wrt, max_memory)
+    te = _Side(model, task, x_te, y_te, wrt, max_memory, unit=normalize)
     t_test = {l.name: l.T or 1 for l in te.cap.layers}
     forms = {l.name: _choose_form(l, t_test[l.name], n, m) for l in te.cap.layers}
     materialized = {name for name, f in forms.items() if f == "materialized"}
@@ -78,7 +84,7 @@ def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False,
 
     def chunk(start, stop):
         nonlocal out, sq_tr
-        tr = _Side(model, task, x_tr[start:stop], y_tr[start:stop], wrt, max_memory)
+        tr = _Side(model, task, x_tr[start:stop], y_tr[start:stop], wrt, max_memory, unit=normalize)
         if [l.name for l in tr.cap.layers] != list(forms):
             raise RuntimeError("model: the captured layers differ between the train and test batches "
                                f"({[l.name for l in tr.cap.layers]} vs {list(forms)})")

@@ -96,3 +96,33 @@ def test_empty_sets_give_empty_results():
     assert fk.grad_dot_model(model, "mse", (x, y), (x[:0], y[:0])).shape == (5, 0)
     V = randn(2, 21, dtype=torch.float64, seed=3)
     assert fk.grad_dot_vectors(model, "mse", x[:0], y[:0], V).shape == (0, 2)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-21, 1e15])
+def test_grad_cos_float32_tiny_or_huge_gradients(scale):
+    """float32 Grad-Cos of a model whose gradients are tiny or huge (a last layer scaled, an uncovered
+    parameter beside the captured layers): the cosines match float64's (their squares had underflowed,
+    giving 0 or 0.6% errors, or overflowed). Gradients that overflow float32 themselves are refused,
+    naming the sample."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+            self.gain = nn.Parameter(torch.ones(1))  # not a layer: materialized
+
+        def forward(self, x):
+            return self.body(x) * self.gain
+
+    torch.manual_seed(0)
+    model = Scaled()
+    with torch.no_grad():
+        model.body[2].weight.mul_(scale), model.body[2].bias.mul_(scale)
+    x, y = torch.randn(9, 4), torch.zeros(9, 1)
+    got = fk.grad_dot_model(model, "mse", (x[:6], y[:6]), (x[6:], y[6:]), normalize=True, max_memory=600)
+    G = per_sample_grads(model.double(), "mse", x.double(), y.double())
+    assert rel(got, fk.grad_dot(G[:6], G[6:], normalize=True)) < 1e-5
+    with torch.no_grad():
+        model.float().body[2].weight.fill_(1e25)
+    with pytest.raises(ValueError, match="finite per-sample gradients, got NaN or Inf for sample 0"):
+        fk.grad_dot_model(model, "mse", (x[:6], y[:6]), (x[6:], y[6:]), normalize=True)

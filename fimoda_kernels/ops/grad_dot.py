@@ -167,6 +167,27 @@ def _sequence_dot(a_tr, s_tr, a_te, s_te, dtype) -> torch.Tensor:
     return out
 
 
+def unit_scales(layers, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample powers of two c_i that bring the norm of gradient i (the (a, s) ``layers`` and the
+    rows of ``dense``) near 1, from the float64 bound ‖Σ_t s_t a_tᵀ‖_F ≤ ‖S‖_F ‖A‖_F. Cosines are
+    scale-invariant and a power of two scales exactly, so multiplying each sample's s (or row) by
+    c_i changes no cosine while keeping float32 squares and products inside the range: gradients of
+    1e-19 have squares that underflow, of 1e19 squares that overflow. ``[n]`` float64 (1 for zero)."""
+    sq = 0
+    for a, s in layers:
+        sq = sq + (torch.linalg.vector_norm(a.flatten(1), dim=1, dtype=torch.float64) ** 2
+                   * torch.linalg.vector_norm(s.flatten(1), dim=1, dtype=torch.float64) ** 2)
+    if dense is not None:
+        sq = sq + torch.linalg.vector_norm(dense, dim=1, dtype=torch.float64) ** 2
+    e = torch.where(sq > 0, torch.floor(0.5 * torch.log2(sq)), torch.zeros_like(sq))
+    return torch.exp2(-e.clamp(-126, 126))  # within float32's normal exponents
+
+
+def scale_rows(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x [n, ...] with row i multiplied by c_i (a new tensor)."""
+    return x * c.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+
+
 def factored_sq_norms(layers, dtype) -> torch.Tensor:
     """Σ_layers ‖S_iᵀA_i‖²_F per sample: ‖s‖²‖a‖² for T = 1, sum((S Sᵀ)∘(A Aᵀ)) for T > 1.
     ``layers``: (a, s) pairs, 2-D ([n, d]) or 3-D ([n, T, d])."""
@@ -216,6 +237,8 @@ def grad_dot_factored(train_layers, test_layers, normalize: bool = False,
         if a.shape[0] != tr[0][0].shape[0] or b.shape[0] != te[0][0].shape[0]:
             raise ValueError(f"layer {l}: every layer must hold the same samples (n, m)")
     out_dtype = _out_dtype(dtype)
+    if normalize:  # see unit_scales: the products and norms of tiny or huge gradients stay in range
+        tr, te = ([(a, scale_rows(s, unit_scales(side))) for a, s in side] for side in (tr, te))
     single = [l for l in range(len(tr)) if tr[l][0].shape[1] == 1 and te[l][0].shape[1] == 1]
     out = None
     if single:

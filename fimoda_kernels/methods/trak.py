@@ -1,19 +1,19 @@
 """TRAK with one model (MATH.md §7): score(z, i) = φ_zᵀ (ΦᵀΦ)^{-1} φ_i · (−φ'_i).
 
 φ = Pᵀ∇f (projected output gradients, :func:`project_model` with ``wrt="output"``), Φ ``[n, k]`` the
-training set's rows, λ = 0 and Q = I as in TRAK, solved in float64:
+training set's rows, λ = 0 and Q = I as in TRAK, solved in float64 as the pseudo-inverse
+Φ (ΦᵀΦ)⁺ Φ_teᵀ at Φ's numerical rank: ΦᵀΦ is singular whenever k exceeds n or the parameter count p
+(rank(Φ) ≤ min(n, p, k)), as with the default k = 2048 on small sets or small models, and an inverse
+(or a jittered Cholesky factorization) then amplifies rounding: float32 gradients gave errors of
+30%. Singular values of Φ below max(n, k)·ε·σ_max (ε of the gradients' dtype; at least
+√(max(n, k)·ε₆₄)) count as zero, how many is ``info["dropped"]``:
 
-- k ≤ n: the k × k kernel ΦᵀΦ by Cholesky. It is singular when p < k (rank(Φ) ≤ p); then the
-  smallest jitter ε·tr(ΦᵀΦ)/k (ε = 1e-12, ×10 until the factorization succeeds) is added and
-  reported as ``info["jitter"]`` — as ε → 0 this is the pseudo-inverse, which for k ≥ p gives the
-  exact GN-inverse formula ∇f_zᵀ (JᵀJ)^{-1} ∇f_i (−φ'_i).
-- k > n: ΦᵀΦ has rank ≤ n < k, and the jitter's limit is computed exactly instead (a jittered
-  k × k system has a condition number near 1/ε, whose rounding swamps the result):
-  Φ (ΦᵀΦ)⁺ Φ_teᵀ = (Φ⁺)ᵀ Φ_teᵀ = R^{-1} Qᵀ Φ_teᵀ from the QR factorization Φᵀ = QR (k × n), which
-  works on Φ itself (error ∝ cond(Φ), not cond(Φ)² as a Gram matrix would). When R's diagonal shows
-  dependent rows (some |R_jj| ≤ √ε·max |R_jj|: duplicated training points, or p < n), the
-  pseudo-inverse comes from the SVD of Φ instead, without the singular values below √ε·σ_max (the
-  jitter's ε on the scale of Φ); how many were dropped is ``info["dropped"]``.
+- k ≤ n: the eigen-decomposition of the k × k Gram matrix ΦᵀΦ (its eigenvalues are σ²).
+- k > n: Φ (ΦᵀΦ)⁺ Φ_teᵀ = (Φ⁺)ᵀ Φ_teᵀ = R^{-1} Qᵀ Φ_teᵀ from the QR factorization Φᵀ = QR (k × n),
+  which works on Φ itself (error ∝ cond(Φ), not cond(Φ)²); when R's diagonal shows dependent rows
+  (duplicated training points, or p < n), from the SVD of Φ instead.
+
+For k ≥ p and full-rank gradients this is the exact GN-inverse formula ∇f_zᵀ (JᵀJ)^{-1} ∇f_i (−φ'_i).
 
 Regression: f is the prediction and −φ'_i = −2(f_i − y_i); the score then measures the point's
 effect on the test *prediction*, not the test loss (positive = removing i lowers f_z), so its sign
@@ -51,29 +51,24 @@ class TRAKOptions(Options):
         return self
 
 
-EPS = 1e-12  # the Gram matrix's relative jitter; on Φ's scale (singular values) its root, √EPS
+def rank_cut(n: int, k: int, dtype: torch.dtype) -> float:
+    """Singular values of Φ [n, k] below this fraction of the largest are dropped as zero: numpy's
+    matrix-rank tolerance max(n, k)·ε for the precision Φ was computed in (float32 gradients carry
+    ~ε₃₂·σ_max of rounding in every direction, which a solve would amplify), and at least
+    √(max(n, k)·ε₆₄), the floor below which a float64 Gram matrix's eigenvalues are rounding."""
+    m = max(n, k)
+    return max(m * torch.finfo(dtype).eps, (m * torch.finfo(torch.float64).eps) ** 0.5)
 
 
-def cholesky_with_jitter(K: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Cholesky factor of the symmetric PSD ``K`` (float64), adding ε·tr(K)/k·I only if needed."""
-    L, bad = torch.linalg.cholesky_ex(K)
-    if int(bad) == 0:
-        return L, 0.0
-    base = float(K.diagonal().mean())
-    eps = EPS
-    while eps < 1:
-        jitter = eps * base
-        L, bad = torch.linalg.cholesky_ex(K + jitter * torch.eye(K.shape[0], dtype=K.dtype, device=K.device))
-        if int(bad) == 0:
-            return L, jitter
-        eps *= 10
-    raise ValueError("trak: ΦᵀΦ could not be factored even with a jitter of tr/k; check for non-finite gradients")
-
-
-def row_space_solve(P: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Φ (ΦᵀΦ)⁺ B = (Φ⁺)ᵀ B for ``P`` = Φ ``[n, k]``, n < k (float64), and the number of singular
-    directions dropped (module docstring)."""
-    cut = EPS ** 0.5
+def pinv_solve(P: torch.Tensor, B: torch.Tensor, cut: float) -> tuple[torch.Tensor, int]:
+    """Φ (ΦᵀΦ)⁺ B for ``P`` = Φ ``[n, k]`` and ``B`` ``[k, m]`` (float64), singular values of Φ below
+    ``cut``·σ_max dropped; and how many were dropped (module docstring)."""
+    n, k = P.shape
+    if k <= n:  # the k × k Gram matrix's eigenvalues are Φ's σ², its eigenvectors Φ's right ones
+        lam, V = torch.linalg.eigh(P.T @ P)
+        keep = lam > cut ** 2 * lam[-1]
+        V = V[:, keep]
+        return (P @ V) @ ((V.T @ B) / lam[keep][:, None]), int((~keep).sum())
     Q, R = torch.linalg.qr(P.T)  # Φᵀ = QR, so (Φ⁺)ᵀ = R^{-1} Qᵀ when Φ has full row rank
     d = R.diagonal().abs()
     if float(d.min()) > cut * float(d.max()):
@@ -94,13 +89,7 @@ def trak(model, task, train, test, opts):
             raise ValueError(f"trak: non-finite projected {name} gradients; check the model and data")
     if not bool(P.any()):
         raise ValueError("trak: the projected training gradients are all zero (Φ = 0); nothing to attribute")
-    jitter, dropped = 0.0, 0
-    if P.shape[1] <= P.shape[0]:
-        # (ΦᵀΦ)^{-1} φ_z for all test points, then rows of Φ against it
-        L, jitter = cholesky_with_jitter(P.T @ P)
-        S = P @ torch.cholesky_solve(P_te.T, L)
-    else:  # ΦᵀΦ is singular: its pseudo-inverse limit from Φ's n-dimensional row space
-        S, dropped = row_space_solve(P, P_te.T)
+    S, dropped = pinv_solve(P, P_te.T, rank_cut(*Phi.shape, Phi.dtype))
     _, d1, _ = outputs(model, task, train)
     scores = S * (-d1.double())[:, None]
-    return scores.to(Phi.dtype), {"jitter": jitter, "dropped": dropped, "proj_dim": opts.proj_dim}
+    return scores.to(Phi.dtype), {"dropped": dropped, "proj_dim": opts.proj_dim}

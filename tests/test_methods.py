@@ -300,6 +300,17 @@ def test_dataloader_inputs_and_mode_restored():
     assert rel(a, fk.attribute("grad_dot", model, "mse", train, test)) < 1e-14
 
 
+def test_training_mode_model_is_attributed_in_eval_mode():
+    """A model with Dropout passed in training mode is attributed in eval mode (as documented), not
+    refused, and left in training mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.Tanh(), nn.Linear(4, 1)).double()
+    train, test = _data(N), _data(M, seed=2)
+    got = fk.attribute("cg", model, "mse", train, test, damping=0.1)
+    assert model.training
+    assert torch.equal(got, fk.attribute("cg", model.eval(), "mse", train, test, damping=0.1))
+
+
 def test_bad_method_and_options():
     model, train, test = _mlp(), _data(N), _data(M, seed=2)
     with pytest.raises(ValueError, match="method: expected one of"):

@@ -59,13 +59,13 @@ def _run(method, model, task, train, test, options, want_scores, want_self):
     method = check_choice("method", method, METHODS)
     cls, fn = _METHODS[method]
     opts = make_options(cls, method, options)
-    task, train, test = check_problem(model, task, train, test)
     if want_scores and test is None:
         raise ValueError("test: expected an (inputs, targets) pair or a DataLoader, got None")
     start = time.perf_counter()
     scores = self_inf = None
     info: dict = {}
-    with eval_mode(model):
+    with eval_mode(model):  # as documented: a model passed in training mode is attributed in eval mode
+        task, train, test = check_problem(model, task, train, test)
         if want_scores:
             scores, info = fn(model, task, train, test, opts)
         if want_self:

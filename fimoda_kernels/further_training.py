@@ -32,14 +32,22 @@ Parameters, gradients and optimizer state of a chunk of models live in flat buff
 contiguous ``[M, numel]`` block per parameter tensor (so each layer's weights are one contiguous
 batch for the GEMMs). Models are processed in chunks that fit ``max_memory``; after each chunk the
 losses so far are written atomically to ``checkpoint_dir``; a run started again with the same
-arguments skips the finished chunks and gives identical results.
+arguments skips the finished chunks and gives identical results. "The same" is checked: the
+checkpoint's fingerprint covers the settings, the data and every parameter and buffer by value, the
+architecture (``repr``) and the code of the model's and a custom loss's classes outside torch
+(bytecode, constants, closure values), so another forward() or loss is refused, not resumed.
+
+Before training, the model must be finite and the mean training-loss gradient at it finite (badly
+scaled data is named then, not blamed on the learning rate when the runs diverge).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -300,18 +308,19 @@ class _FusedMLP:
     pass and its backward (act' and the bias gradient's sum) into another; a final one-output layer
     (regression) is folded into the pass of the layer before it, both ways (``head``)."""
 
-    def __init__(self, layers, flat: _FlatParams, width: int):
+    def __init__(self, layers, flat: _FlatParams, width: int, index: dict):
+        """``index``: id of each trained parameter → its position in ``flat`` (a Linear's bias may be
+        registered before its weight)."""
         self.flat, self.M = flat, flat.M
         # (W, b or None, gW, gb or None, act fwd, act backward_, epilogue (act, slope) or None)
         self.layers = []
-        k = 0
         for lin, act in layers:
+            k = index[id(lin.weight)]
             W, gW = flat.params[k], flat.grads[k]
-            k += 1
             b = gb = None
             if lin.bias is not None:
+                k = index[id(lin.bias)]
                 b, gb = flat.params[k], flat.grads[k]
-                k += 1
             self.layers.append((W, b, gW, gb) + (act if act else (None, None, None)))
         if epilogue_backend(flat.theta) == "cpu":
             self._epi_fwd, self._epi_bwd = _EPI_FWD.impls["cpu"].fn, _EPI_BWD.impls["cpu"].fn
@@ -449,24 +458,119 @@ def _tensor_digest(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def _value_digest(h, v, depth: int = 0) -> None:
+    """A setting or captured value by content, the same in a new process: tensors by value, functions
+    by code (:func:`_function_digest`), plain data by repr, other objects by type and attributes."""
+    if isinstance(v, torch.Tensor):
+        _tensor_digest(h, v)
+    elif isinstance(v, (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)):
+        h.update(repr(v).encode())
+    elif depth > 4:  # deep object graphs: their type only
+        h.update(type(v).__qualname__.encode())
+    elif isinstance(v, (list, tuple)):
+        h.update(f"{type(v).__name__}{len(v)}".encode())
+        for x in v:
+            _value_digest(h, x, depth + 1)
+    elif isinstance(v, dict):
+        for k in sorted(v, key=repr):
+            h.update(repr(k).encode())
+            _value_digest(h, v[k], depth + 1)
+    elif isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
+        _function_digest(h, v, depth + 1)
+    elif isinstance(v, type):
+        _class_digest(h, v, depth + 1)
+    else:  # an object (a callable one too): its class's code and its attributes
+        _class_digest(h, type(v), depth + 1)
+        for k, x in sorted(getattr(v, "__dict__", {}).items()):
+            h.update(k.encode())
+            _value_digest(h, x, depth + 1)
+
+
+def _code_digest(h, code: types.CodeType) -> None:
+    h.update(code.co_code + repr(code.co_names).encode())
+    for c in code.co_consts:
+        _code_digest(h, c) if isinstance(c, types.CodeType) else h.update(repr(c).encode())
+
+
+def _function_digest(h, fn, depth: int = 0) -> None:
+    """A function by what it computes: its bytecode, constants, names, defaults and closure values
+    (two closures of one factory differ; its qualified name alone would not tell them apart)."""
+    if isinstance(fn, functools.partial):
+        _function_digest(h, fn.func, depth + 1)
+        _value_digest(h, (fn.args, fn.keywords), depth + 1)
+        return
+    fn = getattr(fn, "__func__", fn)  # a bound method: its function (the instance is hashed elsewhere)
+    code = getattr(fn, "__code__", None)
+    h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}".encode())
+    if code is None:  # a builtin
+        return
+    _code_digest(h, code)
+    for d in fn.__defaults__ or ():
+        _value_digest(h, d, depth + 1)
+    for cell in fn.__closure__ or ():
+        try:
+            _value_digest(h, cell.cell_contents, depth + 1)
+        except ValueError:  # an empty cell
+            h.update(b"<empty>")
+
+
+def _class_digest(h, cls: type, depth: int = 0) -> None:
+    """The code of a class's methods outside torch and Python (a changed forward() or loss is another
+    model or task, whatever its parameters)."""
+    h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] in ("torch", "builtins", "fimoda_kernels"):
+            continue
+        for name, attr in sorted(vars(klass).items()):
+            attr = getattr(attr, "__func__", attr)  # staticmethod / classmethod
+            if isinstance(attr, types.FunctionType):
+                h.update(name.encode())
+                _function_digest(h, attr, depth + 1)
+
+
 def _task_id(task: Task) -> str:
     """The loss in the checkpoint fingerprint: a built-in task's name, else its class and a digest of its
-    settings (two custom Tasks must not share a checkpoint; the same one must resume in a new process):
-    tensors by value, functions by qualified name, other values by repr."""
+    code and settings (two custom Tasks must not share a checkpoint; the same one must resume in a new
+    process)."""
     name = getattr(task, "name", None)
     if type(task).__module__ == Task.__module__ and name:
         return name
     h = hashlib.sha256()
-    for k, v in sorted(vars(task).items()):
-        h.update(k.encode())
-        if isinstance(v, torch.Tensor):
-            _tensor_digest(h, v)
-        elif callable(v):
-            h.update(f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__qualname__)}".encode())
-        else:
-            h.update(repr(v).encode())
+    _value_digest(h, task)
     cls = type(task)
     return f"{cls.__module__}.{cls.__qualname__} {h.hexdigest()[:16]}"
+
+
+def _model_code_id(model: nn.Module) -> str:
+    """Digest of the code of the model's module classes defined outside torch (their forward and the
+    methods it calls): repr(model) and the parameter values do not show a changed forward()."""
+    h = hashlib.sha256()
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        _class_digest(h, cls)
+    return h.hexdigest()[:16]
+
+
+def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, dtype,
+                 chunk: int = 4096) -> tuple[float, int]:
+    """The mean training-loss gradient at the given model is finite: badly scaled data (a finite input
+    whose loss or gradient overflows the dtype) is named here, not blamed on the learning rate later.
+    Returns the largest training loss and its sample, for the divergence message."""
+    params = [p for p in base.parameters() if p.requires_grad]
+    worst = (float("-inf"), 0)
+    for a in range(0, x.shape[0], chunk):
+        with torch.enable_grad():
+            loss = task.loss(base(x[a:a + chunk]), y[a:a + chunk])
+            grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+        if not bool(torch.isfinite(loss).all()):
+            bad = a + int((~torch.isfinite(loss)).nonzero()[0])
+            raise ValueError(f"train: the loss of training sample {bad} at the given model is not finite in "
+                             f"{dtype}; check the scale of the training data")
+        if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
+            raise ValueError(f"train: the loss gradient of training samples {a}–{min(x.shape[0], a + chunk) - 1} "
+                             f"at the given model is not finite in {dtype}; check the scale of the training data")
+        top = int(loss.argmax())
+        worst = max(worst, (float(loss[top].detach()), a + top))
+    return worst
 
 
 def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
@@ -535,6 +639,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     N = x_tr.shape[0]
     if N < 2:
         raise ValueError(f"train: expected at least 2 samples, got {N}")
+    if x_te.shape[0] == 0:
+        raise ValueError("test: expected at least one test point, got 0")
     if x_te.shape[1:] != x_tr.shape[1:]:
         raise ValueError(f"test[0] (inputs): expected samples of shape {tuple(x_tr.shape[1:])} (as train), "
                          f"got {tuple(x_te.shape[1:])}")
@@ -563,6 +669,12 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
     device = torch.device(device) if device is not None else named[0][1].device
+    if device.type == "meta":
+        raise ValueError("device: expected a device that computes (cpu, cuda, ...), got 'meta'")
+    if checkpoint_dir is not None:  # before any training: not after the first chunk
+        if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise ValueError(f"checkpoint_dir: expected a directory, got the file {str(checkpoint_dir)!r}")
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     max_memory = check_int("max_memory", max_memory, min_value=1)
     task = get_task(loss, arg="loss")
     if path is not None:
@@ -599,6 +711,11 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                 raise ValueError(f"{name}[1] (targets): expected class indices in [0, {C}) (the model's "
                                  f"{C} outputs), got values in [{lo}, {hi}]")
 
+    for name, t in list(base.named_parameters()) + list(base.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"model: {name} holds NaN or Inf (in {dtype})")
+    worst_loss, worst_sample = _check_start(base, task, x_tr, y_tr, dtype)
+
     mlp = mlp_layers(base)
     if path == "fused" and isinstance(mlp, str):
         raise ValueError(f"path: 'fused' needs an MLP: {mlp}")
@@ -609,9 +726,11 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     # ---- config, fingerprint, plan
     n_models = len(loo_indices) + 1
     config = dict(optimizer=optimizer, lr=lr, batch_size=batch_size, momentum=momentum,
-                  weight_decay=weight_decay, betas=list(betas), eps=eps, mode=mode, epochs=epochs, steps=steps,
-                  eval_every="epoch" if eval_steps is None else eval_steps,
+                  # SGD ignores betas and eps: they must not keep a checkpoint from resuming
+                  betas=list(betas) if optimizer != "sgd" else None, eps=eps if optimizer != "sgd" else None,
+                  mode=mode, epochs=epochs, steps=steps, eval_every="epoch" if eval_steps is None else eval_steps,
                   dtype=str(dtype).replace("torch.", ""), loss=_task_id(task), model=repr(base),
+                  model_code=_model_code_id(base),
                   parameters=[n for n, _ in named],
                   loo_indices=loo_indices, seeds=seeds, n_train=N, n_test=x_te.shape[0],
                   path="fused" if use_fused else "generic", device=device.type)
@@ -688,7 +807,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                 r, j = pairs_c[bad]
                 raise ValueError(f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
                                  f"model {j} ({'full data' if j == 0 else f'leaving out {loo_indices[j - 1]}'}) "
-                                 f"with lr={lr}; lower the learning rate")
+                                 f"with lr={lr}; lower the learning rate, or check the scale of the data (the "
+                                 f"largest training loss at the given model: {worst_loss:.3g}, sample {worst_sample})")
             out = out.cpu()  # one device-to-host copy per chunk, not one per model
             for m, (r, j) in enumerate(pairs_c):
                 losses[:, :, j, r] = out[:, :, m]
@@ -710,7 +830,8 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
     M, dtype, device = sched.M, x_tr.dtype, x_tr.device
     flat = _FlatParams(named, M, dtype, device)
     if mlp is not None:
-        engine = _FusedMLP(mlp, flat, sched.width)
+        pos = {n: k for k, (n, _) in enumerate(named)}  # named: the caller's model; mlp: base's modules
+        engine = _FusedMLP(mlp, flat, sched.width, {id(p): pos[n] for n, p in base.named_parameters() if n in pos})
     else:
         buffers = {n: b for n, b in base.named_buffers()}
         engine = _Generic(base, flat, buffers)

@@ -204,7 +204,7 @@ def test_fused_engine_folds_a_one_output_head_only_where_it_applies():
     def engine(model):
         layers = [(lin, ft._activation(a) if a is not None else None) for lin, a in mlp_layers(model)]
         flat = ft._FlatParams(list(model.named_parameters()), 3, torch.float64, torch.device("cpu"))
-        return ft._FusedMLP(layers, flat, 4)
+        return ft._FusedMLP(layers, flat, 4, {id(p): k for k, (_, p) in enumerate(model.named_parameters())})
 
     assert engine(mlp(act=nn.ReLU)).head  # relu hidden layer, one output
     assert engine(mlp(act=nn.Tanh)).head  # backward-only epilogue
@@ -388,6 +388,72 @@ def test_checkpoint_fingerprint_covers_architecture_and_loss(tmp_path):
                       loss=_Power(torch.tensor([2.12344])), **kw)
 
 
+class _Activated(nn.Module):
+    """One class whose forward() differs between two definitions (same repr, same parameters)."""
+
+    def __init__(self, act):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.head = nn.Linear(5, 6), nn.Linear(6, 1)
+        self.act = act
+
+    def forward(self, x):
+        return self.head(self.act(self.inp(x)))
+
+
+class _Closure(MSETask):
+    """A loss held as a closure: two closures of one factory share a qualified name."""
+
+    def __init__(self, power):
+        self.fn = (lambda d: d.abs() ** power)
+
+    def loss(self, model_out, targets):
+        return self.fn(model_out.reshape(-1) - targets.reshape(-1))
+
+
+def test_checkpoint_fingerprint_covers_code(tmp_path):
+    """A changed forward() (same class name, repr and parameters) or a loss closing over another value
+    is another study: never resumed. SGD ignores betas and eps, so they do not block a resume."""
+    train, test = data("mse")
+    kw = dict(epochs=1, lr=0.01, batch_size=4, progress=False)
+
+    def model_with(body):
+        cls = type("_Activated", (_Activated,), {"forward": body, "__module__": __name__})
+        return cls(None)
+
+    further_train(model_with(lambda self, x: self.head(torch.tanh(self.inp(x)))), train, test, [0], [1],
+                  checkpoint_dir=tmp_path / "a", **kw)
+    with pytest.raises(ValueError, match="different arguments.*model_code"):
+        further_train(model_with(lambda self, x: self.head(torch.sin(self.inp(x)))), train, test, [0], [1],
+                      checkpoint_dir=tmp_path / "a", **kw)
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "b", loss=_Closure(2), **kw)
+    with pytest.raises(ValueError, match="different arguments.*loss"):
+        further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "b", loss=_Closure(4), **kw)
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "b", loss=_Closure(2), **kw)  # resumes
+    first = further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", **kw)
+    again = further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", betas=(0.5, 0.6), eps=1e-3,
+                          **kw)
+    assert torch.equal(first.losses, again.losses)
+
+
+def test_bias_registered_before_weight():
+    """A Linear whose bias comes first in named_parameters() (weight_norm removed re-registers the
+    weight last): the fused engine finds each tensor by identity, not position (it crashed, and a
+    1 × 1 layer would have swapped weight and bias)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1))
+    for lin in (model[0], model[2]):
+        w = lin.weight
+        del lin.weight
+        lin.weight = w
+    assert [n for n, _ in model.named_parameters()][:2] == ["0.bias", "0.weight"]
+    train, test = data("mse")
+    kw = dict(epochs=2, lr=0.05, batch_size=5)
+    ref = sequential(model, train, test, [3, 0], [1], **kw)
+    res = further_train(model, train, test, [3, 0], [1], dtype=torch.float64, path="fused", progress=False, **kw)
+    assert rel(res.losses, ref) < 1e-10
+
+
 def test_tied_linear_takes_the_generic_path():
     """A Linear used twice (one set of parameters) is not a plain MLP: the default path falls back to
     the generic one and matches the sequential protocol."""
@@ -456,6 +522,12 @@ def test_bad_inputs():
         (ValueError, r"loss: expected one of", dict(loss="MSE")),
         (ValueError, r"train\[0\] \(inputs\): expected finite", dict(train=(train[0].index_put((torch.tensor([3]),), torch.tensor(float("nan"))), train[1]))),
         (ValueError, r"test\[1\] \(targets\): expected finite", dict(test=(test[0], test[1].index_put((torch.tensor([1]),), torch.tensor(float("inf")))))),
+        (ValueError, "test: expected at least one test point", dict(test=(test[0][:0], test[1][:0]))),
+        (ValueError, "device: expected a device that computes", dict(device="meta")),
+        (ValueError, "checkpoint_dir: expected a directory", dict(checkpoint_dir=__file__)),
+        (ValueError, "train: the loss of training sample 3 at the given model is not finite",
+         dict(model=nn.Sequential(nn.Linear(5, 1)),
+              train=(train[0].index_put((torch.tensor([3]),), torch.tensor(1e30)), train[1]))),
     ]
     for exc, pattern, over in cases:
         args = dict(model=model, train=train, test=test, loo_indices=[0, 1], seeds=[0], **kw)
@@ -483,14 +555,24 @@ def test_non_finite_model_is_not_blamed_on_lr():
     model = mlp()
     with torch.no_grad():
         model[-1].bias.fill_(float("inf"))
-    with pytest.raises(ValueError, match=r"model: the test losses of the given model \(t = 0\)"):
+    with pytest.raises(ValueError, match=r"model: 4.bias holds NaN or Inf"):
         further_train(model, train, test, [0], [0], epochs=1, lr=0.1, batch_size=4, progress=False)
+    x_te = test[0].clone()
+    x_te[2] = 1e30  # finite parameters and training losses, a test loss that overflows
+    with pytest.raises(ValueError, match=r"model: the test losses of the given model \(t = 0\)"):
+        further_train(nn.Sequential(nn.Linear(5, 1)), train, (x_te, test[1]), [0], [0], epochs=1, lr=0.1,
+                      batch_size=4, progress=False)
 
 
 def test_divergence_is_an_error():
     train, test = data("mse")
     with pytest.raises(ValueError, match="diverged"):
         further_train(mlp(), train, test, [0], [0], epochs=3, lr=1e6, batch_size=4, progress=False)
+    x = train[0].clone()
+    x[5, 0] = 1e17  # finite loss and gradient at the start, which no learning rate survives
+    with pytest.raises(ValueError, match=r"diverged.*the largest training loss at the given model: .*, sample 5\)"):
+        further_train(nn.Sequential(nn.Linear(5, 1)), (x, train[1]), test, [0], [0], epochs=1, lr=1e-12,
+                      batch_size=4, progress=False)
 
 
 @pytest.mark.triton

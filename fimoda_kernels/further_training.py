@@ -471,6 +471,8 @@ def _value_digest(h, v, depth: int = 0) -> None:
         h.update(f"{type(v).__name__}{len(v)}".encode())
         for x in v:
             _value_digest(h, x, depth + 1)
+    elif isinstance(v, (set, frozenset)):  # in an order that does not depend on the hash seed
+        h.update(repr(sorted(map(repr, v))).encode())
     elif isinstance(v, dict):
         for k in sorted(v, key=repr):
             h.update(repr(k).encode())
@@ -489,7 +491,12 @@ def _value_digest(h, v, depth: int = 0) -> None:
 def _code_digest(h, code: types.CodeType) -> None:
     h.update(code.co_code + repr(code.co_names).encode())
     for c in code.co_consts:
-        _code_digest(h, c) if isinstance(c, types.CodeType) else h.update(repr(c).encode())
+        if isinstance(c, types.CodeType):
+            _code_digest(h, c)
+        elif isinstance(c, frozenset):  # `x in {"a", "b"}`: its repr's order changes with the string hash seed
+            h.update(repr(sorted(map(repr, c))).encode())
+        else:
+            h.update(repr(c).encode())
 
 
 def _function_digest(h, fn, depth: int = 0) -> None:

@@ -588,3 +588,65 @@ def test_engine_with_triton_update(monkeypatch):
     monkeypatch.setenv("FIMODA_BACKEND", "triton")
     got = further_train(mlp(), train, test, [0, 11], [3], device=TRITON_DEVICE, **kw)
     assert rel(got.losses, want.losses) < 1e-12
+
+
+_RESUME_SCRIPT = '''
+import sys, torch
+from torch import nn
+from fimoda_kernels import further_train
+from fimoda_kernels.tasks import MSETask
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 1)
+    def forward(self, x):
+        act = torch.tanh if "tanh" in {"tanh", "relu", "gelu"} else torch.relu
+        return self.b(act(self.a(x)))
+
+def power_loss(p):
+    return lambda d: d.abs() ** p
+
+class Closure(MSETask):
+    def __init__(self, p):
+        self.fn, self.kinds = power_loss(p), {"x", "y", "z"}
+    def loss(self, out, y):
+        return self.fn(out.reshape(-1) - y.reshape(-1))
+
+def stop(info):
+    if sys.argv[2] == "stop":
+        raise KeyboardInterrupt
+
+g = torch.Generator().manual_seed(0)
+train = (torch.randn(23, 5, generator=g), torch.randn(23, generator=g))
+test = (torch.randn(7, 5, generator=g), torch.randn(7, generator=g))
+kw = dict(epochs=2, lr=0.01, batch_size=4, models_per_chunk=2, loss=Closure(2))
+try:
+    res = further_train(Net(), train, test, [0, 1, 2], [1], checkpoint_dir=sys.argv[1], progress=stop, **kw)
+except KeyboardInterrupt:
+    sys.exit(3)
+torch.save(res.losses, sys.argv[1] + "/losses.pt")
+'''
+
+
+def test_resume_in_new_processes(tmp_path):
+    """A run stopped after its first chunk resumes in another Python process (another string-hash
+    seed): the fingerprint of its code and custom loss is the same there, and so are the results."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_RESUME_SCRIPT)
+
+    def run(d, how, seed):
+        env = dict(os.environ, PYTHONHASHSEED=str(seed))
+        return subprocess.run([sys.executable, str(script), str(d), how], env=env, capture_output=True, text=True)
+
+    assert run(tmp_path / "a", "stop", 1).returncode == 3
+    done = run(tmp_path / "a", "go", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = run(tmp_path / "b", "go", 3)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "a" / "losses.pt"), torch.load(tmp_path / "b" / "losses.pt"))

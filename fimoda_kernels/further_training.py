@@ -46,7 +46,11 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import os
+import re
+import sys
+import sysconfig
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,13 +462,21 @@ def _tensor_digest(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object.__repr__'s memory address: not the same in a new process
+
+
 def _value_digest(h, v, depth: int = 0) -> None:
-    """A setting or captured value by content, the same in a new process: tensors by value, functions
-    by code (:func:`_function_digest`), plain data by repr, other objects by type and attributes."""
+    """A setting or captured value by content, the same in a new process: tensors and arrays by value,
+    functions by code (:func:`_function_digest`), plain data and containers by content; an object of a
+    class defined outside the libraries by its class's code and its fields; any other object by its
+    repr where that shows no memory address, else by its type only (a logger's caches, say, change
+    with the process's history and must not refuse a resume)."""
     if isinstance(v, torch.Tensor):
         _tensor_digest(h, v)
     elif isinstance(v, (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)):
         h.update(repr(v).encode())
+    elif type(v).__module__ == "numpy" and hasattr(v, "tobytes"):  # ndarray, numpy scalars
+        h.update(f"{getattr(v, 'dtype', '')}{getattr(v, 'shape', '')}".encode() + v.tobytes())
     elif depth > 4:  # deep object graphs: their type only
         h.update(type(v).__qualname__.encode())
     elif isinstance(v, (list, tuple)):
@@ -481,11 +493,38 @@ def _value_digest(h, v, depth: int = 0) -> None:
         _function_digest(h, v, depth + 1)
     elif isinstance(v, type):
         _class_digest(h, v, depth + 1)
-    else:  # an object (a callable one too): its class's code and its attributes
+    elif isinstance(v, logging.Logger):
+        h.update(f"logger {v.name}".encode())
+    elif _user_class(type(v)):  # its code and its fields (__dict__ or __slots__)
         _class_digest(h, type(v), depth + 1)
-        for k, x in sorted(getattr(v, "__dict__", {}).items()):
+        fields = dict(getattr(v, "__dict__", {}))
+        for klass in type(v).__mro__:
+            for k in getattr(klass, "__slots__", ()):
+                if hasattr(v, k):
+                    fields.setdefault(k, getattr(v, k))
+        for k, x in sorted(fields.items()):
             h.update(k.encode())
             _value_digest(h, x, depth + 1)
+    else:  # a library object: Fraction(1, 3) shows its value; <Foo object at 0x…> does not
+        text = repr(v)
+        h.update((type(v).__qualname__ if _ADDRESS.search(text) else text).encode())
+
+
+def _user_class(cls: type) -> bool:
+    """Defined outside the standard library and installed packages (a script's or a test's class)."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    if cls.__module__ == "__main__" or (module is not None and path is None and cls.__module__ != "builtins"):
+        return True
+    if path is None:
+        return False
+    path = os.path.realpath(path)
+    return not any(path.startswith(p) for p in _LIBRARY_PATHS)
+
+
+_LIBRARY_PATHS = tuple(os.path.realpath(p) + os.sep for p in {
+    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], sysconfig.get_paths()["purelib"],
+    sysconfig.get_paths()["platlib"], os.path.dirname(os.path.abspath(__file__))})
 
 
 def _code_digest(h, code: types.CodeType) -> None:
@@ -558,11 +597,14 @@ def _model_code_id(model: nn.Module) -> str:
 
 
 def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, dtype,
-                 chunk: int = 4096) -> tuple[float, int]:
+                 max_memory: int) -> tuple[float, int]:
     """The mean training-loss gradient at the given model is finite: badly scaled data (a finite input
     whose loss or gradient overflows the dtype) is named here, not blamed on the learning rate later.
-    Returns the largest training loss and its sample, for the divergence message."""
+    Returns the largest training loss and its sample, for the divergence message. Chunks of samples
+    whose forward and backward fit ``max_memory`` (at most 4096)."""
     params = [p for p in base.parameters() if p.requires_grad]
+    per_sample = x.element_size() * (3 * activation_numel(base, x) + x[0].numel())
+    chunk = max(1, min(4096, max_memory // per_sample))
     worst = (float("-inf"), 0)
     for a in range(0, x.shape[0], chunk):
         with torch.enable_grad():
@@ -678,10 +720,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     device = torch.device(device) if device is not None else named[0][1].device
     if device.type == "meta":
         raise ValueError("device: expected a device that computes (cpu, cuda, ...), got 'meta'")
-    if checkpoint_dir is not None:  # before any training: not after the first chunk
-        if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
-            raise ValueError(f"checkpoint_dir: expected a directory, got the file {str(checkpoint_dir)!r}")
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"checkpoint_dir: expected a directory, got the file {str(checkpoint_dir)!r}")
     max_memory = check_int("max_memory", max_memory, min_value=1)
     task = get_task(loss, arg="loss")
     if path is not None:
@@ -721,7 +761,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     for name, t in list(base.named_parameters()) + list(base.named_buffers()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"model: {name} holds NaN or Inf (in {dtype})")
-    worst_loss, worst_sample = _check_start(base, task, x_tr, y_tr, dtype)
+    worst_loss, worst_sample = _check_start(base, task, x_tr, y_tr, dtype, max_memory)
 
     mlp = mlp_layers(base)
     if path == "fused" and isinstance(mlp, str):
@@ -776,6 +816,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
 
     ckpt = None
     if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)  # after validation, before any training
         ckpt = Path(checkpoint_dir) / _CHECKPOINT_NAME
         if ckpt.exists():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)

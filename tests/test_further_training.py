@@ -2,7 +2,9 @@
 over the run's own per-epoch order (MATH.md §2), for both modes, SGD/Adam/AdamW, regression and
 classification, both gradient paths; eq. 13/17 by hand; save/load; checkpoint and resume; bad inputs."""
 import copy
+import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -411,6 +413,17 @@ class _Closure(MSETask):
         return self.fn(model_out.reshape(-1) - targets.reshape(-1))
 
 
+class _Held(MSETask):
+    """A squared error scaled by a held value's first entry (or 1 when it holds another object)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def loss(self, model_out, targets):
+        w = float(self.value[0]) if isinstance(self.value, np.ndarray) else 1.0
+        return w * (model_out.reshape(-1) - targets.reshape(-1)) ** 2
+
+
 def test_checkpoint_fingerprint_covers_code(tmp_path):
     """A changed forward() (same class name, repr and parameters) or a loss closing over another value
     is another study: never resumed. SGD ignores betas and eps, so they do not block a resume."""
@@ -430,6 +443,14 @@ def test_checkpoint_fingerprint_covers_code(tmp_path):
     with pytest.raises(ValueError, match="different arguments.*loss"):
         further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "b", loss=_Closure(4), **kw)
     further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "b", loss=_Closure(2), **kw)  # resumes
+    # values without a __dict__ (a numpy array) count; a logger's process-dependent caches do not
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "d", loss=_Held(np.array([1.0])), **kw)
+    with pytest.raises(ValueError, match="different arguments.*loss"):
+        further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "d", loss=_Held(np.array([9.0])), **kw)
+    task = _Held(logging.getLogger("fimoda-test"))
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "e", loss=task, **kw)
+    task.value.isEnabledFor(logging.DEBUG)  # fills the logger's cache
+    further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "e", loss=task, **kw)
     first = further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", **kw)
     again = further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", betas=(0.5, 0.6), eps=1e-3,
                           **kw)

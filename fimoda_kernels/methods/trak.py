@@ -5,10 +5,11 @@ training set's rows, λ = 0 and Q = I as in TRAK, solved in float64 as the pseud
 Φ (ΦᵀΦ)⁺ Φ_teᵀ at Φ's numerical rank: ΦᵀΦ is singular whenever k exceeds n or the parameter count p
 (rank(Φ) ≤ min(n, p, k)), as with the default k = 2048 on small sets or small models, and an inverse
 (or a jittered Cholesky factorization) then amplifies rounding: float32 gradients gave errors of
-30%. Singular values of Φ below max(n, k)·ε·σ_max (ε of the gradients' dtype; at least
-√(max(n, k)·ε₆₄)) count as zero, how many is ``info["dropped"]``:
+30%. Singular values of Φ below 32·ε·σ_max (ε of the gradients' dtype) count as zero, how many is
+``info["dropped"]``:
 
-- k ≤ n: the eigen-decomposition of the k × k Gram matrix ΦᵀΦ (its eigenvalues are σ²).
+- k ≤ n: the eigen-decomposition of the k × k Gram matrix ΦᵀΦ (its eigenvalues are σ²; those below
+  k·ε₆₄·λ_max, its own rounding, count as zero too).
 - k > n: Φ (ΦᵀΦ)⁺ Φ_teᵀ = (Φ⁺)ᵀ Φ_teᵀ = R^{-1} Qᵀ Φ_teᵀ from the QR factorization Φᵀ = QR (k × n),
   which works on Φ itself (error ∝ cond(Φ), not cond(Φ)²); when R's diagonal shows dependent rows
   (duplicated training points, or p < n), from the SVD of Φ instead.
@@ -51,13 +52,12 @@ class TRAKOptions(Options):
         return self
 
 
-def rank_cut(n: int, k: int, dtype: torch.dtype) -> float:
-    """Singular values of Φ [n, k] below this fraction of the largest are dropped as zero: numpy's
-    matrix-rank tolerance max(n, k)·ε for the precision Φ was computed in (float32 gradients carry
-    ~ε₃₂·σ_max of rounding in every direction, which a solve would amplify), and at least
-    √(max(n, k)·ε₆₄), the floor below which a float64 Gram matrix's eigenvalues are rounding."""
-    m = max(n, k)
-    return max(m * torch.finfo(dtype).eps, (m * torch.finfo(torch.float64).eps) ** 0.5)
+def rank_cut(dtype: torch.dtype) -> float:
+    """Singular values of Φ below this fraction of the largest are dropped as zero: 32·ε of the precision
+    Φ was computed in (float32 gradients carry rounding of ~ε₃₂·σ_max in every direction, which a solve
+    would amplify). Not numpy's max(n, k)·ε: at n = 10⁵ that drops real directions of a float32 Φ (a
+    spectrum down to 1e-5 came out 79% wrong)."""
+    return 32 * torch.finfo(dtype).eps
 
 
 def pinv_solve(P: torch.Tensor, B: torch.Tensor, cut: float) -> tuple[torch.Tensor, int]:
@@ -66,7 +66,8 @@ def pinv_solve(P: torch.Tensor, B: torch.Tensor, cut: float) -> tuple[torch.Tens
     n, k = P.shape
     if k <= n:  # the k × k Gram matrix's eigenvalues are Φ's σ², its eigenvectors Φ's right ones
         lam, V = torch.linalg.eigh(P.T @ P)
-        keep = lam > cut ** 2 * lam[-1]
+        # eigenvalues below ~k·ε₆₄·λ_max are the Gram matrix's own rounding, whatever Φ's precision
+        keep = lam > max(cut ** 2, k * torch.finfo(torch.float64).eps) * lam[-1]
         V = V[:, keep]
         return (P @ V) @ ((V.T @ B) / lam[keep][:, None]), int((~keep).sum())
     Q, R = torch.linalg.qr(P.T)  # Φᵀ = QR, so (Φ⁺)ᵀ = R^{-1} Qᵀ when Φ has full row rank
@@ -89,7 +90,7 @@ def trak(model, task, train, test, opts):
             raise ValueError(f"trak: non-finite projected {name} gradients; check the model and data")
     if not bool(P.any()):
         raise ValueError("trak: the projected training gradients are all zero (Φ = 0); nothing to attribute")
-    S, dropped = pinv_solve(P, P_te.T, rank_cut(*Phi.shape, Phi.dtype))
+    S, dropped = pinv_solve(P, P_te.T, rank_cut(Phi.dtype))
     _, d1, _ = outputs(model, task, train)
     scores = S * (-d1.double())[:, None]
     return scores.to(Phi.dtype), {"dropped": dropped, "proj_dim": opts.proj_dim}

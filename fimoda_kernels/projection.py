@@ -20,8 +20,10 @@ def _project_layer(layer, k, seed, kind, backend) -> torch.Tensor:
     a = layer.a[..., :-1] if layer.has_bias else layer.a  # project_linear adds the bias itself
     d_w = layer.d_out * layer.d_in
     adjacent = layer.has_bias and layer.bias_offset == layer.weight_offset + d_w
-    out = project_linear(a, layer.s, k, seed, layer.weight_offset, bias=adjacent or kind == "kronecker",
-                         kind=kind, backend=backend)
+    # kronecker keeps a layer's bias in its own P_out ⊗ P_in block wherever the bias is registered;
+    # a layer without a bias has none to project (a phantom one biased the inner products by ssᵀ)
+    out = project_linear(a, layer.s, k, seed, layer.weight_offset,
+                         bias=adjacent or (kind == "kronecker" and layer.has_bias), kind=kind, backend=backend)
     if layer.has_bias and not adjacent and kind != "kronecker":  # bias elsewhere in the parameter order
         s = layer.s if layer.s.dim() == 2 else layer.s.sum(1)
         out += project(s, k, seed, kind, layer.bias_offset, backend=backend)

@@ -84,6 +84,20 @@ def test_kronecker_model():
     assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
 
 
+def test_kronecker_layer_without_bias():
+    """A bias-free layer's Kronecker projection has no bias block (a phantom one, projected from the
+    output gradients, biased the projected inner products by ssᵀ)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 1)).double().eval()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    out = fk.project_model(model, "mse", x, y, 16, 2, kind="kronecker")
+    cap = fk.capture_linear(model).run("mse", x, y)
+    first, head = cap.layers
+    want = (fk.project_linear(first.a, first.s, 16, 2, first.weight_offset, bias=False, kind="kronecker")
+            + fk.project_linear(head.a[..., :-1], head.s, 16, 2, head.weight_offset, bias=True, kind="kronecker"))
+    assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_input():
     model = nn.Linear(3, 1)
     x, y = torch.randn(4, 3), torch.randn(4)

@@ -156,8 +156,9 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
             a factor just past ±1 (s just under (μ_max + λ)/2, or a true Hessian with μ_min + λ < 0,
             which no scale fixes) grows it only ρ^D-fold over the run while the result is wrong by that
             factor. So θ_min, θ_max of M are estimated first (:func:`extreme_eigenvalues`: 40 full-data
-            products with one vector), and a scale whose ρ = max |1 − d − θ/s| gives ρ^depth > max_growth
-            diverges (LiSSADivergedError at iteration 0). The check sees the full-data M, not the
+            products with one vector), and a scale whose factor f = 1 − d − θ/s at either end gives
+            f^depth > max_growth (f ≥ 0), or |f|^depth > 1/max_growth (f < 0: an alternating direction
+            must converge, not merely stay bounded) diverges (LiSSADivergedError at iteration 0). The check sees the full-data M, not the
             minibatch ones (those stay the κ check's). Its cost, ≈ 40·N/batch_size minibatch products
             with one vector, is small against the run's depth products with r vectors unless r is 1
             and N large: then max_growth=None skips it.
@@ -207,31 +208,43 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
     v_norm = torch.linalg.vector_norm(V, dim=1).double()
     spectrum = extreme_eigenvalues(hvp, seed=seed) if max_growth is not None else None
 
+    def power(f: float) -> float:
+        return math.exp(min(depth * math.log(abs(f)), 700.0)) if f else 0.0
+
     def growth(s: float, d: float) -> float:
         """ρ^depth: how much the worst eigendirection of the full-data M grows over the run."""
-        rho = max(abs(1 - d - t / s) for t in spectrum)
-        return math.exp(min(depth * math.log(rho), 700.0)) if rho > 0 else 0.0
+        return max(power(1 - d - t / s) for t in spectrum)
+
+    def unsound(s: float, d: float) -> bool:
+        """A monotone direction (factor f = 1 − d − θ/s ≥ 0) may grow up to max_growth (f > 1 only from
+        negative curvature: a truncated series). An oscillating one (f < 0: s too small for θ_max) must
+        also converge, to 1/max_growth of its error: at f = −1.0004 it neither grows much nor
+        converges, and the result was 100% off along the top eigendirection."""
+        return any(power(f) > (max_growth if f >= 0 else 1 / max_growth) for f in (1 - d - t / s for t in spectrum))
 
     def run(s: float):
         d = damping / s if absolute_damping else damping
         if d >= 2:
             raise ValueError(f"damping: λ/s = {damping}/{s} = {d} >= 2; use a larger scale")
         threshold = kappa * v_norm * s
-        if spectrum is not None and growth(s, d) > max_growth:
+        if spectrum is not None and unsound(s, d):
             lo, hi = spectrum
             mu = lo + d * s  # the damped operator's lowest Rayleigh quotient
-            if abs(1 - d - lo / s) > abs(1 - d - hi / s):  # the low end grows faster: negative curvature
+            f_lo, f_hi = 1 - d - lo / s, 1 - d - hi / s
+            if f_lo > 1 and power(f_lo) > max_growth and f_lo >= abs(f_hi):  # negative curvature grows fastest
                 need = -mu / math.expm1(math.log(max_growth) / depth)  # (1 + |μ|/s)^depth = max_growth
                 why = (f"the damped operator has negative curvature (θ_min + λ = {mu:.4g} < 0), which LiSSA "
                        f"cannot invert: each step grows it by 1 + {-mu:.4g}/s; keeping that under max_growth "
                        f"over the depth needs s ≥ {need:.4g} (a truncated series there), or raise the damping")
             else:
-                why = f"the scale is below (θ_max + λ)/2 = {(hi + d * s) / 2:.4g}: use a larger scale"
+                why = (f"the top factor 1 − d − θ_max/s = {f_hi:.6g} alternates in sign and does not decay "
+                       f"({depth} steps leave {power(f_hi):.4g} of it, more than 1/max_growth): the scale is below "
+                       f"(θ_max + λ)/2 = {(hi + d * s) / 2:.4g} or too close above it; use a larger scale")
             raise LiSSADivergedError(
                 f"LiSSA diverges with scale={s:g}, d={d:g} (spectral check before running): the full-data "
                 f"M has Rayleigh quotients θ in [{lo:.4g}, {hi:.4g}], so one step multiplies an "
                 f"eigendirection by up to {max(abs(1 - d - t / s) for t in spectrum):.6g} and {depth} steps "
-                f"by {growth(s, d):.4g} > max_growth={max_growth:g}; {why}",
+                f"by {growth(s, d):.4g}; {why}",
                 iteration=0, repeat=0, scale=s, norms=torch.full_like(v_norm, float("nan")).cpu(),
                 threshold=threshold.cpu(), rows=torch.arange(V.shape[0]))
         gen = torch.Generator().manual_seed(seed)

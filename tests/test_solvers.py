@@ -187,6 +187,24 @@ def test_lissa_slow_divergence_is_caught(problem):
     assert err.value.iteration == 0 and err.value.scale == s
 
 
+def test_lissa_alternating_top_direction_must_converge(problem):
+    """A scale just above the divergence edge: the top factor is −1.0003, so the top direction neither
+    blows up (its growth over 300 steps, 1.09, is far under max_growth) nor converges, and the result is
+    wrong by ~100%; an alternating factor must decay, so the check refuses it and 'auto' moves on."""
+    model, x, y, G, _, _ = problem
+    op, depth = fk.gn_hvp(model, "mse", x, y), 300
+    ev, vecs = torch.linalg.eigh(G)
+    s = float(ev[-1])
+    lam = 1.0003 * s  # d = 1.0003: the top factor 1 − d − θ_max/s = −1.0003
+    V = (vecs[:, -1] + 0.1 * vecs[:, 0])[None]  # mostly the top eigendirection
+    unchecked = fk.lissa(op, V, depth, s, lam, batch_size=None, absolute_damping=True, max_growth=None)
+    assert rel(unchecked, _solve(G, lam, V)) > 0.5  # silently wrong without the check
+    with pytest.raises(fk.LiSSADivergedError, match="alternates in sign and does not decay"):
+        fk.lissa(op, V, depth, s, lam, batch_size=None, absolute_damping=True)
+    out, info = fk.lissa(op, V, depth, "auto", lam, batch_size=None, absolute_damping=True, return_info=True)
+    assert rel(out, _solve(G, lam, V)) < 1e-6 and info["scale"] > s
+
+
 def test_lissa_negative_curvature_picks_a_bounded_scale(problem):
     """True Hessian with λ_min(H) + λ < 0: every step grows the negative direction by 1 + |μ|/s, so
     'auto' rejects the rungs where that compounds past max_growth over the depth and names the cause."""

@@ -31,6 +31,11 @@ def check_int(name: str, value, *, min_value: int | None = None, max_value: int 
     return value
 
 
+def check_seed(name: str, value) -> int:
+    """A seed for torch.Generator.manual_seed or the Philox key: an integer in [0, 2^64)."""
+    return check_int(name, value, min_value=0, max_value=2**64 - 1)
+
+
 def check_int_list(name: str, values, *, min_value: int | None = None, max_value: int | None = None,
                    distinct: bool = True) -> list[int]:
     """A non-empty sequence of integers (list, tuple, range, numpy array or 1-D tensor) as a list of

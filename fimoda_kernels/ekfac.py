@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._validate import check_choice, check_float, check_int, check_tensor
+from ._validate import check_choice, check_float, check_int, check_seed, check_tensor
 from .grads import _is_capturable, capture_linear
 from .ops.ekfac import (ACC_DTYPES, default_damping, ekfac_eigen_correction, ekfac_eigenbases,
                         ekfac_precondition, ekfac_scores, kfac_eigenvalues, kfac_factors,
@@ -92,7 +92,7 @@ class EKFAC:
             raise ValueError(f"curvature: 'sampled' needs a predictive distribution, known for MSETask and "
                              f"CrossEntropyTask, got task {self.task!r}; use 'gn' or 'empirical'")
         self.damping = None if damping is None else check_float("damping", damping, min_value=0.0)
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed("seed", seed)
         for name, dt in (("dtype", dtype), ("eigh_dtype", eigh_dtype)):
             if dt not in ACC_DTYPES:
                 raise ValueError(f"{name}: expected torch.float32 or torch.float64, got {dt!r}")

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from ._validate import check_float, check_int, check_tensor
+from ._validate import check_float, check_int, check_seed, check_tensor
 from .hvp import HVPOperator
 from .ops.lissa_update import lissa_update
 
@@ -94,7 +94,7 @@ def extreme_eigenvalues(hvp, steps: int = 40, seed: int = 0) -> tuple[float, flo
     a false alarm."""
     p, _ = _check_operator(hvp)
     steps = min(check_int("steps", steps, min_value=1), p)
-    seed = check_int("seed", seed, min_value=0, max_value=2**63 - 1)
+    seed = check_seed("seed", seed)
     device = getattr(hvp, "device", None) or "cpu"
     q = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     q /= q.norm()
@@ -175,7 +175,7 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
     V, one = _check_rhs(v, p, hvp)
     depth = check_int("depth", depth, min_value=1)
     repeat = check_int("repeat", repeat, min_value=1)
-    seed = check_int("seed", seed)
+    seed = check_seed("seed", seed)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, min_value=1)
     if not isinstance(absolute_damping, bool):

@@ -354,6 +354,21 @@ def test_inputs_not_matching_the_model_name_train_or_test():
     assert training.training  # the one-sample probe ran in eval mode and left the mode as it was
 
 
+def test_seeds_reach_the_estimators_and_are_bounded():
+    """EK-FAC's sampled curvature takes its seed through attribute(); a seed outside [0, 2^64) is a
+    named error everywhere (it overflowed inside torch's generator)."""
+    model, train, test = _mlp(), _data(N), _data(M, seed=2)
+    kw = dict(curvature="sampled", damping=0.1)
+    a, b = (fk.attribute("ekfac", model, "mse", train, test, seed=s, **kw) for s in (0, 1))
+    assert not torch.equal(a, b) and torch.equal(a, fk.attribute("ekfac", model, "mse", train, test, **kw))
+    for method in ("ekfac", "lissa", "trak", "datainf"):
+        with pytest.raises(ValueError, match=r"seed: expected an integer <= 18446744073709551615"):
+            fk.attribute(method, model, "mse", train, test, seed=2**64)
+    with pytest.raises(ValueError, match=r"seed: expected an integer >= 0"):
+        fk.lissa(fk.gn_hvp(model, "mse", *train), torch.randn(1, 49, dtype=torch.float64), 10, 10.0, 0.1,
+                 seed=-1, max_growth=None)
+
+
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_ekfac_method_is_the_fitted_estimator(problem, strategy):
     model, task, train, test = problem

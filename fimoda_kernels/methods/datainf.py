@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_choice, check_float, check_int, check_seed
 from ..grads import for_sample_chunks
 from ..inner_products import block_sq_norms, gradient_blocks
 from ..ops.grad_dot import grad_dot, grad_dot_factored
@@ -46,7 +46,7 @@ class DataInfOptions(Options):
         self.lambda_rule = check_choice("lambda_rule", self.lambda_rule, LAMBDA_RULES)
         if self.reference is not None:
             self.reference = check_int("reference", self.reference, min_value=1)
-        self.seed = check_int("seed", self.seed, min_value=0)
+        self.seed = check_seed("seed", self.seed)
         return self
 
 

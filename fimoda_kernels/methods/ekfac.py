@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_choice, check_float, check_int, check_seed
 from ._common import Options, flat_params
 
 CURVATURES = ("gn", "empirical", "sampled")
@@ -26,11 +26,13 @@ class EKFACOptions(Options):
         strategy: "ekfac" (eigenvalue-corrected, default) or "kfac".
         damping: λ; None = 0.1 × mean(Λ) per layer (kronfluence's heuristic).
         batch_size: samples per factor-accumulation batch.
+        seed: the label-sampling generator's seed for ``curvature="sampled"``.
     """
     curvature: str = "gn"
     strategy: str = "ekfac"
     damping: float | None = None
     batch_size: int = 128
+    seed: int = 0
 
     def validate(self):
         super().validate()
@@ -39,6 +41,7 @@ class EKFACOptions(Options):
         if self.damping is not None:
             self.damping = check_float("damping", self.damping, min_value=0.0)
         self.batch_size = check_int("batch_size", self.batch_size, min_value=1)
+        self.seed = check_seed("seed", self.seed)
         return self
 
 
@@ -48,7 +51,7 @@ def ekfac(model, task, train, test, opts):
     # EKFAC's dtype defaults to float32; a float64 model must get float64 scores like every other method
     dtype = torch.float64 if flat_params(model)[0].dtype == torch.float64 else torch.float32
     est = EKFAC(model, task, curvature=opts.curvature, strategy=opts.strategy, damping=opts.damping,
-                dtype=dtype, backend=opts.backend)
+                seed=opts.seed, dtype=dtype, backend=opts.backend)
     est.fit(train[0], train[1], batch_size=opts.batch_size, cache_bytes=opts.max_memory)
     scores = est.scores(train[0], train[1], test[0], test[1])
     return scores, {"curvature": opts.curvature, "strategy": opts.strategy}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .._validate import check_float, check_int
+from .._validate import check_float, check_int, check_seed
 from ..hvp import gn_hvp, hessian_hvp
 from ..inner_products import grad_dot_vectors
 from ..solvers import lissa as lissa_solve
@@ -48,7 +48,7 @@ class LiSSAOptions(Options):
             self.scale = check_float("scale", self.scale, positive=True)
         self.repeat = check_int("repeat", self.repeat, min_value=1)
         self.batch_size = check_int("batch_size", self.batch_size, min_value=1)
-        self.seed = check_int("seed", self.seed, min_value=0)
+        self.seed = check_seed("seed", self.seed)
         if self.max_growth is not None:
             self.max_growth = check_float("max_growth", self.max_growth, min_value=1.0)
         return self

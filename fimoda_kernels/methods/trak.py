@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-from .._validate import check_choice, check_int
+from .._validate import check_choice, check_int, check_seed
 from ..ops.project import LINEAR_KINDS
 from ..projection import project_model
 from ._common import Options, outputs
@@ -47,7 +47,7 @@ class TRAKOptions(Options):
     def validate(self):
         super().validate()
         self.proj_dim = check_int("proj_dim", self.proj_dim, min_value=1)
-        self.seed = check_int("seed", self.seed, min_value=0)
+        self.seed = check_seed("seed", self.seed)
         self.kind = check_choice("kind", self.kind, LINEAR_KINDS)
         return self
 

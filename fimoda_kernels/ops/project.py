@@ -19,7 +19,7 @@ import math
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_choice, check_int, check_layer_pair, check_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_int, check_layer_pair, check_seed, check_tensor
 from .projection_matrix import (_MAX_INDEX, _projection_cpu, _projection_matrix_reference,
                                 projection_matrix)
 
@@ -38,7 +38,7 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_common(k, seed, kind, row_offset, p, kinds):
     k = check_int("k", k, min_value=1, max_value=2**32 - 1)
-    seed = check_int("seed", seed, min_value=0, max_value=2**64 - 1)
+    seed = check_seed("seed", seed)
     kind = check_choice("kind", kind, kinds)
     row_offset = check_int("row_offset", row_offset, min_value=0, max_value=_MAX_INDEX - p)
     return k, seed, kind, row_offset

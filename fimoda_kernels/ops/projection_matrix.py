@@ -12,7 +12,7 @@ import torch
 
 from .._dispatch import cuda_stream, op
 from .._ext import _C
-from .._validate import FLOAT_DTYPES, check_choice, check_int
+from .._validate import FLOAT_DTYPES, check_choice, check_int, check_seed
 from .philox import _philox4x32_reference
 
 KINDS = ("rademacher", "gaussian")
@@ -74,7 +74,7 @@ def projection_matrix(p: int, k: int, seed: int, kind: str = "rademacher", row_o
     """
     p = check_int("p", p, min_value=0)
     k = check_int("k", k, min_value=1, max_value=2**32 - 1)
-    seed = check_int("seed", seed, min_value=0, max_value=2**64 - 1)
+    seed = check_seed("seed", seed)
     kind = check_choice("kind", kind, KINDS)
     row_offset = check_int("row_offset", row_offset, min_value=0, max_value=_MAX_INDEX - p)
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:

@@ -31,7 +31,7 @@ class DataInfOptions(Options):
         damping: one λ for every layer; None = the ``lambda_rule``.
         lambda_rule: "tabular" (default) or "sst2", see the module docstring.
         reference: size of a random subsample of the training set used as the reference set
-            (None = all training points).
+            (None, or a size >= n_train: all training points; ``info["reference"]`` says how many).
         seed: seeds the reference subsample.
     """
     damping: float | None = None

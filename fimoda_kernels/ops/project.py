@@ -85,9 +85,8 @@ def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", ro
     tile step, 2-core AVX-512: a native AVX-512 rank-update kernel with 4×32 register blocks reached
     48–71 GFLOP/s, torch's addmm 218–289, so the GEMM stays torch's.) Peak extra memory ≈ n·k·4 +
     16 MiB (+ n·16 MiB/(4k')·4 for half inputs). cuda on sm_80+ multiplies on tensor cores over split bfloat16 operands (float32
-    accuracy; see the GPU-backends section below), peak extra memory ≈ (2·x_parts + 1)·n·k·4 bytes
-    (x_parts = 3 for float32, 2 for float16, 1 for bfloat16; Gaussian float32: 10·n·k·4) + at most
-    ~450 MiB of tiles. Non-finite results raise ``ValueError``.
+    accuracy; see the GPU-backends section below), peak extra memory ≈ 2·n·k·4 bytes + at most
+    ~0.9 GiB of tiles and accumulators. Non-finite results raise ``ValueError``.
     """
     check_tensor("grads", grads, ndim=2, dtypes=FLOAT_DTYPES)
     n, p = grads.shape
@@ -275,6 +274,7 @@ def _project_linear_triton(a3, s3, k, seed, kind, row_offset, bias):
 # Philox-bound; it stays for float64 and older GPUs.
 _MMA_TILE_BYTES = 64 * 2**20    # bfloat16 P parts per tile
 _MMA_SPLIT_BYTES = 256 * 2**20  # bfloat16 operand parts per tile
+_MMA_STACK_BYTES = 512 * 2**20  # float32 accumulators of the stacked form (else one GEMM per part pair)
 _X_PARTS = {torch.float32: 3, torch.float16: 2, torch.bfloat16: 1}
 _TENSOR_CORES: dict = {}        # device index -> whether addmm(out_dtype=float32) runs there
 USE_TENSOR_CORES = True         # False: the fused FMA kernel everywhere (benchmarks compare both)
@@ -357,12 +357,17 @@ def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows, prim
     X @ P[row_offset : row_offset + r] on tensor cores (see above). The X parts lie stacked as one
     [x_parts·n, r] matrix, so each P part costs one GEMM over all the X parts it pairs with (rather than
     one GEMM per pair, each reading the P tile again with a third of the rows); their row blocks are
-    summed once at the end. Peak extra memory: (Σ_j m_j + max_j m_j + 1)·n·k·4 (m_j = X parts paired
-    with P part j: Rademacher x_parts, Gaussian float32 3, 2, 1) + tile_rows·k·2·p_parts (+ tile_rows·k·4 for
-    Gaussian) + 2·n·tile_rows·x_parts bytes."""
+    summed once at the end, while those accumulators, (Σ_j m_j + max_j m_j + 1)·n·k·4 bytes (m_j = X parts
+    paired with P part j: Rademacher x_parts, Gaussian float32 3, 2, 1), fit _MMA_STACK_BYTES; larger
+    n·k (where the GEMMs are big anyway) take one GEMM per pair into one accumulator, 2·n·k·4. Plus
+    tile_rows·k·2·p_parts (+ tile_rows·k·4 for Gaussian) + 2·n·tile_rows·x_parts bytes."""
     x_parts, p_parts = _X_PARTS[dtype], 1 if kind == "rademacher" else 3
     used = [min(x_parts, 3 - j) for j in range(p_parts)]  # pairs i + j < 3: the others weigh <= 2^-24
-    acc = [torch.zeros(m * n, k, dtype=torch.float32, device=device) for m in used]
+    if (sum(used) + max(used)) * n * k * 4 > _MMA_STACK_BYTES:  # large n·k: one pair per GEMM, 2·n·k·4
+        pairs = [(i, j) for i in range(x_parts) for j in range(p_parts) if i + j < 3]
+    else:
+        pairs = None
+    acc = [torch.zeros(m * n, k, dtype=torch.float32, device=device) for m in (used if pairs is None else [1])]
     # Rademacher: the bfloat16 ±1 tile is filled directly; Gaussian: a float32 tile, then split
     tile = torch.empty(0 if p_parts == 1 else tile_rows * k, dtype=torch.float32, device=device)
     p_buf = torch.empty(p_parts * tile_rows * k, dtype=torch.bfloat16, device=device)
@@ -379,8 +384,14 @@ def _project_blocks_mma(blocks, n, k, seed, kind, dtype, device, tile_rows, prim
             prims.fill(P, seed, kind, offset)
             Ps = _split(P, p_parts, p_buf, prims)
         Xs = X if x_parts == 1 else _split(X, x_parts, x_buf, prims).view(x_parts * n, rows)
-        for j, m in enumerate(used):
-            acc[j] = prims.addmm(acc[j], Xs[:m * n], Ps[j])
+        if pairs is None:
+            for j, m in enumerate(used):
+                acc[j] = prims.addmm(acc[j], Xs[:m * n], Ps[j])
+        else:
+            for i, j in pairs:
+                acc[0] = prims.addmm(acc[0], Xs[i * n:(i + 1) * n], Ps[j])
+    if pairs is not None:
+        return acc[0].mul_(1.0 / math.sqrt(k))
     out = torch.zeros(n, k, dtype=torch.float32, device=device)
     for i in reversed(range(x_parts)):  # smallest terms first
         for j in reversed(range(p_parts)):

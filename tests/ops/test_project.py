@@ -171,9 +171,12 @@ class _CPUPrimitives:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-def test_tensor_core_tiling(monkeypatch, dtype, kind):
-    """The tensor-core path's tiles, offsets and part pairs give float32 accuracy (device steps emulated)."""
+@pytest.mark.parametrize("stacked", [True, False])
+def test_tensor_core_tiling(monkeypatch, dtype, kind, stacked):
+    """The tensor-core path's tiles, offsets and part pairs give float32 accuracy (device steps emulated),
+    with the X parts stacked into one GEMM per P part, or (large n·k) one GEMM per part pair."""
     monkeypatch.setattr(pr, "_MMA_TILE_BYTES", 2 * 33 * 192)  # 192-row tiles (Gaussian: 64): many, a partial last
+    monkeypatch.setattr(pr, "_MMA_STACK_BYTES", 2**30 if stacked else 0)
     grads = _randn(7, 1001, dtype=dtype, seed=11)
     out = pr._project_mma(grads, 33, 2**63 + 5, kind, 2**32 - 100, prims=_CPUPrimitives)
     ref = _project_reference(grads.double(), 33, 2**63 + 5, kind, 2**32 - 100)

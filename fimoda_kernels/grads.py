@@ -144,8 +144,8 @@ def _per_sample_chunks(model, task, inputs, targets, wrt, max_memory, param_name
             block = torch.cat([g[s.name].reshape(g[s.name].shape[0], -1) for s in slots], 1)
             if not bool(torch.isfinite(block).all()):
                 bad = start + int((~torch.isfinite(block)).any(1).nonzero()[0])
-                raise ValueError(f"inputs, targets: expected finite per-sample gradients, got NaN or Inf "
-                                 f"for sample {bad} (check the inputs, targets and parameters)")
+                raise SampleError("inputs, targets: expected finite per-sample gradients, got NaN or Inf", bad,
+                                  " (check the inputs, targets and parameters)")
             yield start, block
 
     return slots, dtype, chunks()
@@ -461,22 +461,20 @@ class LinearCapture:
             if outs and total.requires_grad:
                 torch.autograd.grad(total, outs, allow_unused=True)
         self._check_sample_dim(inputs)
-        # float32 activations or output gradients that overflowed. A non-finite activation reaches the
-        # differentiated total; an output gradient may overflow alone. One sum per s (a fraction of
-        # the capture's time; isfinite over a and s took ~40% of it), the exact test only if it fails
-        bad_layers = [r for r in self.layers if r.s is not None and not bool(torch.isfinite(r.s.sum()))]
-        if not bool(torch.isfinite(total.detach())) or any(not bool(torch.isfinite(r.s).all()) for r in bad_layers):
-            raise ValueError(f"inputs, targets: expected finite per-sample gradients, got NaN or Inf "
-                             f"{self._first_bad(total, bad_layers)}")
+        # float32 activations or output gradients that overflowed. One sum per s (a fraction of the
+        # capture's time; isfinite over every a and s took ~40% of it), the exact scan only where it
+        # is not finite; a non-finite activation makes the differentiated total non-finite, so the
+        # inputs a are scanned only then (a total that overflowed alone, e.g. a squared error past
+        # float32's range, leaves finite gradients)
+        total_ok = bool(torch.isfinite(total.detach()))
+        for r in self.layers:
+            for t, what, suspect in ((r.s, "output gradient", r.s is not None and not bool(torch.isfinite(r.s.sum()))),
+                                     (r.a, "input", not total_ok)):
+                rows = (~torch.isfinite(t.flatten(1))).any(1) if suspect else None
+                if rows is not None and bool(rows.any()):
+                    raise SampleError("inputs, targets: expected finite per-sample gradients, got NaN or Inf",
+                                      int(rows.nonzero()[0]), f" (the {what} of layer {r.name!r}, {t.dtype})")
         return self
-
-    @staticmethod
-    def _first_bad(total: torch.Tensor, layers) -> str:
-        for r in layers:
-            rows = (~torch.isfinite(r.s.flatten(1))).any(1)
-            if bool(rows.any()):
-                return f"for sample {int(rows.nonzero()[0])} (the output gradient of layer {r.name!r}, {r.s.dtype})"
-        return f"(the differentiated total is {float(total)})"
 
     def _check_sample_dim(self, inputs: torch.Tensor) -> None:
         """A layer input with n rows along dim 0 may still carry the samples along another dimension
@@ -512,14 +510,29 @@ def _a_parameter(module: nn.Module) -> torch.Tensor:
     return next(p for p in module.parameters() if p.requires_grad)
 
 
+class SampleError(ValueError):
+    """A failure of one sample, named by its index; chunk loops shift it into the caller's numbering."""
+
+    def __init__(self, head: str, sample: int, tail: str = ""):
+        self.head, self.sample, self.tail = head, sample, tail
+        super().__init__(f"{head} for sample {sample}{tail}")
+
+    def shifted(self, offset: int) -> "SampleError":
+        return SampleError(self.head, self.sample + offset, self.tail)
+
+
 def for_sample_chunks(n: int, max_memory: int, fn, first: int = 8) -> None:
     """Call ``fn(start, stop)`` over consecutive sample ranges covering ``range(n)``; ``fn`` returns
     the bytes one sample used, which sizes the following chunks to ``max_memory`` (the first
-    chunk, of ``first`` samples, measures it)."""
+    chunk, of ``first`` samples, measures it). A :class:`SampleError` from ``fn`` names the sample in
+    ``range(n)``, not in its chunk."""
     start, chunk = 0, min(n, first)
     while start < n:
         stop = min(n, start + chunk)
-        per_sample = fn(start, stop)
+        try:
+            per_sample = fn(start, stop)
+        except SampleError as e:
+            raise e.shifted(start) from None
         start = stop
         chunk = max(1, max_memory // max(1, int(per_sample)))
 

@@ -126,3 +126,15 @@ def test_grad_cos_float32_tiny_or_huge_gradients(scale):
         model.float().body[2].weight.fill_(1e25)
     with pytest.raises(ValueError, match="finite per-sample gradients, got NaN or Inf for sample 0"):
         fk.grad_dot_model(model, "mse", (x[:6], y[:6]), (x[6:], y[6:]), normalize=True)
+
+
+def test_non_finite_sample_named_in_the_callers_numbering():
+    """A sample whose gradient overflows is named by its index in the whole set, not in its chunk."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    x, y = torch.randn(12, 3), torch.randn(12, 1)
+    y[9] = 3e38  # float32: its loss gradient 2(f − y) overflows
+    for call in (lambda: fk.grad_dot_model(model, "mse", (x, y), (x[:2], y[:2]), max_memory=200),
+                 lambda: fk.project_model(model, "mse", x, y, 8, 0, max_memory=200)):
+        with pytest.raises(ValueError, match="got NaN or Inf for sample 9 "):
+            call()

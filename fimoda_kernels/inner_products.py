@@ -12,7 +12,7 @@ from torch import nn
 
 from ._validate import FLOAT_DTYPES, check_int, check_tensor
 from .grads import _check_batch, capture_linear, for_sample_chunks, per_sample_grads
-from .ops.grad_dot import cosine_normalize_, factored_sq_norms, grad_dot, grad_dot_factored, scale_rows, unit_scales
+from .ops.grad_dot import cosine_normalize_, factored_sq_norms, grad_dot, grad_dot_factored, unit_scaled
 
 
 def _check_pair(name: str, pair):
@@ -36,12 +36,12 @@ class _Side:
         unc = self.cap.uncovered
         self.uncovered = per_sample_grads(model, task, x, y, wrt, max_memory,
                                           param_names=[u.name for u in unc]) if unc else None
-        if unit:  # for cosines: each sample's gradient scaled by a power of two to a norm near 1
-            c = unit_scales([(l.a, l.s) for l in self.cap.layers], self.uncovered)
-            for l in self.cap.layers:
-                l.s = scale_rows(l.s, c)  # not in place: layers may share one gradient tensor
-            if self.uncovered is not None:
-                self.uncovered = scale_rows(self.uncovered, c)
+        if unit and (self.cap.layers or self.uncovered is not None):
+            # for cosines: each sample's gradient scaled by a power of two to entries near 1 (new
+            # tensors, not in place: layers may share one gradient tensor)
+            pairs, self.uncovered = unit_scaled([(l.a, l.s) for l in self.cap.layers], self.uncovered)
+            for l, (a, s) in zip(self.cap.layers, pairs):
+                l.a, l.s = a, s
 
     def dense(self, names):
         """[n, Σ numel] of the materialized layers in ``names`` plus the uncovered parameters."""

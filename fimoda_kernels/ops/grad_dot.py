@@ -167,27 +167,41 @@ def _sequence_dot(a_tr, s_tr, a_te, s_te, dtype) -> torch.Tensor:
     return out
 
 
-def unit_scales(layers, dense: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample powers of two c_i that bring gradient i (the (a, s) ``layers`` and the rows of
-    ``dense``) to a largest entry near 1: m_i = max over layers of max|s_i|·max|a_i| (an entry of
-    G_i = s_i a_iᵀ for T = 1; a bound for T > 1) and over the dense row. Cosines are scale-invariant and
-    a power of two scales exactly, so multiplying each sample's s (or row) by c_i changes no cosine,
-    while float32 squares and products stay inside the range (gradients of 1e-19 have squares that
-    underflow, of 1e19 squares that overflow). Max-abs passes, not float64 norms (4× slower on a CNN
-    capture). ``[n]`` float64 (1 for zero)."""
-    def amax(x):  # per row; 0 for rows without entries (T = 0, no inputs)
+def unit_scaled(layers, dense: torch.Tensor | None = None):
+    """Per-sample powers of two that bring gradient i (the (a, s) ``layers`` and the rows of ``dense``)
+    to entries near 1, for cosines: ``(layers', dense')``. Per layer and sample, a is scaled to a largest
+    entry near 1 (2^-e_a) and s by 2^(e_a − E_i), E_i the sample's largest-entry exponent over layers
+    (max|s|·max|a| is an entry of s aᵀ for T = 1, a bound for T > 1) and dense row: every sample's
+    gradient is scaled by its own 2^-E_i. Cosines are scale-invariant and powers of two scale exactly,
+    so no cosine changes, while float32 squares and products stay in range (gradients or activations
+    of 1e-19 have squares that underflow, of 1e19 squares that overflow). Inputs whose exponents all
+    stay within ±40 (±400 for float64) come back as they are: nothing to fix, no copies."""
+    def exponent(x):  # floor(log2 max|x_i|) per row, float64; −inf for rows of zeros or without entries
         x = x.flatten(1)
-        return x.abs().amax(1).double() if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float64)
+        m = x.abs().amax(1).double() if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float64)
+        return torch.floor(torch.log2(m))
 
-    rows = [amax(a) * amax(s) for a, s in layers] + ([amax(dense)] if dense is not None else [])
-    m = torch.stack(rows).amax(0)
-    e = torch.where(m > 0, torch.floor(torch.log2(m)), torch.zeros_like(m))
-    return torch.exp2(-e.clamp(-126, 126))  # within float32's normal exponents
+    def finite(e):  # zero rows: any scale (0 stays 0); 0 keeps the factors finite
+        return torch.where(torch.isfinite(e), e, torch.zeros_like(e))
+
+    ea = [exponent(a) for a, _ in layers]
+    es = [exponent(s) for _, s in layers]
+    E = finite(torch.stack([x + y for x, y in zip(ea, es)]
+                           + ([exponent(dense)] if dense is not None else [])).amax(0))
+    dtype = layers[0][0].dtype if layers else dense.dtype
+    limit = 400 if dtype == torch.float64 else 40
+    if all(bool((finite(t).abs() <= limit).all()) for t in ea + es + [E]):
+        return layers, dense
+    ea = [finite(x) for x in ea]
+    layers = [(scale_rows(a, torch.exp2(-x)), scale_rows(s, torch.exp2(x - E))) for (a, s), x in zip(layers, ea)]
+    return layers, None if dense is None else scale_rows(dense, torch.exp2(-E))
 
 
 def scale_rows(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """x [n, ...] with row i multiplied by c_i (a new tensor)."""
-    return x * c.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+    """x [n, ...] with row i multiplied by the power of two c_i (float64), as a new tensor of x's dtype;
+    multiplied in float64, where c_i itself may not fit x's dtype (2^133 for a subnormal float32 row),
+    exactly: the product is x_i·c_i rounded once, and exact where it lands in x's normal range."""
+    return (x.double() * c.view(-1, *[1] * (x.dim() - 1))).to(x.dtype)
 
 
 def factored_sq_norms(layers, dtype) -> torch.Tensor:
@@ -239,8 +253,8 @@ def grad_dot_factored(train_layers, test_layers, normalize: bool = False,
         if a.shape[0] != tr[0][0].shape[0] or b.shape[0] != te[0][0].shape[0]:
             raise ValueError(f"layer {l}: every layer must hold the same samples (n, m)")
     out_dtype = _out_dtype(dtype)
-    if normalize:  # see unit_scales: the products and norms of tiny or huge gradients stay in range
-        tr, te = ([(a, scale_rows(s, unit_scales(side))) for a, s in side] for side in (tr, te))
+    if normalize:  # see unit_scaled: the products and norms of tiny or huge gradients stay in range
+        tr, te = unit_scaled(tr)[0], unit_scaled(te)[0]
     single = [l for l in range(len(tr)) if tr[l][0].shape[1] == 1 and te[l][0].shape[1] == 1]
     out = None
     if single:

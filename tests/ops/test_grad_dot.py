@@ -188,15 +188,20 @@ def test_grad_cos_float32_whatever_the_magnitude(backend_device, scale):
 
 
 @pytest.mark.parametrize("scale", [1e-40, 1e-25, 1e19, 1e25])
-def test_factored_grad_cos_float32_whatever_the_magnitude(backend_device, scale):
-    """Factored float32 Grad-Cos of samples whose gradients are tiny or huge (s scaled; T = 1 and
-    T > 1 layers): each sample is brought near unit norm by a power of two before the products, so
-    the cosines match float64 (the squares underflowed to 0, or overflowed)."""
+@pytest.mark.parametrize("factor", ["s", "a"])
+def test_factored_grad_cos_float32_whatever_the_magnitude(backend_device, scale, factor):
+    """Factored float32 Grad-Cos of samples whose gradients or activations are tiny or huge (s or a
+    scaled; T = 1 and T > 1 layers): each factor is brought near 1 by a power of two before the
+    products, so the cosines match float64 (the squares underflowed to 0, or overflowed)."""
     backend, device = backend_device
     specs = [(None, 9, 4), (3, 5, 2)]
     tr, te = _layers(7, specs, 0), _layers(5, specs, 50)
-    tr = [(a, s * scale) for a, s in tr]
-    te = [(a, s * (scale if l else scale * 3)) for l, (a, s) in enumerate(te)]
+
+    def scaled(a, s, c):
+        return (a, s * c) if factor == "s" else (a * c, s)
+
+    tr = [scaled(a, s, scale) for a, s in tr]
+    te = [scaled(a, s, scale if l else scale * 3) for l, (a, s) in enumerate(te)]
     got = grad_dot_factored([(a.to(device), s.to(device)) for a, s in tr],
                             [(a.to(device), s.to(device)) for a, s in te], True, backend=backend).cpu()
     ref = _factored_reference(_as3([(a.double(), s.double()) for a, s in tr]),

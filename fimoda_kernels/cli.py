@@ -1,7 +1,8 @@
 """``fimoda`` command line (also ``python -m fimoda_kernels``).
 
 ``fimoda run`` runs a whole FiMODA study (see :mod:`fimoda_kernels.experiment`) and prints its
-summary table; bad input gives one line on stderr and exit status 2.
+summary table; bad input gives one line on stderr and exit status 2, a failed method (the others' results
+still written) exit status 1.
 """
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ def _config(args):
 
 
 def main(argv=None) -> int:
-    """Entry point of ``fimoda``; returns the exit status (0 ok, 2 bad input; the console script
-    and ``python -m fimoda_kernels`` pass it to ``sys.exit``)."""
+    """Entry point of ``fimoda``; returns the exit status (0 ok, 1 a method failed or a dependency is
+    missing, 2 bad input; the console script and ``python -m fimoda_kernels`` pass it to ``sys.exit``)."""
     from .experiment import MissingDependencyError, StudyConfigError, run_study
 
     parser = build_parser()
@@ -148,6 +149,10 @@ def main(argv=None) -> int:
         return 130
     print(result.table())
     print(f"artifacts in {result.out_dir}: {', '.join(result.artifacts)}")
+    failed = [m for m, e in result.results["methods"].items() if "error" in e]
+    if failed:  # the others' results are written; the run as a whole did not do what was asked
+        print(f"fimoda: error: method(s) failed: {', '.join(failed)} (see results.json)", file=sys.stderr)
+        return 1
     return 0
 
 

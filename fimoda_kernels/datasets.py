@@ -192,5 +192,10 @@ def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), tas
             y = np.array([_parse_float(v) for v in y])
         except ValueError:
             pass
+        else:
+            frac = y[y != np.round(y)]
+            if frac.size:  # a continuous target would become one class per distinct value
+                raise DatasetError(f"csv: target {target!r}: classification needs class labels, got non-integer "
+                                   f"values such as {frac[0]!r} (use --task regression)")
     name = os.path.splitext(os.path.basename(path))[0]
     return split_standardize(name, X, y, task, feature_names=features, target_name=target, dtype=dtype)

@@ -1,4 +1,4 @@
-"""``fimoda run`` on bad input: one line on stderr, exit status 2, no traceback."""
+"""``fimoda run`` on bad input: one line on stderr, exit status 2, no traceback; a failed method: status 1."""
 import os
 import subprocess
 import sys
@@ -108,3 +108,20 @@ def test_help_lists_run_options(capsys):
     for opt in ("--dataset", "--csv", "--methods", "--seeds", "--epochs", "--n-loo", "--further-lr",
                 "--optimizer", "--mode", "--adjust", "--device", "--out"):
         assert opt in out
+
+
+def test_continuous_target_refused_for_classification(capsys, csv_file, tmp_path):
+    _bad(capsys, ["run", "--csv", str(csv_file), "--target", "y", "--task", "classification",
+                  "--out", str(tmp_path / "o")], "classification needs class labels, got non-integer values")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_failed_method_gives_exit_status_1(capsys, tmp_path):
+    """A method that fails at run time (here a cuda backend on a machine without one) leaves the other
+    methods' results written, and the run's exit status says it failed."""
+    code = main(["run", "--methods", "grad_dot,grad_cos", "--option", "grad_dot.backend=cuda", "--n-loo", "4",
+                 "--n-test", "3", "--seeds", "1", "--epochs", "1", "--final-epochs", "2", "--quiet", "--no-plots",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "method(s) failed: grad_dot (see results.json)" in err
+    assert (tmp_path / "o" / "results.json").exists()

@@ -49,8 +49,6 @@ import json
 import logging
 import os
 import re
-import sys
-import sysconfig
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,10 +465,11 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object.__repr__'s memory address
 
 def _value_digest(h, v, depth: int = 0) -> None:
     """A setting or captured value by content, the same in a new process: tensors and arrays by value,
-    functions by code (:func:`_function_digest`), plain data and containers by content; an object of a
-    class defined outside the libraries by its class's code and its fields; any other object by its
-    repr where that shows no memory address, else by its type only (a logger's caches, say, change
-    with the process's history and must not refuse a resume)."""
+    functions by code (:func:`_function_digest`), plain data and containers by content, an object by
+    its class's code and its fields (``__dict__`` and slots, so nn.HuberLoss(delta=5) differs from
+    delta=1 although both print as HuberLoss()); an object without fields by a repr that shows no
+    memory address, else by type. Loggers count by name only: their caches change with the process's
+    history and must not refuse a resume."""
     if isinstance(v, torch.Tensor):
         _tensor_digest(h, v)
     elif isinstance(v, (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)):
@@ -493,38 +492,34 @@ def _value_digest(h, v, depth: int = 0) -> None:
         _function_digest(h, v, depth + 1)
     elif isinstance(v, type):
         _class_digest(h, v, depth + 1)
-    elif isinstance(v, logging.Logger):
-        h.update(f"logger {v.name}".encode())
-    elif _user_class(type(v)):  # its code and its fields (__dict__ or __slots__)
+    elif isinstance(v, (logging.Logger, types.ModuleType)):
+        h.update(f"{type(v).__name__} {v.__name__ if isinstance(v, types.ModuleType) else v.name}".encode())
+    else:
+        fields = _fields(v)
+        if fields is None:  # a C-level object: Fraction(1, 3) shows its value; <lock at 0x…> does not
+            text = repr(v)
+            h.update((type(v).__qualname__ if _ADDRESS.search(text) else text).encode())
+            return
         _class_digest(h, type(v), depth + 1)
-        fields = dict(getattr(v, "__dict__", {}))
-        for klass in type(v).__mro__:
-            for k in getattr(klass, "__slots__", ()):
-                if hasattr(v, k):
-                    fields.setdefault(k, getattr(v, k))
         for k, x in sorted(fields.items()):
             h.update(k.encode())
             _value_digest(h, x, depth + 1)
-    else:  # a library object: Fraction(1, 3) shows its value; <Foo object at 0x…> does not
-        text = repr(v)
-        h.update((type(v).__qualname__ if _ADDRESS.search(text) else text).encode())
 
 
-def _user_class(cls: type) -> bool:
-    """Defined outside the standard library and installed packages (a script's or a test's class)."""
-    module = sys.modules.get(cls.__module__)
-    path = getattr(module, "__file__", None)
-    if cls.__module__ == "__main__" or (module is not None and path is None and cls.__module__ != "builtins"):
-        return True
-    if path is None:
-        return False
-    path = os.path.realpath(path)
-    return not any(path.startswith(p) for p in _LIBRARY_PATHS)
-
-
-_LIBRARY_PATHS = tuple(os.path.realpath(p) + os.sep for p in {
-    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], sysconfig.get_paths()["purelib"],
-    sysconfig.get_paths()["platlib"], os.path.dirname(os.path.abspath(__file__))})
+def _fields(v) -> dict | None:
+    """An object's ``__dict__`` and slot values (slots found as descriptors, so a string ``__slots__``
+    or a private, name-mangled slot counts too); None for an object with neither."""
+    fields = dict(vars(v)) if hasattr(v, "__dict__") else None
+    for klass in type(v).__mro__:
+        for name, attr in vars(klass).items():
+            if isinstance(attr, types.MemberDescriptorType):
+                try:
+                    value = attr.__get__(v, type(v))
+                except AttributeError:  # an unset slot
+                    continue
+                fields = {} if fields is None else fields
+                fields.setdefault(name, value)
+    return fields
 
 
 def _code_digest(h, code: types.CodeType) -> None:

@@ -25,7 +25,11 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
-    """1/‖g‖ from squared norms, 0 where the norm is 0 (the Grad-Cos zero-norm rule)."""
+    """1/‖g‖ from squared norms, 0 where the norm is 0 (the Grad-Cos zero-norm rule); a non-finite
+    squared norm is an error, not a zero cosine."""
+    if not bool(torch.isfinite(sq).all()):  # NaN > 0 is False: it would pass as a zero norm
+        raise ValueError("normalize: a gradient's squared norm is not finite (NaN or Inf), so its cosines are "
+                         "undefined; check the gradients' range")
     inv = sq.rsqrt()
     return torch.where(sq > 0, inv, torch.zeros_like(inv))
 
@@ -192,8 +196,10 @@ def unit_scaled(layers, dense: torch.Tensor | None = None):
     limit = 400 if dtype == torch.float64 else 40
     if all(bool((finite(t).abs() <= limit).all()) for t in ea + es + [E]):
         return layers, dense
-    ea = [finite(x) for x in ea]
-    layers = [(scale_rows(a, torch.exp2(-x)), scale_rows(s, torch.exp2(x - E))) for (a, s), x in zip(layers, ea)]
+    # s of a zero a row: scaled to its own entries (its products with other samples' s stay in range)
+    s_exp = [torch.where(torch.isfinite(x), x - E, -finite(y)) for x, y in zip(ea, es)]
+    layers = [(scale_rows(a, torch.exp2(-finite(x))), scale_rows(s, torch.exp2(e)))
+              for (a, s), x, e in zip(layers, ea, s_exp)]
     return layers, None if dense is None else scale_rows(dense, torch.exp2(-E))
 
 

@@ -207,3 +207,22 @@ def test_factored_grad_cos_float32_whatever_the_magnitude(backend_device, scale,
     ref = _factored_reference(_as3([(a.double(), s.double()) for a, s in tr]),
                               _as3([(a.double(), s.double()) for a, s in te]), True)
     assert rel(got, ref) < 1e-5
+
+
+def test_factored_grad_cos_with_a_zero_input_row(backend_device):
+    """A sample whose input row of one layer is zero (a dead ReLU) beside a tiny layer: its output
+    gradient there is scaled by its own size, not the sample's (which overflowed S Sᵀ into a NaN
+    norm, and that sample's cosines came back 0)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(0)
+    a0, s0 = torch.randn(3, 4, generator=g), torch.randn(3, 3, generator=g) * 2.0 ** 30
+    a0[0] = 0
+    a1, s1 = torch.randn(3, 5, generator=g) * 2.0 ** -50, torch.randn(3, 2, generator=g) * 2.0 ** -20
+    tr = [(a0, s0), (a1, s1)]
+    te = [(torch.randn(2, 4, generator=g), torch.randn(2, 3, generator=g)),
+          (torch.randn(2, 5, generator=g), torch.randn(2, 2, generator=g))]
+    got = grad_dot_factored([(a.to(device), s.to(device)) for a, s in tr],
+                            [(a.to(device), s.to(device)) for a, s in te], True, backend=backend).cpu()
+    ref = _factored_reference(_as3([(a.double(), s.double()) for a, s in tr]),
+                              _as3([(a.double(), s.double()) for a, s in te]), True)
+    assert rel(got, ref) < 1e-5 and bool(got[0].abs().min() > 0.1)

@@ -461,17 +461,16 @@ class LinearCapture:
             if outs and total.requires_grad:
                 torch.autograd.grad(total, outs, allow_unused=True)
         self._check_sample_dim(inputs)
-        # float32 activations or output gradients that overflowed. One sum per s (a fraction of the
-        # capture's time; isfinite over every a and s took ~40% of it), the exact scan only where it
-        # is not finite; a non-finite activation makes the differentiated total non-finite, so the
-        # inputs a are scanned only then (a total that overflowed alone, e.g. a squared error past
-        # float32's range, leaves finite gradients)
-        total_ok = bool(torch.isfinite(total.detach()))
+        # float32 activations or output gradients that overflowed (an inf activation behind a tanh
+        # leaves the loss finite, its s·aᵀ NaN). One sum per tensor (isfinite over every a and s took
+        # ~40% of a capture), the exact scan only where the sum is not finite: a loss that overflowed
+        # alone, e.g. a squared error past float32's range, leaves finite gradients and is not refused
         for r in self.layers:
-            for t, what, suspect in ((r.s, "output gradient", r.s is not None and not bool(torch.isfinite(r.s.sum()))),
-                                     (r.a, "input", not total_ok)):
-                rows = (~torch.isfinite(t.flatten(1))).any(1) if suspect else None
-                if rows is not None and bool(rows.any()):
+            for t, what in ((r.s, "output gradient"), (r.a, "input")):
+                if t is None or bool(torch.isfinite(t.sum())):
+                    continue
+                rows = (~torch.isfinite(t.flatten(1))).any(1)
+                if bool(rows.any()):
                     raise SampleError("inputs, targets: expected finite per-sample gradients, got NaN or Inf",
                                       int(rows.nonzero()[0]), f" (the {what} of layer {r.name!r}, {t.dtype})")
         return self
@@ -517,8 +516,14 @@ class SampleError(ValueError):
         self.head, self.sample, self.tail = head, sample, tail
         super().__init__(f"{head} for sample {sample}{tail}")
 
-    def shifted(self, offset: int) -> "SampleError":
-        return SampleError(self.head, self.sample + offset, self.tail)
+    def __reduce__(self):  # picklable (worker pools), copyable
+        return SampleError, (self.head, self.sample, self.tail)
+
+    def shifted(self, offset: int = 0, index=None, prefix: str = "") -> "SampleError":
+        """The same failure numbered in a larger set: sample + offset, or ``index[sample]`` for a
+        subsample; ``prefix`` names the set (e.g. "test ")."""
+        sample = int(index[self.sample]) if index is not None else self.sample + offset
+        return SampleError(prefix + self.head, sample, self.tail).with_traceback(self.__traceback__)
 
 
 def for_sample_chunks(n: int, max_memory: int, fn, first: int = 8) -> None:
@@ -532,7 +537,7 @@ def for_sample_chunks(n: int, max_memory: int, fn, first: int = 8) -> None:
         try:
             per_sample = fn(start, stop)
         except SampleError as e:
-            raise e.shifted(start) from None
+            raise e.shifted(start) from None  # the traceback comes along
         start = stop
         chunk = max(1, max_memory // max(1, int(per_sample)))
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._validate import FLOAT_DTYPES, check_int, check_tensor
-from .grads import _check_batch, capture_linear, for_sample_chunks, per_sample_grads
+from .grads import SampleError, _check_batch, capture_linear, for_sample_chunks, per_sample_grads
 from .ops.grad_dot import cosine_normalize_, factored_sq_norms, grad_dot, grad_dot_factored, unit_scaled
 
 
@@ -74,7 +74,10 @@ def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False,
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
     max_memory = check_int("max_memory", max_memory, min_value=1)
     n, m = x_tr.shape[0], x_te.shape[0]
-    te = _Side(model, task, x_te, y_te, wrt, max_memory, unit=normalize)
+    try:
+        te = _Side(model, task, x_te, y_te, wrt, max_memory, unit=normalize)
+    except SampleError as e:  # say which set
+        raise e.shifted(prefix="test ") from None
     t_test = {l.name: l.T or 1 for l in te.cap.layers}
     forms = {l.name: _choose_form(l, t_test[l.name], n, m) for l in te.cap.layers}
     materialized = {name for name, f in forms.items() if f == "materialized"}

@@ -217,10 +217,13 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
 
     def unsound(s: float, d: float) -> bool:
         """A monotone direction (factor f = 1 − d − θ/s ≥ 0) may grow up to max_growth (f > 1 only from
-        negative curvature: a truncated series). An oscillating one (f < 0: s too small for θ_max) must
-        also converge, to 1/max_growth of its error: at f = −1.0004 it neither grows much nor
-        converges, and the result was 100% off along the top eigendirection."""
-        return any(power(f) > (max_growth if f >= 0 else 1 / max_growth) for f in (1 - d - t / s for t in spectrum))
+        negative curvature: a truncated series). An alternating one (f < 0: s too small for θ_max) must
+        also converge, to 1/max_growth of its error or as far as the slowest monotone direction does
+        (no worse than LiSSA's usual truncation): at f = −1.0004 it neither grows much nor converges,
+        and the result was 100% off along the top eigendirection."""
+        fs = [1 - d - t / s for t in spectrum]
+        slowest = max([power(f) for f in fs if f >= 0], default=0.0)
+        return any(power(f) > (max_growth if f >= 0 else max(1 / max_growth, slowest)) for f in fs)
 
     def run(s: float):
         d = damping / s if absolute_damping else damping
@@ -238,10 +241,11 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
                        f"over the depth needs s ≥ {need:.4g} (a truncated series there), or raise the damping")
             else:
                 why = (f"the top factor 1 − d − θ_max/s = {f_hi:.6g} alternates in sign and does not decay "
-                       f"({depth} steps leave {power(f_hi):.4g} of it, more than 1/max_growth): the scale is below "
-                       f"(θ_max + λ)/2 = {(hi + d * s) / 2:.4g} or too close above it; use a larger scale")
+                       f"({depth} steps leave {power(f_hi):.4g} of it, more than 1/max_growth and than the slowest "
+                       f"monotone direction keeps): the scale is below (θ_max + λ)/2 = {(hi + d * s) / 2:.4g} or "
+                       f"too close above it; use a larger scale")
             raise LiSSADivergedError(
-                f"LiSSA diverges with scale={s:g}, d={d:g} (spectral check before running): the full-data "
+                f"LiSSA does not converge with scale={s:g}, d={d:g} (spectral check before running): the full-data "
                 f"M has Rayleigh quotients θ in [{lo:.4g}, {hi:.4g}], so one step multiplies an "
                 f"eigendirection by up to {max(abs(1 - d - t / s) for t in spectrum):.6g} and {depth} steps "
                 f"by {growth(s, d):.4g}; {why}",

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from .._validate import check_choice, check_float, check_int, check_seed
-from ..grads import for_sample_chunks
+from ..grads import SampleError, for_sample_chunks
 from ..inner_products import block_sq_norms, gradient_blocks
 from ..ops.grad_dot import grad_dot, grad_dot_factored
 from ._common import Options
@@ -65,14 +65,21 @@ def layer_damping(sq: torch.Tensor, numel: int, rule: str) -> float:
 def datainf(model, task, train, test, opts):
     x, y = train
     n = x.shape[0]
+    ref_idx = None
     if opts.reference is not None and opts.reference < n:
         g = torch.Generator().manual_seed(opts.seed)
         ref_idx = torch.randperm(n, generator=g)[:opts.reference].sort().values.to(x.device)
         ref = (x[ref_idx], y[ref_idx])
     else:
         ref = train
-    ref_blocks, _ = gradient_blocks(model, task, ref[0], ref[1], "loss", opts.max_memory)
-    te_blocks, _ = gradient_blocks(model, task, test[0], test[1], "loss", opts.max_memory)
+    try:  # a failing sample named by its training index
+        ref_blocks, _ = gradient_blocks(model, task, ref[0], ref[1], "loss", opts.max_memory)
+    except SampleError as e:
+        raise e.shifted(index=ref_idx) if ref_idx is not None else e from None
+    try:
+        te_blocks, _ = gradient_blocks(model, task, test[0], test[1], "loss", opts.max_memory)
+    except SampleError as e:
+        raise e.shifted(prefix="test ") from None
     n_ref = ref[0].shape[0]
     # per layer: λ_l, and (1/n) K_l(j, z) / (λ_l + ‖g_{l,j}‖²) for the reference set, [n_ref, m]
     layers, lambdas = [], {}

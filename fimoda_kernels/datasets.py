@@ -138,7 +138,7 @@ def _parse_float(text: str) -> float:
 def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), task: str = "regression",
              dtype=torch.float32) -> Dataset:
     """A CSV file with a header row: every column except ``target`` and ``drop`` is a numeric
-    feature. ``task="classification"`` maps the target's distinct values (numbers or strings) to
+    feature. ``task="classification"`` maps the target's distinct values (integers, "1.0" included, or text) to
     class indices in sorted order; ``"regression"`` needs a numeric target."""
     path = os.fspath(path)
     if task not in ("regression", "classification"):
@@ -189,13 +189,14 @@ def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), tas
     y = np.array(y)
     if task == "classification":
         try:  # numeric labels sort numerically
-            y = np.array([_parse_float(v) for v in y])
+            values = np.array([_parse_float(v) for v in y])
         except ValueError:
             pass
         else:
-            frac = y[y != np.round(y)]
+            frac = np.flatnonzero(values != np.round(values))
             if frac.size:  # a continuous target would become one class per distinct value
-                raise DatasetError(f"csv: target {target!r}: classification needs class labels, got non-integer "
-                                   f"values such as {frac[0]!r} (use --task regression)")
+                raise DatasetError(f"csv: target {target!r}: numeric class labels must be integers, got "
+                                   f"{str(y[frac[0]])!r} (use --task regression, or text labels)")
+            y = values
     name = os.path.splitext(os.path.basename(path))[0]
     return split_standardize(name, X, y, task, feature_names=features, target_name=target, dtype=dtype)

@@ -689,7 +689,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         raise ValueError(f"test[0] (inputs): expected samples of shape {tuple(x_tr.shape[1:])} (as train), "
                          f"got {tuple(x_te.shape[1:])}")
     loo_indices = check_int_list("loo_indices", loo_indices, min_value=0, max_value=N - 1)
-    seeds = check_int_list("seeds", seeds, min_value=0, max_value=2**63 - 1)
+    seeds = check_int_list("seeds", seeds, min_value=0, max_value=2**64 - 1)  # torch.Generator seeds
     if (epochs is None) == (steps is None):
         raise ValueError(f"epochs, steps: expected exactly one of them, got epochs={epochs!r}, steps={steps!r}")
     epochs = None if epochs is None else check_int("epochs", epochs, min_value=1)

@@ -112,7 +112,7 @@ def test_help_lists_run_options(capsys):
 
 def test_continuous_target_refused_for_classification(capsys, csv_file, tmp_path):
     _bad(capsys, ["run", "--csv", str(csv_file), "--target", "y", "--task", "classification",
-                  "--out", str(tmp_path / "o")], "classification needs class labels, got non-integer values")
+                  "--out", str(tmp_path / "o")], "numeric class labels must be integers, got '0.5'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -218,11 +218,11 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
     def unsound(s: float, d: float) -> bool:
         """A monotone direction (factor f = 1 − d − θ/s ≥ 0) may grow up to max_growth (f > 1 only from
         negative curvature: a truncated series). An alternating one (f < 0: s too small for θ_max) must
-        also converge, to 1/max_growth of its error or as far as the slowest monotone direction does
-        (no worse than LiSSA's usual truncation): at f = −1.0004 it neither grows much nor converges,
+        also converge, to 1/max_growth of its error or as far as the slowest converging monotone direction
+        does (no worse than LiSSA's usual truncation; a growing one, from negative curvature, is no excuse): at f = −1.0004 it neither grows much nor converges,
         and the result was 100% off along the top eigendirection."""
         fs = [1 - d - t / s for t in spectrum]
-        slowest = max([power(f) for f in fs if f >= 0], default=0.0)
+        slowest = max([power(f) for f in fs if 0 <= f < 1], default=0.0)  # converging ones only
         return any(power(f) > (max_growth if f >= 0 else max(1 / max_growth, slowest)) for f in fs)
 
     def run(s: float):

@@ -297,3 +297,32 @@ def test_lissa_with_the_triton_update(problem):
     kw = dict(depth=30, scale=50.0, damping=0.05, batch_size=9, seed=3)
     got = fk.lissa(op, V, backend="triton", **kw)
     assert rel(got.cpu(), fk.lissa(op, V, backend="torch", **kw).cpu()) < 1e-12
+
+
+class _Diagonal:
+    """M = diag(ev) as an HVP operator (one sample, full batch)."""
+
+    def __init__(self, ev):
+        self.M = torch.diag(torch.tensor(ev, dtype=torch.float64))
+        self.num_params, self.num_samples = len(ev), 1
+
+    def __call__(self, h, batch=None, out=None):
+        return h @ self.M
+
+
+@pytest.mark.parametrize("ev, s, accepted", [
+    ([2.0, 1.0, 0.01], 1.02, True),    # top factor −0.96 keeps 2% after 100 steps, as the 0.99 direction keeps 37%
+    ([2.0, 1.0, 0.0], 0.995, False),   # top factor −1.01: neither grows much nor converges
+    ([2.0, 1.0, -0.02], 0.995, False),  # the same beside negative curvature (growth 1.02^100, allowed)
+])
+def test_lissa_alternating_rule_relative_to_the_slowest_direction(ev, s, accepted):
+    """An alternating direction must converge as far as the slowest converging monotone one (LiSSA's
+    usual truncation) or to 1/max_growth; a growing negative-curvature direction is no excuse (with it
+    the top direction's result came out 275% off)."""
+    v = torch.ones(len(ev), dtype=torch.float64)
+    if accepted:
+        x = fk.lissa(_Diagonal(ev), v, 100, s, 0.0, batch_size=None)
+        assert abs(float(x[0]) - 1 / ev[0]) < 0.05 / ev[0]
+    else:
+        with pytest.raises(fk.LiSSADivergedError, match="alternates in sign and does not decay"):
+            fk.lissa(_Diagonal(ev), v, 100, s, 0.0, batch_size=None)

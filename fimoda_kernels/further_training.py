@@ -463,47 +463,53 @@ def _tensor_digest(h, t: torch.Tensor) -> None:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object.__repr__'s memory address: not the same in a new process
 
 
-def _value_digest(h, v, depth: int = 0) -> None:
+def _value_digest(h, v, depth: int = 0, seen: dict | None = None) -> None:
     """A setting or captured value by content, the same in a new process: tensors and arrays by value,
     functions by code (:func:`_function_digest`), plain data and containers by content, an object by
     its class's code and its fields (``__dict__`` and slots, so nn.HuberLoss(delta=5) differs from
     delta=1 although both print as HuberLoss()); an object without fields by a repr that shows no
     memory address, else by type. Loggers count by name only: their caches change with the process's
     history and must not refuse a resume."""
+    seen = {} if seen is None else seen  # id -> object, held so that no id is reused meanwhile
     if isinstance(v, torch.Tensor):
         _tensor_digest(h, v)
     elif isinstance(v, (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)):
         h.update(repr(v).encode())
     elif type(v).__module__ == "numpy" and hasattr(v, "tobytes"):  # ndarray, numpy scalars
         h.update(f"{getattr(v, 'dtype', '')}{getattr(v, 'shape', '')}".encode() + v.tobytes())
-    elif depth > 4:  # deep object graphs: their type only
-        h.update(type(v).__qualname__.encode())
+    elif isinstance(v, os.PathLike):
+        h.update(f"path {os.fspath(v)}".encode())  # not its lazily filled caches (one holds a string hash)
+    elif id(v) in seen or depth > 12:  # each object once (cycles, shared parts); very deep graphs by type
+        h.update(f"<{type(v).__qualname__}>".encode())
     elif isinstance(v, (list, tuple)):
         h.update(f"{type(v).__name__}{len(v)}".encode())
         for x in v:
-            _value_digest(h, x, depth + 1)
+            _value_digest(h, x, depth + 1, seen)
     elif isinstance(v, (set, frozenset)):  # in an order that does not depend on the hash seed
         h.update(repr(sorted(map(repr, v))).encode())
     elif isinstance(v, dict):
         for k in sorted(v, key=repr):
             h.update(repr(k).encode())
-            _value_digest(h, v[k], depth + 1)
-    elif isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
-        _function_digest(h, v, depth + 1)
+            _value_digest(h, v[k], depth + 1, seen)
+    elif isinstance(v, (types.FunctionType, types.MethodType, functools.partial, types.BuiltinFunctionType,
+                        types.BuiltinMethodType)):
+        seen[id(v)] = v
+        _function_digest(h, v, depth + 1, seen)
     elif isinstance(v, type):
-        _class_digest(h, v, depth + 1)
+        _class_digest(h, v, depth + 1, seen)
     elif isinstance(v, (logging.Logger, types.ModuleType)):
         h.update(f"{type(v).__name__} {v.__name__ if isinstance(v, types.ModuleType) else v.name}".encode())
     else:
+        seen[id(v)] = v
         fields = _fields(v)
         if fields is None:  # a C-level object: Fraction(1, 3) shows its value; <lock at 0x…> does not
             text = repr(v)
             h.update((type(v).__qualname__ if _ADDRESS.search(text) else text).encode())
             return
-        _class_digest(h, type(v), depth + 1)
+        _class_digest(h, type(v), depth + 1, seen)
         for k, x in sorted(fields.items()):
             h.update(k.encode())
-            _value_digest(h, x, depth + 1)
+            _value_digest(h, x, depth + 1, seen)
 
 
 def _fields(v) -> dict | None:
@@ -533,29 +539,36 @@ def _code_digest(h, code: types.CodeType) -> None:
             h.update(repr(c).encode())
 
 
-def _function_digest(h, fn, depth: int = 0) -> None:
+def _function_digest(h, fn, depth: int = 0, seen: dict | None = None) -> None:
     """A function by what it computes: its bytecode, constants, names, defaults and closure values
     (two closures of one factory differ; its qualified name alone would not tell them apart)."""
     if isinstance(fn, functools.partial):
-        _function_digest(h, fn.func, depth + 1)
-        _value_digest(h, (fn.args, fn.keywords), depth + 1)
+        _function_digest(h, fn.func, depth + 1, seen)
+        _value_digest(h, (fn.args, fn.keywords), depth + 1, seen)
         return
-    fn = getattr(fn, "__func__", fn)  # a bound method: its function (the instance is hashed elsewhere)
+    seen = {} if seen is None else seen  # id -> object, held so that no id is reused meanwhile
+    owner = getattr(fn, "__self__", None)  # a bound method's instance (HuberLoss(delta=5).forward), a
+    if owner is not None:                   # builtin's module or type (torch.tanh vs torch.sigmoid)
+        if isinstance(owner, (types.ModuleType, type)):
+            h.update(f"of {owner.__name__}".encode())
+        else:
+            _value_digest(h, owner, depth + 1, seen)
+    fn = getattr(fn, "__func__", fn)
     code = getattr(fn, "__code__", None)
-    h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}".encode())
-    if code is None:  # a builtin
+    h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', getattr(fn, '__name__', ''))}".encode())
+    if code is None:  # a builtin: its names above
         return
     _code_digest(h, code)
     for d in fn.__defaults__ or ():
-        _value_digest(h, d, depth + 1)
+        _value_digest(h, d, depth + 1, seen)
     for cell in fn.__closure__ or ():
         try:
-            _value_digest(h, cell.cell_contents, depth + 1)
+            _value_digest(h, cell.cell_contents, depth + 1, seen)
         except ValueError:  # an empty cell
             h.update(b"<empty>")
 
 
-def _class_digest(h, cls: type, depth: int = 0) -> None:
+def _class_digest(h, cls: type, depth: int = 0, seen: dict | None = None) -> None:
     """The code of a class's methods outside torch and Python (a changed forward() or loss is another
     model or task, whatever its parameters)."""
     h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
@@ -566,7 +579,7 @@ def _class_digest(h, cls: type, depth: int = 0) -> None:
             attr = getattr(attr, "__func__", attr)  # staticmethod / classmethod
             if isinstance(attr, types.FunctionType):
                 h.update(name.encode())
-                _function_digest(h, attr, depth + 1)
+                _function_digest(h, attr, depth + 1, seen)
 
 
 def _task_id(task: Task) -> str:

@@ -451,6 +451,21 @@ def test_checkpoint_fingerprint_covers_code(tmp_path):
     further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "e", loss=task, **kw)
     task.value.isEnabledFor(logging.DEBUG)  # fills the logger's cache
     further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "e", loss=task, **kw)
+    # settings the fingerprint must see (or, for a path's caches, must not): builtins by name, bound
+    # methods with their instance, objects nested deep in modules
+    from pathlib import Path
+    from fimoda_kernels.further_training import _task_id
+
+    def differ(a, b):
+        return _task_id(_Held(a)) != _task_id(_Held(b))
+
+    assert differ(torch.tanh, torch.sigmoid) and differ(np.exp, np.log)
+    assert differ(nn.HuberLoss(delta=5.0).forward, nn.HuberLoss(delta=0.01).forward)
+    assert differ(nn.Sequential(nn.Sequential(nn.HuberLoss(delta=5.0))), nn.Sequential(nn.Sequential(nn.HuberLoss())))
+    p = Path("/tmp/weights.pt")
+    before = _task_id(_Held(p))
+    hash(p), str(p)  # fills the path's caches, one of them the string hash
+    assert _task_id(_Held(p)) == before and differ(p, Path("/tmp/other.pt"))
     first = further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", **kw)
     again = further_train(mlp(), train, test, [0], [1], checkpoint_dir=tmp_path / "c", betas=(0.5, 0.6), eps=1e-3,
                           **kw)

@@ -135,6 +135,16 @@ def _parse_float(text: str) -> float:
     return v
 
 
+def _number(text: str) -> float | None:
+    try:
+        return _parse_float(text)
+    except ValueError:
+        return None
+
+
+_MISSING = {"nan", "na", "n/a", "null", "none", "?"}  # spellings of a missing label
+
+
 def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), task: str = "regression",
              dtype=torch.float32) -> Dataset:
     """A CSV file with a header row: every column except ``target`` and ``drop`` is a numeric
@@ -183,20 +193,18 @@ def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), tas
             except ValueError:
                 raise DatasetError(f"csv: target {target!r}, line {r}: expected a finite number for regression, "
                                    f"got {value!r} (use --task classification for labels)") from None
-        elif value == "":
-            raise DatasetError(f"csv: target {target!r}, line {r}: missing label")
+        elif value == "" or value.lower() in _MISSING:
+            raise DatasetError(f"csv: target {target!r}, line {r}: missing label ({value!r})")
         y.append(value)
     y = np.array(y)
     if task == "classification":
-        try:  # numeric labels sort numerically
-            values = np.array([_parse_float(v) for v in y])
-        except ValueError:
-            pass
-        else:
-            frac = np.flatnonzero(values != np.round(values))
-            if frac.size:  # a continuous target would become one class per distinct value
-                raise DatasetError(f"csv: target {target!r}: numeric class labels must be integers, got "
-                                   f"{str(y[frac[0]])!r} (use --task regression, or text labels)")
-            y = values
+        values = [_number(v) for v in y]
+        numeric = [k for k, v in enumerate(values) if v is not None]
+        frac = [k for k in numeric if values[k] != round(values[k])]
+        if frac and 2 * len(numeric) >= len(y):  # a continuous target would become one class per value
+            raise DatasetError(f"csv: target {target!r}: numeric class labels must be integers, got "
+                               f"{str(y[frac[0]])!r} (use --task regression, or text labels)")
+        if len(numeric) == len(y):  # numeric labels sort numerically
+            y = np.array(values)
     name = os.path.splitext(os.path.basename(path))[0]
     return split_standardize(name, X, y, task, feature_names=features, target_name=target, dtype=dtype)

@@ -111,8 +111,15 @@ def test_help_lists_run_options(capsys):
 
 
 def test_continuous_target_refused_for_classification(capsys, csv_file, tmp_path):
-    _bad(capsys, ["run", "--csv", str(csv_file), "--target", "y", "--task", "classification",
-                  "--out", str(tmp_path / "o")], "numeric class labels must be integers, got '0.5'")
+    """A numeric target with fractional values is not a set of class labels, also when one label is
+    text; a missing label spelled NA or nan is named as missing."""
+    argv = ["--target", "y", "--task", "classification", "--out", str(tmp_path / "o")]
+    _bad(capsys, ["run", "--csv", str(csv_file)] + argv, "numeric class labels must be integers, got '0.5'")
+    lines = csv_file.read_text().splitlines()
+    for label, match in [("NA", "line 42: missing label ('NA')"), ("other", "must be integers, got '0.5'")]:
+        path = tmp_path / f"{label}.csv"
+        path.write_text("\n".join(lines + [f"1,2,{label}"]) + "\n")
+        _bad(capsys, ["run", "--csv", str(path)] + argv, match)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ._validate import check_choice, check_float, check_int, check_seed, check_tensor
-from .grads import _is_capturable, capture_linear
+from .grads import SampleError, _is_capturable, capture_linear
 from .ops.ekfac import (ACC_DTYPES, default_damping, ekfac_eigen_correction, ekfac_eigenbases,
                         ekfac_precondition, ekfac_scores, kfac_eigenvalues, kfac_factors,
                         layer_gradient_matrices)
@@ -160,11 +160,15 @@ class EKFAC:
             device = next(self.model.parameters()).device
             generator = torch.Generator(device=device).manual_seed(self.seed)
             quantity = self._quantity(generator)
+        offset = 0
         for k, (x, y) in enumerate(data):
             try:
                 cap = self._capture.run(self.task, x, y, wrt="loss", quantity=quantity)
+            except SampleError as e:  # numbered in the whole set, not the batch
+                raise e.shifted(offset) from None
             except ValueError as e:  # e.g. non-finite inputs: say which batch
                 raise ValueError(f"batch {k}: {e}") from e
+            offset += x.shape[0]
             names = [l.name for l in cap.layers]
             if not names:
                 raise ValueError("model: no nn.Linear/nn.Conv2d layer could be captured "

@@ -477,3 +477,18 @@ def test_capture_mlp_random_shapes(n, d_in, hidden, d_out, bias, classify, seed)
     y = torch.randint(0, d_out, (n,)) if classify else torch.randn(n, dtype=D)
     cap = check_capture(model, "cross_entropy" if classify else "mse", x, y, n_layers=len(hidden) + 1)
     assert cap.uncovered == []
+
+
+def test_capture_refuses_an_inf_activation_behind_a_saturating_output():
+    """An activation that overflowed to inf before a tanh leaves the loss finite and the output
+    gradients finite (tanh' = 0), but the layer's per-sample gradient s·aᵀ NaN: the capture names the
+    sample and the layer."""
+    from fimoda_kernels.grads import SampleError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1), nn.Tanh()).eval()
+    with torch.no_grad():
+        model[0].weight[0] = 1e30  # hidden unit 0 overflows float32 for large inputs
+    x, y = torch.tensor([[0.1, 0.2], [1e10, 1e10], [0.3, -0.1]]), torch.zeros(3, 1)
+    with pytest.raises(SampleError, match=r"for sample 1 \(the input of layer '2'"):
+        capture_linear(model).run("mse", x, y)

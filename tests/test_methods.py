@@ -404,3 +404,24 @@ def test_ekfac_method_honours_backend_and_max_memory():
         hook.remove()
     assert len(calls) - 2 * n_cached == N // 16 + 1  # one more pass over the 3 training batches
     assert rel(again, cached) < 1e-12
+
+
+def test_non_finite_samples_named_in_their_set():
+    """A sample whose gradient overflows is named by its index in the training set (also through
+    DataInf's reference subsample) or as a test sample; the error survives pickling (worker pools)."""
+    import pickle
+
+    from fimoda_kernels.grads import SampleError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    x, y = torch.randn(12, 3), torch.randn(12)
+    y_bad = y.clone()
+    y_bad[7] = 3e38  # float32: the loss gradient 2(f − y) overflows
+    ref = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:8]
+    assert 7 in ref.tolist()
+    with pytest.raises(SampleError, match=r"^inputs, targets: .* for sample 7 ") as err:
+        fk.attribute("datainf", model, "mse", (x, y_bad), (x[:3], y[:3]), reference=8, seed=0)
+    assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
+    with pytest.raises(SampleError, match=r"^test inputs, targets: .* for sample 1 "):
+        fk.attribute("cg", model, "mse", (x, y), (x[6:9], y_bad[6:9]), damping=0.1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._validate import check_choice, check_int
-from ..grads import _check_batch, per_sample_grads
+from ..grads import SampleError, _check_batch, per_sample_grads
 from ..inner_products import grad_sq_norms
 from ..tasks import Task, get_task
 
@@ -136,7 +136,10 @@ def base_damping(model, task, train, max_memory: int = 2**30) -> float:
 def dense_loss_grads(model, task, test, max_memory: int) -> torch.Tensor:
     """Loss gradients of the test points, ``[n_test, p]`` (the test side is materialized: its rows are
     the right-hand sides of the inverse-HVP solves)."""
-    return per_sample_grads(model, task, test[0], test[1], "loss", max_memory)
+    try:
+        return per_sample_grads(model, task, test[0], test[1], "loss", max_memory)
+    except SampleError as e:  # say which set
+        raise e.shifted(prefix="test ") from None
 
 
 def outputs(model, task, pair, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -156,10 +156,11 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
             a factor just past ±1 (s just under (μ_max + λ)/2, or a true Hessian with μ_min + λ < 0,
             which no scale fixes) grows it only ρ^D-fold over the run while the result is wrong by that
             factor. So θ_min, θ_max of M are estimated first (:func:`extreme_eigenvalues`: 40 full-data
-            products with one vector), and a scale whose factor f = 1 − d − θ/s at either end gives
-            f^depth > max_growth (f ≥ 0), or |f|^depth > 1/max_growth (f < 0: an alternating direction
-            must converge, not merely stay bounded) diverges (LiSSADivergedError at iteration 0). The check sees the full-data M, not the
-            minibatch ones (those stay the κ check's). Its cost, ≈ 40·N/batch_size minibatch products
+            products with one vector), and a scale is refused (LiSSADivergedError at iteration 0) when its
+            factor f = 1 − d − θ/s at either end gives f^depth > max_growth (f ≥ 0), or, for f < 0 (an
+            alternating direction must converge, not merely stay bounded), |f|^depth above both
+            1/max_growth and the slowest converging (0 ≤ f < 1) direction's. The check sees the
+            full-data M, not the minibatch ones (those stay the κ check's). Its cost, ≈ 40·N/batch_size minibatch products
             with one vector, is small against the run's depth products with r vectors unless r is 1
             and N large: then max_growth=None skips it.
         return_info: also return a dict: ``scale`` (the one used), ``damping`` (d), ``effective_damping``
@@ -218,9 +219,10 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
     def unsound(s: float, d: float) -> bool:
         """A monotone direction (factor f = 1 − d − θ/s ≥ 0) may grow up to max_growth (f > 1 only from
         negative curvature: a truncated series). An alternating one (f < 0: s too small for θ_max) must
-        also converge, to 1/max_growth of its error or as far as the slowest converging monotone direction
-        does (no worse than LiSSA's usual truncation; a growing one, from negative curvature, is no excuse): at f = −1.0004 it neither grows much nor converges,
-        and the result was 100% off along the top eigendirection."""
+        also converge, to 1/max_growth of its error or as far as the slowest converging monotone
+        direction does (no worse than LiSSA's usual truncation; a growing one, from negative curvature,
+        is no excuse): at f = −1.0004 it neither grows much nor converges, and the result was 100% off
+        along the top eigendirection."""
         fs = [1 - d - t / s for t in spectrum]
         slowest = max([power(f) for f in fs if 0 <= f < 1], default=0.0)  # converging ones only
         return any(power(f) > (max_growth if f >= 0 else max(1 / max_growth, slowest)) for f in fs)

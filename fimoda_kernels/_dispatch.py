@@ -29,7 +29,7 @@ PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 class FallbackWarning(UserWarning):
-    """A faster backend exists for this device but cannot run these inputs."""
+    """A faster backend or path exists but cannot run these inputs: a slower one runs instead."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,6 +150,9 @@ class Op:
 
     def select(self, backend: str | None, device, *args, **kwargs) -> Implementation:
         device = torch.device(device)
+        if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"device: expected a device with data that this torch can use, got {device}"
+                             + (" (torch.cuda.is_available() is False)" if device.type == "cuda" else ""))
         if backend is None and os.environ.get("FIMODA_BACKEND"):
             backend = os.environ["FIMODA_BACKEND"]
             origin = "FIMODA_BACKEND"

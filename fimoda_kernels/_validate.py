@@ -97,6 +97,26 @@ def check_tensor(name: str, value, *, ndim: int | Iterable[int] | None = None,
     return value
 
 
+def check_input(name: str, value, **checks) -> torch.Tensor:
+    """:func:`check_tensor` for a tensor argument of an op (``fimoda_kernels.ops``), which must not
+    require grad while grad mode is on: the ops are not differentiable (native backends read and
+    write raw memory that autograd does not see), so a gradient through them would be silently wrong
+    or missing, differently on each backend."""
+    value = check_tensor(name, value, **checks)
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: expected a tensor that does not require grad (the ops are not "
+                         "differentiable), got one that does; detach it or call under torch.no_grad()")
+    return value
+
+
+def bump_version(*tensors: torch.Tensor | None) -> None:
+    """Tell autograd that a native kernel wrote these tensors in place (as a torch in-place op would),
+    so that a graph which saved one refuses to backpropagate instead of using the new values."""
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
+
+
 def memory_overlaps(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """Whether the byte ranges ``a`` and ``b`` can reach intersect (each tensor's extent from its
     strides; conservative for interleaved views)."""
@@ -132,9 +152,17 @@ def check_layer_pair(a: torch.Tensor, s: torch.Tensor, prefix: str = "") -> tupl
     """A Linear/Conv layer's inputs ``a`` and output gradients ``s``: ``[n, d_in]`` and ``[n, d_out]``
     (T = 1) or ``[n, T, d_in]`` and ``[n, T, d_out]``, one float dtype and device. Returns both 3-D
     (T = 1 as a length-1 axis). ``prefix`` names where the pair came from, e.g. "train_layers[0] "."""
-    check_tensor(f"{prefix}a", a, ndim=(2, 3), dtypes=FLOAT_DTYPES)
-    check_tensor(f"{prefix}s", s, ndim=(2, 3), dtypes=(a.dtype,), device=a.device)
+    check_input(f"{prefix}a", a, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_input(f"{prefix}s", s, ndim=(2, 3), dtypes=(a.dtype,), device=a.device)
     if a.dim() != s.dim() or a.shape[0] != s.shape[0] or (a.dim() == 3 and a.shape[1] != s.shape[1]):
         raise ValueError(f"{prefix}a {tuple(a.shape)} and {prefix}s {tuple(s.shape)}: expected [n, d_in] and "
                          "[n, d_out] or [n, T, d_in] and [n, T, d_out] with the same n and T")
     return (a, s) if a.dim() == 3 else (a[:, None], s[:, None])
+
+
+def check_layer_entry(entry, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`check_layer_pair` of one entry of a per-layer list, which must be an ``(a, s)`` pair."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+        got = f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (list, tuple)) else type(entry).__name__
+        raise ValueError(f"{prefix.rstrip()}: expected an (a, s) pair of tensors, got {got}")
+    return check_layer_pair(*entry, prefix=prefix)

@@ -144,3 +144,68 @@ def test_environment_overrides_are_checked(monkeypatch):
 
     assert isa("bogus") == isa("") == isa(None)
     assert isa("AVX2") == isa("avx2") and isa("Scalar") == "scalar"
+
+
+def _op_calls():
+    """One call per op, its first tensor argument built by ``t`` (so it can require grad)."""
+    import fimoda_kernels as fk
+    from fimoda_kernels.ops.conv_patches import conv_patches
+
+    r = lambda *shape: torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))
+    eig = [(torch.eye(3), torch.ones(3), torch.eye(2), torch.ones(2))]
+    return {
+        "project": lambda t: fk.project(t(r(3, 70)), 2100, 0),  # two column blocks of the cpu path
+        "project_linear": lambda t: fk.project_linear(t(r(3, 60)), r(3, 9), 2100, 0),
+        "grad_dot": lambda t: fk.grad_dot(t(r(4, 5)), r(3, 5)),
+        "grad_dot_factored": lambda t: fk.grad_dot_factored([(t(r(4, 3)), r(4, 2))], [(r(2, 3), r(2, 2))]),
+        "lissa_update": lambda t: fk.lissa_update(t(r(2, 5)), r(2, 5), r(2, 5), 10.0, 0.1),
+        "kfac_factors": lambda t: fk.kfac_factors([[(t(r(4, 3)), r(4, 2))]]),
+        "ekfac_scores": lambda t: fk.ekfac_scores([(t(r(4, 3)), r(4, 2))], eig, [r(2, 2, 3)]),
+        "conv_patches": lambda t: conv_patches(t(r(1, 2, 4, 4)), 3),
+    }
+
+
+@pytest.mark.parametrize("name", list(_op_calls()))
+def test_ops_refuse_inputs_that_require_grad(name):
+    """The ops are not differentiable: the native kernels read raw memory autograd does not see (the
+    cpu projection's input gradient was wrong by up to 110%, silently; triton's missing). An input
+    that requires grad is refused while grad mode is on; under no_grad the call runs."""
+    call = _op_calls()[name]
+    with pytest.raises(ValueError, match="expected a tensor that does not require grad"):
+        call(lambda x: x.requires_grad_())
+    with torch.no_grad():
+        call(lambda x: x.requires_grad_())
+
+
+def test_in_place_ops_tell_autograd():
+    """ensemble_step and lissa_update write through raw pointers: a graph that saved the tensor they
+    updated must refuse to backpropagate, as after a torch in-place op (it used the new values)."""
+    import fimoda_kernels as fk
+
+    for backend in ("cpu", "torch"):
+        p = torch.randn(3, 4, requires_grad=True)
+        loss = (p * p).sum()
+        with torch.no_grad():  # as an optimizer step
+            fk.ensemble_step(p, torch.ones(3, 4), torch.ones(3, dtype=torch.int64), optimizer="sgd", lr=0.1,
+                             backend=backend)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    h = torch.randn(2, 5, requires_grad=True)
+    loss = (h * h).sum()
+    with torch.no_grad():
+        fk.lissa_update(h, torch.randn(2, 5), torch.randn(2, 5), 10.0, 0.1, out=h, backend="cpu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", id="gpu_without_cuda")])
+def test_unusable_devices_are_named(device):
+    import fimoda_kernels as fk
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match=f"device: expected a device with data that this torch can use, got {device}"):
+        fk.projection_matrix(4, 4, 0, device=device)
+    if device == "meta":
+        with pytest.raises(ValueError, match="device: .* got meta"):
+            fk.project(torch.empty(2, 3, device="meta"), 4, 0)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import op
-from .._validate import check_choice, check_disjoint, check_float, check_tensor
+from .._validate import check_choice, check_disjoint, check_float, check_input
 
 _FWD, _BWD = op("bias_act"), op("bias_act_backward")
 _DTYPES = (torch.float32, torch.float64)
@@ -72,7 +72,7 @@ def _bias_act_backward_reference(g, h, bias_grad, act: str, slope: float, out_gr
 
 
 def _check(name: str, t: torch.Tensor, like: torch.Tensor | None, shape) -> None:
-    check_tensor(name, t, ndim=len(shape), dtypes=_DTYPES if like is None else (like.dtype,),
+    check_input(name, t, ndim=len(shape), dtypes=_DTYPES if like is None else (like.dtype,),
                  device=None if like is None else like.device)
     if tuple(t.shape) != tuple(shape) or not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor of shape {tuple(shape)}, got shape "

@@ -12,11 +12,13 @@ torch path is used (torch's unfold kernel is memory-bound there too).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_tensor
+from .._validate import FLOAT_DTYPES, check_input
 
 _OP = op("conv_patches")
 _DTYPES = (torch.float32, torch.float64)
@@ -34,7 +36,11 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 
 
 def _conv_patches_reference(x, kernel_size, stride, padding, dilation, bias):
-    a = F.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2)
+    if x.shape[1] == 0:  # no channels: no patch entries (unfold refuses an empty input)
+        L = math.prod(output_size(x.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i]) for i in range(2))
+        a = x.new_zeros(x.shape[0], L, 0)
+    else:
+        a = F.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2)
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if bias else a.contiguous()
 
 
@@ -43,7 +49,7 @@ def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, 
     """Patches ``[N, Ho·Wo, C·kh·kw + bias]`` (contiguous, x's dtype) of ``x [N, C, H, W]`` for a
     Conv2d with these ``kernel_size``, ``stride``, symmetric ``padding`` and ``dilation`` (ints or
     pairs; groups = 1). backend: "cpu" (float32/float64 CPU tensors), "torch" or None."""
-    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    check_input("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     k, s, p, d = (_pair(n, v) for n, v in (("kernel_size", kernel_size), ("stride", stride),
                                            ("padding", padding), ("dilation", dilation)))
     if min(k) < 1 or min(s) < 1 or min(d) < 1 or min(p) < 0:
@@ -53,8 +59,10 @@ def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, 
     if Ho < 1 or Wo < 1:
         raise ValueError(f"x: a {tuple(x.shape[2:])} image with kernel_size={k}, padding={p}, dilation={d} "
                          f"has no output position")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
     impl = _OP.select(backend, x.device, x)
-    return impl.fn(x, k, s, p, d, bool(bias), Ho, Wo)
+    return impl.fn(x, k, s, p, d, bias, Ho, Wo)
 
 
 def patches_backend(x: torch.Tensor) -> str:

@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_choice, check_float, check_layer_pair, check_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_float, check_layer_entry, check_layer_pair, check_input
 
 _CHUNK_BYTES = 16 * 2**20  # working set of the chunked cpu paths
 
@@ -71,9 +71,9 @@ def _batch_layers(batch, b: int, expected: int | None, matrices: bool = False) -
     out = []
     for l, entry in enumerate(batch):
         if matrices and isinstance(entry, torch.Tensor):
-            out.append(check_tensor(f"batches[{b}][{l}]", entry, ndim=3, dtypes=FLOAT_DTYPES))
+            out.append(check_input(f"batches[{b}][{l}]", entry, ndim=3, dtypes=FLOAT_DTYPES))
         elif isinstance(entry, (list, tuple)) and len(entry) == 2:
-            out.append(check_layer_pair(*entry, prefix=f"batches[{b}][{l}] "))
+            out.append(check_layer_entry(entry, f"batches[{b}][{l}] "))
         else:
             raise ValueError(f"batches[{b}][{l}]: expected an (a, s) pair"
                              f"{' or gradient matrices [n, d_out, d_in]' if matrices else ''}, "
@@ -135,13 +135,20 @@ def kfac_factors(batches: Iterable, names: Sequence[str] | None = None, dtype: t
                 raise ValueError(f"batches[{b}][{l}]: expected widths d_in={A.shape[0]}, d_out={S.shape[0]} "
                                  f"(as batch 0), got {a.shape[2]}, {s.shape[2]}")
             for what, x, C in (("inputs a", a, A), ("output gradients s", s, S)):
-                impl.fn(C, x.reshape(-1, x.shape[2]))
+                impl.fn(C, x.reshape(x.shape[0] * x.shape[1], x.shape[2]))  # also when d = 0
                 if not bool(torch.isfinite(C.diagonal()).all()):
                     raise ValueError(f"kfac_factors: non-finite values (NaN or Inf) in the {what} of "
                                      f"{labels[l]} in batch {b} (check the inputs, targets and parameters)")
+    _check_samples(acc, n)
+    return [(A.div_(n), S.div_(n)) for A, S in acc]
+
+
+def _check_samples(acc, n: int) -> None:
+    """The streamed averages divide by the sample count N: refuse N = 0 instead of returning NaN."""
     if acc is None:
         raise ValueError("batches: expected at least one batch, got none")
-    return [(A.div_(n), S.div_(n)) for A, S in acc]
+    if n == 0:
+        raise ValueError("batches: expected at least one sample, got batches of 0 samples")
 
 
 @_FACTORS.register("torch")
@@ -198,10 +205,15 @@ def ekfac_eigenbases(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], names
     _check_acc_dtype("eigh_dtype", eigh_dtype)
     labels = _layer_names(names, len(factors))
     out = []
-    for label, (A, S) in zip(labels, factors):
+    for l, (label, pair) in enumerate(zip(labels, factors)):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"factors[{l}]: expected an (A, S) pair, got {type(pair).__name__}"
+                             f"{f' of {len(pair)}' if isinstance(pair, (list, tuple)) else ''}")
         parts = []
-        for what, C in (("A (input covariance)", A), ("S (output-gradient covariance)", S)):
-            check_tensor(f"{label} {what}", C, ndim=2, dtypes=ACC_DTYPES)
+        for what, C in (("A (input covariance)", pair[0]), ("S (output-gradient covariance)", pair[1])):
+            check_input(f"{label} {what}", C, ndim=2, dtypes=ACC_DTYPES)
+            if C.shape[0] != C.shape[1]:
+                raise ValueError(f"{label} {what}: expected a square matrix, got shape {tuple(C.shape)}")
             if not bool(torch.isfinite(C).all()):
                 raise ValueError(f"ekfac_eigenbases: {label} factor {what} has NaN or Inf entries; "
                                  "refit the factors from finite inputs")
@@ -270,7 +282,7 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
         n += first.shape[0]
         for l, (entry, (Q_A, _, Q_S, _), L) in enumerate(zip(layers, eigenbases, acc)):
             if isinstance(entry, torch.Tensor):
-                check_tensor(f"batches[{b}][{l}]", entry, device=first.device)
+                check_input(f"batches[{b}][{l}]", entry, device=first.device)
                 if entry.shape[1:] != L.shape or entry.shape[0] != first.shape[0]:
                     raise ValueError(f"batches[{b}][{l}]: expected gradient matrices [{first.shape[0]}, "
                                      f"{L.shape[0]}, {L.shape[1]}] (the eigenbases of {labels[l]}), got "
@@ -280,7 +292,7 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
                     _rotate_square_sum(L, entry[i0:i0 + rows].to(L.dtype), Q_S, Q_A)
             else:
                 a, s = entry
-                check_tensor(f"batches[{b}][{l}] a", a, device=first.device)
+                check_input(f"batches[{b}][{l}] a", a, device=first.device)
                 if a.shape[0] != first.shape[0]:
                     raise ValueError(f"batches[{b}][{l}]: expected {first.shape[0]} samples (as layer 0), "
                                      f"got {a.shape[0]}")
@@ -292,8 +304,7 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
             if not bool(torch.isfinite(L).all()):
                 raise ValueError(f"ekfac_eigen_correction: non-finite values (NaN or Inf) for {labels[l]} "
                                  f"in batch {b} (check the inputs, targets and parameters)")
-    if acc is None:
-        raise ValueError("batches: expected at least one batch, got none")
+    _check_samples(acc, n)
     return [L.div_(n) for L in acc]
 
 
@@ -438,10 +449,10 @@ def ekfac_precondition(test_layers, eigenbases, eigenvalues, damping=None, basis
                          f"{len(test_layers)} and {len(eigenvalues)}")
     lams = _check_damping(damping, eigenvalues)
     out = []
-    for l, ((b, r), (Q_A, _, Q_S, _), Lam, lam) in enumerate(zip(test_layers, eigenbases, eigenvalues, lams)):
-        b, r = check_layer_pair(b, r, prefix=f"test_layers[{l}] ")
-        dt = dtype or Q_A.dtype
-        check_tensor(f"eigenvalues[{l}]", Lam, ndim=2, dtypes=FLOAT_DTYPES)
+    for l, (pair, (Q_A, _, Q_S, _), Lam, lam) in enumerate(zip(test_layers, eigenbases, eigenvalues, lams)):
+        b, r = check_layer_entry(pair, f"test_layers[{l}] ")
+        dt = _check_acc_dtype("dtype", dtype or Q_A.dtype)
+        check_input(f"eigenvalues[{l}]", Lam, ndim=2, dtypes=FLOAT_DTYPES, finite=True)
         if tuple(Lam.shape) != (Q_S.shape[0], Q_A.shape[0]) or b.shape[2] != Q_A.shape[0] or r.shape[2] != Q_S.shape[0]:
             raise ValueError(f"test_layers[{l}], eigenvalues[{l}]: expected widths d_in={Q_A.shape[0]}, "
                              f"d_out={Q_S.shape[0]} and Λ of shape {(Q_S.shape[0], Q_A.shape[0])}, got "
@@ -501,13 +512,13 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
     if len(train_layers) != len(eigenbases) or len(preconditioned) != len(eigenbases):
         raise ValueError(f"train_layers, preconditioned: expected {len(eigenbases)} layers (as eigenbases), got "
                          f"{len(train_layers)} and {len(preconditioned)}")
-    layers = [check_layer_pair(a, s, prefix=f"train_layers[{l}] ") for l, (a, s) in enumerate(train_layers)]
-    W0 = check_tensor("preconditioned[0]", preconditioned[0], ndim=3, dtypes=ACC_DTYPES)
+    layers = [check_layer_entry(pair, f"train_layers[{l}] ") for l, pair in enumerate(train_layers)]
+    W0 = check_input("preconditioned[0]", preconditioned[0], ndim=3, dtypes=ACC_DTYPES)
     n, m = layers[0][0].shape[0], W0.shape[0]
     out = torch.zeros(n, m, dtype=W0.dtype, device=W0.device)
     impl = _SCORES.select(backend, W0.device, layers[0][0])
     for l, ((a, s), (Q_A, _, Q_S, _), W) in enumerate(zip(layers, eigenbases, preconditioned)):
-        check_tensor(f"preconditioned[{l}]", W, ndim=3, dtypes=(W0.dtype,), device=W0.device)
+        check_input(f"preconditioned[{l}]", W, ndim=3, dtypes=(W0.dtype,), device=W0.device)
         if (a.shape[0] != n or W.shape[0] != m or tuple(W.shape[1:]) != (Q_S.shape[0], Q_A.shape[0])
                 or a.shape[2] != Q_A.shape[0] or s.shape[2] != Q_S.shape[0]):
             raise ValueError(f"train_layers[{l}], preconditioned[{l}]: expected a [{n}, T, {Q_A.shape[0]}], "
@@ -532,7 +543,7 @@ def _scores_materialized(out, sr, ar, W):
     n, T, d_out = sr.shape
     m, _, d_in = W.shape
     Wf = W.reshape(m, d_out * d_in).T
-    rows = max(1, _CHUNK_BYTES // (out.element_size() * d_out * d_in))
+    rows = max(1, _CHUNK_BYTES // (out.element_size() * max(1, d_out * d_in)))
     for i0 in range(0, n, rows):
         G = torch.bmm(sr[i0:i0 + rows].transpose(1, 2), ar[i0:i0 + rows])
         out[i0:i0 + G.shape[0]].addmm_(G.reshape(G.shape[0], -1), Wf)
@@ -550,7 +561,7 @@ def _scores_cpu(out, sr, ar, W):
     n, T, d_out = sr.shape
     m, _, d_in = W.shape
     Wt = W.reshape(m * d_out, d_in).T
-    rows = max(1, _CHUNK_BYTES // (out.element_size() * T * m * d_out))
+    rows = max(1, _CHUNK_BYTES // (out.element_size() * max(1, T * m * d_out)))
     for i0 in range(0, n, rows):
         c = min(rows, n - i0)
         Y = (ar[i0:i0 + c].reshape(c * T, d_in) @ Wt).view(c, T, m, d_out)

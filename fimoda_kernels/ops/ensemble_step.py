@@ -27,7 +27,7 @@ import torch
 
 from .._dispatch import cuda_stream, op
 from .._ext import _C
-from .._validate import check_choice, check_disjoint, check_float, check_int, check_tensor
+from .._validate import check_choice, check_disjoint, bump_version, check_float, check_int, check_input
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 _OPT_CODE = {"sgd": 0, "adam": 1, "adamw": 2}
@@ -103,7 +103,7 @@ def _check_state(name, t, params, needed: bool):
         return None
     if t is None:
         raise ValueError(f"{name}: required for this optimizer, got None")
-    check_tensor(name, t, dtypes=(params.dtype,), device=params.device)
+    check_input(name, t, dtypes=(params.dtype,), device=params.device)
     if t.shape != params.shape or not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor of shape {tuple(params.shape)} (as params), "
                          f"got shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
@@ -131,14 +131,14 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
         backend: "cuda", "triton", "cpu", "torch" or None.
     """
     optimizer = check_choice("optimizer", optimizer, OPTIMIZERS)
-    check_tensor("params", params, ndim=(1, 2), dtypes=_DTYPES)
+    check_input("params", params, ndim=(1, 2), dtypes=_DTYPES)
     if not params.is_contiguous():
         raise ValueError("params: expected a contiguous tensor")
-    check_tensor("grads", grads, dtypes=(params.dtype,), device=params.device)
+    check_input("grads", grads, dtypes=(params.dtype,), device=params.device)
     if grads.shape != params.shape or not grads.is_contiguous():
         raise ValueError(f"grads: expected a contiguous tensor of shape {tuple(params.shape)}, got "
                          f"{tuple(grads.shape)}")
-    check_tensor("step", step, ndim=1, dtypes=(torch.int64,), device=params.device)
+    check_input("step", step, ndim=1, dtypes=(torch.int64,), device=params.device)
     M = step.shape[0]
     if params.dim() == 2 and params.shape[0] != M:
         raise ValueError(f"step: expected {params.shape[0]} entries (one per model, params' rows), got {M}")
@@ -152,7 +152,7 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
                          f"(sum {sum(segments)})")
     hyper = check_hyperparameters(optimizer, lr, momentum, weight_decay, betas, eps)
     if active is not None:
-        check_tensor("active", active, ndim=1, dtypes=(torch.bool,), device=params.device)
+        check_input("active", active, ndim=1, dtypes=(torch.bool,), device=params.device)
         if active.shape[0] != M:
             raise ValueError(f"active: expected {M} entries, got {active.shape[0]}")
     state1 = _check_state("state1", state1, params, optimizer != "sgd" or momentum != 0)
@@ -162,9 +162,10 @@ def ensemble_step(params: torch.Tensor, grads: torch.Tensor, step: torch.Tensor,
     check_disjoint("state2", state2, params=params, grads=grads)
     if bool((step[active] if active is not None else step).lt(1).any()):
         raise ValueError(f"step: expected step numbers >= 1 for the active models, got min {int(step.min())}")
-    EnsembleStepper(optimizer, *hyper, segments=segments, device=params.device, dtype=params.dtype,
-                    backend=backend)(
-        params, grads, step, state1, state2, active)
+    with torch.no_grad():  # an optimizer step (leaf parameters may require grad, as with torch.optim)
+        EnsembleStepper(optimizer, *hyper, segments=segments, device=params.device, dtype=params.dtype,
+                        backend=backend)(params, grads, step, state1, state2, active)
+    bump_version(params, state1, state2)
 
 
 def check_hyperparameters(optimizer, lr, momentum, weight_decay, betas, eps):

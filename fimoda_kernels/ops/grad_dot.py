@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_int, check_layer_pair, check_tensor
+from .._validate import FLOAT_DTYPES, check_int, check_layer_entry, check_input
 
 _CHUNK_BYTES = 16 * 2**20  # working set of the chunked cpu paths (output rows, temporaries)
 
@@ -52,9 +52,10 @@ def _out_of_range(x: torch.Tensor) -> bool:
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm in float64 (zero rows stay zero), back in x's dtype."""
+    """Rows scaled to unit norm in float64 (zero rows stay zero), then float32 (the kernels' compute
+    dtype: rounding unit rows to float16/bfloat16 would cost their cosines ~1e-3)."""
     n = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
-    return (x.double() * torch.where(n > 0, 1 / n, torch.zeros_like(n))[:, None]).to(x.dtype)
+    return (x.double() * torch.where(n > 0, 1 / n, torch.zeros_like(n))[:, None]).to(_out_dtype(x.dtype))
 
 
 def _check_finite(out: torch.Tensor, what: str) -> torch.Tensor:
@@ -96,8 +97,8 @@ def grad_dot(train: torch.Tensor, test: torch.Tensor, normalize: bool = False, t
     (O(n·m) against the GEMM's O(n·m·d)); measured at 111% of the square-GEMM peak for
     8192 × 512 × 2048 (benchmarks/RESULTS.md), so no native epilogue kernel was written.
     """
-    check_tensor("train", train, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("test", test, ndim=2, dtypes=(train.dtype,), device=train.device)
+    check_input("train", train, ndim=2, dtypes=FLOAT_DTYPES)
+    check_input("test", test, ndim=2, dtypes=(train.dtype,), device=train.device)
     if train.shape[1] != test.shape[1]:
         raise ValueError(f"test: expected [m, {train.shape[1]}] (train's d), got {tuple(test.shape)}")
     if not isinstance(normalize, bool):
@@ -246,8 +247,8 @@ def grad_dot_factored(train_layers, test_layers, normalize: bool = False,
             raise ValueError(f"{name}: expected a non-empty list of (a, s) pairs, got {layers!r:.80}")
     if len(train_layers) != len(test_layers):
         raise ValueError(f"test_layers: expected {len(train_layers)} layers (as train_layers), got {len(test_layers)}")
-    tr = [check_layer_pair(*pair, prefix=f"train_layers[{l}] ") for l, pair in enumerate(train_layers)]
-    te = [check_layer_pair(*pair, prefix=f"test_layers[{l}] ") for l, pair in enumerate(test_layers)]
+    tr = [check_layer_entry(pair, f"train_layers[{l}] ") for l, pair in enumerate(train_layers)]
+    te = [check_layer_entry(pair, f"test_layers[{l}] ") for l, pair in enumerate(test_layers)]
     dtype, device = tr[0][0].dtype, tr[0][0].device
     for l, ((a, s), (b, r)) in enumerate(zip(tr, te)):
         if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import op
-from .._validate import check_disjoint, check_float, check_tensor, memory_overlaps
+from .._validate import bump_version, check_disjoint, check_float, check_input, memory_overlaps
 
 _LISSA_UPDATE = op("lissa_update")
 _DTYPES = (torch.float32, torch.float64)
@@ -40,20 +40,22 @@ def lissa_update(h: torch.Tensor, v: torch.Tensor, mh: torch.Tensor, scale: floa
     cpu: one OpenMP pass (csrc/cpu/lissa_update.cpp), three reads and one write per element, the norm
     from the values in registers; torch would need four passes (two temporaries) plus one for the norm.
     """
-    check_tensor("h", h, ndim=2, dtypes=_DTYPES)
-    check_tensor("v", v, ndim=2, dtypes=(h.dtype,), device=h.device)
-    check_tensor("mh", mh, ndim=2, dtypes=(h.dtype,), device=h.device)
+    check_input("h", h, ndim=2, dtypes=_DTYPES)
+    check_input("v", v, ndim=2, dtypes=(h.dtype,), device=h.device)
+    check_input("mh", mh, ndim=2, dtypes=(h.dtype,), device=h.device)
     for name, t in (("v", v), ("mh", mh)):
         if t.shape != h.shape:
             raise ValueError(f"{name}: expected shape {tuple(h.shape)} (as h), got {tuple(t.shape)}")
     scale = check_float("scale", scale, positive=True)
-    if 1.0 / scale > torch.finfo(h.dtype).max:  # the kernels multiply by 1/scale in h's dtype
-        raise ValueError(f"scale: expected a value whose reciprocal is finite in {h.dtype}, got {scale}")
+    info = torch.finfo(h.dtype)
+    if not info.tiny <= 1.0 / scale <= info.max:  # the kernels multiply by 1/scale in h's dtype
+        raise ValueError(f"scale: expected a value whose reciprocal is a normal {h.dtype} number "
+                         f"(in [{1 / info.max:.3g}, {1 / info.tiny:.3g}]), got {scale}")
     damping = check_float("damping", damping, min_value=0.0)
     if out is None:
         out = torch.empty_like(h, memory_format=torch.contiguous_format)
     else:
-        check_tensor("out", out, ndim=2, dtypes=(h.dtype,), device=h.device)
+        check_input("out", out, ndim=2, dtypes=(h.dtype,), device=h.device)
         if out.shape != h.shape or not out.is_contiguous():
             raise ValueError(f"out: expected a contiguous tensor of shape {tuple(h.shape)}, got shape "
                              f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
@@ -62,7 +64,9 @@ def lissa_update(h: torch.Tensor, v: torch.Tensor, mh: torch.Tensor, scale: floa
             raise ValueError("out: expected h itself (in place) or memory separate from h's, got a partial overlap")
     impl = _LISSA_UPDATE.select(backend, h.device, h)
     h, v, mh = h.contiguous(), v.contiguous(), mh.contiguous()
-    return out, impl.fn(h, v, mh, out, scale, damping)
+    sq = impl.fn(h, v, mh, out, scale, damping)
+    bump_version(out)
+    return out, sq
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:

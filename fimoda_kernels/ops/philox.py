@@ -5,7 +5,7 @@ import torch
 
 from .._dispatch import cuda_stream, op
 from .._ext import _C
-from .._validate import check_tensor
+from .._validate import check_input
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -47,8 +47,8 @@ def philox4x32(counter: torch.Tensor, key: torch.Tensor, backend: str | None = N
     Returns:
         int64 tensor [broadcast(...), 4] of output words in [0, 2^32).
     """
-    check_tensor("counter", counter, dtypes=(torch.int64,))
-    check_tensor("key", key, dtypes=(torch.int64,), device=counter.device)
+    check_input("counter", counter, dtypes=(torch.int64,))
+    check_input("key", key, dtypes=(torch.int64,), device=counter.device)
     if counter.dim() < 1 or counter.shape[-1] != 4:
         raise ValueError(f"counter: expected shape [..., 4], got {tuple(counter.shape)}")
     if key.dim() < 1 or key.shape[-1] != 2:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_choice, check_int, check_layer_pair, check_seed, check_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_int, check_layer_pair, check_seed, check_input
 from .projection_matrix import (_MAX_INDEX, _projection_cpu, _projection_matrix_reference,
                                 projection_matrix)
 
@@ -88,7 +88,7 @@ def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", ro
     accuracy; see the GPU-backends section below), peak extra memory ≈ 2·n·k·4 bytes + at most
     ~0.9 GiB of tiles and accumulators. Non-finite results raise ``ValueError``.
     """
-    check_tensor("grads", grads, ndim=2, dtypes=FLOAT_DTYPES)
+    check_input("grads", grads, ndim=2, dtypes=FLOAT_DTYPES)
     n, p = grads.shape
     k, seed, kind, row_offset = _check_common(k, seed, kind, row_offset, p, KINDS)
     impl = _PROJECT.select(backend, grads.device, grads, k)

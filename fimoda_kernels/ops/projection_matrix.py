@@ -80,8 +80,8 @@ def projection_matrix(p: int, k: int, seed: int, kind: str = "rademacher", row_o
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    out = torch.empty(p, k, dtype=dtype, device=device)
     impl = _OP.select(backend, device, dtype)
+    out = torch.empty(p, k, dtype=dtype, device=device)
     if dtype in (torch.float32, torch.float64) or impl.backend == "torch":
         impl.fn(out, seed, kind, row_offset)
         return out

@@ -64,9 +64,18 @@ def test_strided_input(layout):
     (lambda x: conv_patches(x, 2.5), TypeError, "kernel_size: expected an int or a pair"),
     (lambda x: conv_patches(x, 20), ValueError, "no output position"),
     (lambda x: conv_patches(x.half(), 3, backend="cpu"), ValueError, "float32 or float64"),
+    (lambda x: conv_patches(x, 3, bias="no"), TypeError, "bias: expected a bool, got str"),
 ])
 def test_bad_input(call, err, match):
     if _C is None and "float32 or float64" in match:
         pytest.skip("native module not built")
     with pytest.raises(err, match=match):
         call(randn(2, 3, 8, 8))
+
+
+def test_no_channels():
+    """C = 0: no patch entries but the bias column, on every CPU backend (unfold refuses empty input)."""
+    x = torch.randn(2, 0, 5, 5)
+    for backend in ("torch",) + (("cpu",) if _C is not None else ()):
+        out = conv_patches(x, 3, padding=1, backend=backend)
+        assert out.shape == (2, 25, 1) and bool((out == 1).all())

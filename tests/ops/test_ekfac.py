@@ -179,3 +179,41 @@ def test_eigh_guard_and_argument_errors():
         ekfac_scores(batches[0], bases, W, basis="eigen")
     with pytest.raises(ValueError, match="expected 2 layers"):
         ekfac_scores(batches[0][:1], bases, W)
+    # the per-layer entries and factors must have the documented form
+    with pytest.raises(ValueError, match=r"train_layers\[0\]: expected an \(a, s\) pair of tensors, got a tuple of 3"):
+        ekfac_scores([batches[0][0] + (G,), batches[0][1]], bases, W)
+    with pytest.raises(ValueError, match=r"factors\[0\]: expected an \(A, S\) pair, got tuple of 3"):
+        ekfac_eigenbases([(torch.eye(3), torch.eye(2), torch.eye(2))])
+    with pytest.raises(ValueError, match=r"layer 0 A \(input covariance\): expected a square matrix, got shape \(3, 2\)"):
+        ekfac_eigenbases([(torch.ones(3, 2), torch.eye(2))])
+    with pytest.raises(ValueError, match="dtype: expected torch.float32 or torch.float64"):
+        ekfac_precondition(batches[0], bases, Lam, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"eigenvalues\[0\]: expected finite values"):
+        ekfac_precondition(batches[0], bases, [torch.full_like(Lam[0], float("nan")), Lam[1]])
+
+
+def test_empty_sample_sets_are_refused_not_nan():
+    """The streamed averages divide by the sample count: all-empty batches returned NaN factors."""
+    empty = [[(torch.randn(0, 3), torch.randn(0, 2))]]
+    with pytest.raises(ValueError, match="batches: expected at least one sample, got batches of 0 samples"):
+        kfac_factors(empty)
+    bases = [(torch.eye(3), torch.ones(3), torch.eye(2), torch.ones(2))]
+    with pytest.raises(ValueError, match="batches: expected at least one sample"):
+        ekfac_eigen_correction(empty, bases)
+
+
+@pytest.mark.parametrize("form", ["factored", "materialized"])
+@pytest.mark.parametrize("n,T,m,d_in,d_out", [(4, 1, 0, 3, 2), (4, 0, 2, 3, 2), (4, 1, 2, 0, 2), (4, 2, 2, 3, 0)])
+def test_zero_sized_dimensions(backend_device, form, n, T, m, d_in, d_out):
+    """A dimension of size 0 (no test points, positions, inputs or outputs) gives zeros on every
+    backend and form, as the reference does (the cpu forms divided by it)."""
+    backend, device = backend_device
+    a, s = randn(n, T, d_in, device=device), randn(n, T, d_out, device=device, seed=1)
+    W = randn(m, d_out, d_in, device=device, seed=2)
+    bases = [(torch.eye(d_in, device=device), torch.ones(d_in, device=device),
+              torch.eye(d_out, device=device), torch.ones(d_out, device=device))]
+    out = ekfac_scores([(a, s)], bases, [W], form=form, backend=backend)
+    assert out.shape == (n, m) and not bool(out.any())
+    if T and d_in * d_out == 0:
+        A, S = kfac_factors([[(a, s)]], backend=backend)[0]
+        assert A.shape == (d_in, d_in) and S.shape == (d_out, d_out)

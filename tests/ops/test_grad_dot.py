@@ -143,6 +143,8 @@ def test_factored_equals_dense_on_capture():
     (lambda: grad_dot_factored([(torch.randn(3, 4), torch.randn(3, 2))], []), ValueError, "test_layers: expected a non-empty"),
     (lambda: grad_dot_factored([(torch.randn(3, 4), torch.randn(2, 2))], [(torch.randn(2, 4), torch.randn(2, 2))]),
      ValueError, "same n and T"),
+    (lambda: grad_dot_factored([(torch.randn(3, 4), torch.randn(3, 2), torch.randn(3))], [(torch.randn(2, 4),)]),
+     ValueError, r"train_layers\[0\]: expected an \(a, s\) pair of tensors, got a tuple of 3"),
 ])
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
@@ -226,3 +228,15 @@ def test_factored_grad_cos_with_a_zero_input_row(backend_device):
     ref = _factored_reference(_as3([(a.double(), s.double()) for a, s in tr]),
                               _as3([(a.double(), s.double()) for a, s in te]), True)
     assert rel(got, ref) < 1e-5 and bool(got[0].abs().min() > 0.1)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_half_precision_cosines_at_extreme_scales(backend_device, scale):
+    """bfloat16 rows whose squares leave float32's range are normalized in float64 first; the unit
+    rows were rounded back to bfloat16 (cosines 6e-4 off on every backend), now kept in float32."""
+    backend, device = backend_device
+    tr = (randn(4, 64, dtype=torch.float64, seed=1) * scale).bfloat16().to(device)
+    te = randn(3, 64, seed=2).bfloat16().to(device)
+    ref = _grad_dot_reference(tr.cpu(), te.cpu(), normalize=True)
+    out = grad_dot(tr, te, normalize=True, backend=backend)
+    assert float((out.double().cpu() - ref).abs().max()) < 1e-6

@@ -93,7 +93,11 @@ def test_out_overlapping_inputs_is_refused():
     lissa_update(h, v, mh, 10.0, 0.1, out=h)  # in place stays allowed
 
 
-def test_scale_whose_reciprocal_overflows_is_refused():
+@pytest.mark.parametrize("scale", [1e-39, 1e44])
+def test_scale_whose_reciprocal_is_not_a_normal_float_is_refused(scale):
+    # the kernels multiply by 1/scale in h's dtype: 1e44 would round it to a subnormal (2% off) and
+    # 1e46 to zero, while the float64 reference stays exact
     h = randn(2, 3)
-    with pytest.raises(ValueError, match="scale: expected a value whose reciprocal is finite in torch.float32"):
-        lissa_update(h, randn(2, 3), torch.zeros(2, 3), 1e-39, 0.0)
+    with pytest.raises(ValueError, match="scale: expected a value whose reciprocal is a normal torch.float32 number"):
+        lissa_update(h, randn(2, 3), torch.zeros(2, 3), scale, 0.0)
+    lissa_update(h.double(), randn(2, 3).double(), torch.zeros(2, 3, dtype=torch.float64), scale, 0.0)  # fine in float64

@@ -4,6 +4,7 @@ the fused further-training engine and the true-Hessian HVP."""
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 # Elementwise activations those paths support (Identity is dropped).
 ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Identity)
@@ -12,15 +13,18 @@ ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.
 def mlp_layers(model: nn.Module):
     """[(linear, activation module or None), ...] when ``model`` is an nn.Sequential of Linear layers,
     each followed by at most one supported activation, with every weight and bias a trainable
-    parameter of its own layer (no tied weights) and no forward hooks; else a string saying why not."""
+    parameter of its own layer (no tied weights), no forward hooks and no forward replaced on an
+    instance; else a string saying why not."""
     if type(model) is not nn.Sequential:
         return f"the model is a {type(model).__name__}, not an nn.Sequential"
-    if model._forward_hooks or model._forward_pre_hooks:
+    if model._forward_hooks or model._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks:
         return "the model has forward hooks (the written-out paths would skip them)"
     layers, seen = [], {}
     for k, m in enumerate(model):
         if m._forward_hooks or m._forward_pre_hooks:
             return f"layer {k} has forward hooks (the written-out paths would skip them)"
+        if "forward" in m.__dict__ or "forward" in model.__dict__:
+            return f"layer {k} or the model has its forward replaced on the instance"
         if type(m) is nn.Linear:
             if not all(isinstance(t, nn.Parameter) for t in (m.weight, m.bias) if t is not None):
                 return f"layer {k}'s weight or bias is not a parameter (pruned or reparametrized)"

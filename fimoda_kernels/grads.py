@@ -14,14 +14,17 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 from torch.func import functional_call, grad, vmap
 
+from ._dispatch import FallbackWarning
 from ._validate import check_choice, check_int, check_same_device, check_tensor
 from .ops.conv_patches import conv_patches, patches_backend
 from .tasks import Task, _is_transformed, get_task
@@ -134,13 +137,29 @@ def _per_sample_chunks(model, task, inputs, targets, wrt, max_memory, param_name
         out = functional_call(model, (theta, fixed), (x.unsqueeze(0),))  # a batch of one
         return _evaluate(task, out, y.unsqueeze(0), wrt).sum()
 
-    per_sample = vmap(grad(quantity), in_dims=(None, 0, 0), randomness="different")
+    batched = vmap(grad(quantity), in_dims=(None, 0, 0), randomness="different")
+
+    def one_by_one(theta, x, y):  # the same gradients without vmap, for models it cannot batch
+        gs = [grad(quantity)(theta, x[i], y[i]) for i in range(x.shape[0])]
+        return {name: torch.stack([g[name] for g in gs]) for name in theta}
+
     p = sum(s.numel for s in slots)
     chunk = max(1, max_memory // (_GRAD_COPIES * p * dtype.itemsize))
 
     def chunks():
+        per_sample = batched
         for start in range(0, inputs.shape[0], chunk):
-            g = per_sample(theta, inputs[start:start + chunk], targets[start:start + chunk])
+            x, y = inputs[start:start + chunk], targets[start:start + chunk]
+            try:
+                g = per_sample(theta, x, y)
+            except (RuntimeError, NotImplementedError) as e:  # e.g. nn.RNN/GRU/LSTM have no batching rule
+                if per_sample is not batched:
+                    raise
+                warnings.warn(f"per_sample_grads: torch.func.vmap cannot run this model ({type(e).__name__}: "
+                              f"{str(e)[:160]}); computing the gradients one sample at a time (slower)",
+                              FallbackWarning, stacklevel=2)
+                per_sample = one_by_one
+                g = per_sample(theta, x, y)
             block = torch.cat([g[s.name].reshape(g[s.name].shape[0], -1) for s in slots], 1)
             if not bool(torch.isfinite(block).all()):
                 bad = start + int((~torch.isfinite(block)).any(1).nonzero()[0])
@@ -282,12 +301,14 @@ class UncoveredParam(NamedTuple):
     reason: str
 
 
-_NOT_A_LAYER = "not a parameter of an nn.Linear/nn.Conv2d"
+_NOT_A_LAYER = "not a weight or bias of an nn.Linear/nn.Conv2d with the stock forward"
 
 
 def _is_capturable(m: nn.Module) -> bool:
-    # subclasses only when they keep the stock forward, whose (a, s) algebra we know
-    return any(isinstance(m, c) and type(m).forward is c.forward for c in (nn.Linear, nn.Conv2d))
+    # subclasses only when they keep the stock forward (also not replaced on the instance), whose
+    # (a, s) algebra we know
+    return "forward" not in m.__dict__ and any(isinstance(m, c) and type(m).forward is c.forward
+                                               for c in (nn.Linear, nn.Conv2d))
 
 
 class LinearCapture:
@@ -343,7 +364,8 @@ class LinearCapture:
                                 d_in=math.prod(m.weight.shape[1:]), d_out=m.weight.shape[0],
                                 _static_reason=reason, _reason=reason)
             self._records.append(rec)
-            self._owner.update({prefix + n: rec for n, _ in m.named_parameters(recurse=False)})
+            # weight and bias only: another parameter attached to the layer is not used by its forward
+            self._owner.update({prefix + n: rec for n in ("weight", "bias") if prefix + n in self._slots})
         self._handles: list = []
         self._active = False
         self._channels_last = any(isinstance(r.module, nn.Conv2d) for r in self._records)  # see run()
@@ -404,9 +426,11 @@ class LinearCapture:
         for rec in self._records:
             rec.a = rec.s = rec.T = rec._out = None
             rec._calls, rec._reason = 0, rec._static_reason
-            if rec._reason is None:
+            if rec._reason is None and _global_forward_hooks:
+                rec._reason = "global module forward hooks are registered (they may replace layer outputs)"
+            if rec._reason is None:  # first: a user's hook may replace the output, s must be the layer's
                 self._handles.append(rec.module.register_forward_hook(
-                    functools.partial(self._forward_hook, rec), with_kwargs=True))
+                    functools.partial(self._forward_hook, rec), with_kwargs=True, prepend=True))
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -476,32 +500,49 @@ class LinearCapture:
         return self
 
     def _check_sample_dim(self, inputs: torch.Tensor) -> None:
-        """A layer input with n rows along dim 0 may still carry the samples along another dimension
-        of size n (a time-major model: [T, n, d] with T = n); its (a, s) would mix samples silently.
-        Where another dimension has size n, a forward of one sample tells: the layers whose input
-        then does not have 1 row are left to the generic path."""
+        """Each captured layer's input must hold the samples along dim 0, one row each, in order. n
+        rows there can be chance: a time-major model ([T, n, d] with T = n), a tensor made from
+        parameters rather than samples ([T, d] with T = n), a model that reorders or mixes the
+        samples of a batch; (a, s) would then mix samples silently. A forward of one sample (two
+        copies of it when n = 1) tells: a layer whose input then has another row count, or whose
+        row differs from that sample's row in the batch, is left to the generic path."""
+        layers = self.layers
         n = inputs.shape[0]
-        # Linear: the middle dims (the last is d_in); Conv2d: all but dim 0
-        unsure = [r for r in self.layers if n > 1
-                  and n in r._in_shape[1:-1 if isinstance(r.module, nn.Linear) else None]]
-        if not unsure:
+        if not layers or n == 0:
             return
-        rows: dict = {}
+        probe = inputs[:1] if n > 1 else inputs[:1].expand(2, *inputs.shape[1:])
+        seen: dict = {}
 
         def record(r, module, args, kwargs):
-            rows.setdefault(id(r), (args[0] if args else kwargs["input"]).shape[0])
+            x = (args[0] if args else kwargs["input"]).detach()
+            seen.setdefault(id(r), (x.shape[0], r._a_from_input(x[:1]) if x.shape[0] else None))
 
-        hooks = [r.module.register_forward_pre_hook(functools.partial(record, r), with_kwargs=True) for r in unsure]
+        hooks = [r.module.register_forward_pre_hook(functools.partial(record, r), with_kwargs=True) for r in layers]
         try:
             with torch.no_grad():
-                self.model(inputs[:1])
+                self.model(probe)
+        except Exception as e:
+            raise RuntimeError(f"model: a forward of one sample failed ({type(e).__name__}: {e}); the capture "
+                               "runs one to check that each layer sees the samples along dim 0") from e
         finally:
             for h in hooks:
                 h.remove()
-        for r in unsure:
-            if rows.get(id(r)) != 1:
+        for r in layers:
+            rows, a1 = seen.get(id(r), (None, None))
+            if rows != probe.shape[0]:
                 r._reason = (f"the samples are not along dim 0 of the layer input (shape {r._in_shape} for "
-                             f"{n} samples; one sample gives {rows.get(id(r))} rows)")
+                             f"{n} samples; {probe.shape[0]} give {rows} rows)")
+            elif a1 is None or a1.shape[1:] != r.a.shape[1:] or not _close(a1, r.a[:1]):
+                r._reason = ("the layer input of sample 0 differs when it runs alone (the model mixes or "
+                             "reorders the samples of a batch)")
+
+
+def _close(x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """x equals ref up to the rounding of a batch-size-dependent evaluation (1024 ulps of the largest
+    finite entry, at most 5%); equal infinities and NaN positions match (the finiteness check reports those)."""
+    finite = ref[torch.isfinite(ref)]
+    tol = min(0.05, 1024 * torch.finfo(ref.dtype).eps) * float(finite.abs().max()) if finite.numel() else 0.0
+    return bool(((x - ref).abs() <= tol).logical_or_(x == ref).logical_or_(x.isnan() & ref.isnan()).all())
 
 
 def _a_parameter(module: nn.Module) -> torch.Tensor:

@@ -3,6 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
+import torch.nn.functional as F
 
 from fimoda_kernels.grads import capture_linear, iter_per_sample_grads, param_layout, per_sample_grads
 from fimoda_kernels.tasks import CrossEntropyTask, MSETask
@@ -286,6 +287,98 @@ def test_capture_samples_off_dim_0():
     assert len(check_capture(conv, "mse", torch.randn(3, 3, 3, 3, dtype=D), torch.randn(3, 1, dtype=D)).layers) == 2
 
 
+class PositionTable(nn.Module):
+    """A Linear applied to a learned [T, d] table (not to the samples), broadcast onto the batch:
+    with T = n its input has n rows along dim 0 by chance."""
+
+    def __init__(self, T=6):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(T, 3))
+        self.pos_proj, self.fc, self.head = nn.Linear(3, 4), nn.Linear(5, 4), nn.Linear(4, 1)
+
+    def forward(self, x):  # x [n, T, 5]
+        return self.head(torch.tanh(self.fc(x) + self.pos_proj(self.pos))).mean(1).squeeze(-1)
+
+
+class Reordering(nn.Module):
+    """Sorts the batch before its first Linear and undoes it after (as packing by length does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        order = x[:, 0].argsort()
+        h = torch.tanh(self.fc(x[order]))[order.argsort()]
+        return self.head(h).squeeze(-1)
+
+
+def _probe_cases():
+    """(model, x, y, names of the layers that must stay captured) for the one-sample probe."""
+    torch.manual_seed(1)
+    x6 = torch.randn(6, 6, 5, dtype=D)
+    hooked = mlp().to(D)
+    hooked[0].register_forward_hook(lambda m, args, out: out * 2.0)  # replaces the layer output
+    gain = mlp().to(D)
+    gain[0].gain = nn.Parameter(torch.rand(13, dtype=D) + 0.5)  # an extra parameter on a stock Linear
+    gain.forward = lambda x, m=gain: m[1:](m[0](x) * m[0].gain).squeeze(-1)
+    xr = torch.randn(7, 4, dtype=D)
+    xr[0, 0] = 10.0  # sorted last
+    masked = mlp().to(D)
+    mask = (torch.rand(13, 8) > 0.3).to(D)
+    masked[0].forward = lambda x, l=masked[0]: F.linear(x, l.weight * mask, l.bias)  # replaced on the instance
+    return {
+        "position table, T = n": (PositionTable().to(D), x6, torch.randn(6, dtype=D), ["fc", "head"]),
+        "time-major, T = 1, n = 1": (TimeMajor().to(D), torch.randn(1, 1, 5, dtype=D), torch.randn(1, dtype=D),
+                                     ["head"]),
+        # the probe compares sample 0's rows: it must move when sorted (a reordering that keeps it in
+        # place goes unnoticed, and in a set of one sample there is nothing to notice)
+        "reordered batch": (Reordering().to(D), xr, torch.randn(7, dtype=D), ["head"]),
+        "user forward hook": (hooked, torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D), ["0", "2", "4"]),
+        "extra parameter on a Linear": (gain, torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D), ["0", "2", "4"]),
+        "forward replaced on the instance": (masked, torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D), ["2", "4"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_probe_cases()))
+def test_capture_takes_only_layers_whose_rows_are_the_samples(case):
+    """Each of these models made the capture mix samples or drop a term (grad_dot_model 12-70% off)
+    before: now exactly the layers whose (a, s) are the per-sample ones are captured, the rest go
+    to the generic path, and the inner products are exact, also for chunks of other sizes."""
+    import fimoda_kernels as fk
+
+    model, x, y, kept = _probe_cases()[case]
+    cap = check_capture(model, "mse", x, y)
+    assert [l.name for l in cap.layers] == kept
+    G = per_sample_grads(model, "mse", x, y)
+    torch.testing.assert_close(fk.grad_dot_model(model, "mse", (x, y), (x[:2], y[:2])), G @ G[:2].T, **TOL)
+    torch.testing.assert_close(fk.project_model(model, "mse", x, y, k=16, seed=3),
+                               fk.project(G, 16, 3).double(), **TOL)
+
+
+def test_capture_refuses_layers_under_global_forward_hooks():
+    model, x, y = mlp().to(D), torch.randn(4, 8, dtype=D), torch.randn(4, dtype=D)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        cap = check_capture(model, "mse", x, y, n_layers=0)
+    finally:
+        handle.remove()
+    assert "global module forward hooks" in cap.uncovered[0].reason
+
+
+def test_capture_reports_a_model_that_fails_on_one_sample():
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.fc(x.view(4, 3)).squeeze(-1)
+
+    with pytest.raises(RuntimeError, match="model: a forward of one sample failed"):
+        capture_linear(FixedBatch().to(D)).run("mse", torch.randn(4, 3, dtype=D), torch.randn(4, dtype=D))
+
+
 class InPlaceResidual(nn.Module):
     """A Linear output changed in place (``h += x``) before the rest of the model reads it."""
 
@@ -415,9 +508,9 @@ def test_uncovered_lists_exactly_the_rest():
     assert set(unc) == set(slots) - captured
     assert all((u.offset, u.numel) == slots[u.name][1:3] for u in unc.values())
     assert [u.name for u in cap.uncovered] == [s for s in slots if s in unc]  # layout order
-    for name, why in [("emb.weight", "not a parameter"), ("gconv.weight", "grouped"),
+    for name, why in [("emb.weight", "not a weight or bias"), ("gconv.weight", "grouped"),
                       ("twice.bias", "called 2 times"), ("unused.weight", "not called"),
-                      ("frozen.bias", "weight does not require grad"), ("scale", "not a parameter"),
+                      ("frozen.bias", "weight does not require grad"), ("scale", "not a weight or bias"),
                       ("tied_a.weight", "shared"), ("tied_b.bias", "shared")]:
         assert why in unc[name].reason, (name, unc[name].reason)
 
@@ -492,3 +585,28 @@ def test_capture_refuses_an_inf_activation_behind_a_saturating_output():
     x, y = torch.tensor([[0.1, 0.2], [1e10, 1e10], [0.3, -0.1]]), torch.zeros(3, 1)
     with pytest.raises(SampleError, match=r"for sample 1 \(the input of layer '2'"):
         capture_linear(model).run("mse", x, y)
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1]).squeeze(-1)
+
+
+def test_models_vmap_cannot_batch_fall_back_to_one_sample_at_a_time():
+    """torch.func.vmap has no batching rule for nn.GRU/LSTM/RNN (it raised a shape error from torch):
+    the gradients are computed sample by sample instead, with a warning, and are exact."""
+    import fimoda_kernels as fk
+    from fimoda_kernels import FallbackWarning
+
+    torch.manual_seed(0)
+    model, x, y = Recurrent().to(D).eval(), torch.randn(5, 4, 3, dtype=D), torch.randn(5, dtype=D)
+    with pytest.warns(FallbackWarning, match="vmap cannot run this model"):
+        G = per_sample_grads(model, "mse", x, y, max_memory=1)  # chunks of one sample
+    torch.testing.assert_close(G, loop_grads(model, MSETask(), x, y), **TOL)
+    with pytest.warns(FallbackWarning):
+        scores = fk.attribute("grad_dot", model, "mse", (x, y), (x[:2], y[:2]))
+    torch.testing.assert_close(scores, G @ G[:2].T, **TOL)

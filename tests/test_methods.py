@@ -395,7 +395,8 @@ def test_ekfac_method_honours_backend_and_max_memory():
                fk.attribute("ekfac", model, "mse", train, test, **kw)) < 1e-12
     # max_memory bounds the fit's (a, s) cache: with 1 byte the correction pass reads the data again
     calls = []
-    hook = model[0].register_forward_hook(lambda *_: calls.append(1))
+    # batches only: the capture's one-sample probe forwards do not read the data
+    hook = model[0].register_forward_hook(lambda m, args, out: calls.append(1) if args[0].shape[0] > 1 else None)
     try:
         cached = fk.attribute("ekfac", model, "mse", train, test, **kw)
         n_cached = len(calls)
@@ -425,3 +426,27 @@ def test_non_finite_samples_named_in_their_set():
     assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
     with pytest.raises(SampleError, match=r"^test inputs, targets: .* for sample 1 "):
         fk.attribute("cg", model, "mse", (x, y), (x[6:9], y_bad[6:9]), damping=0.1)
+
+
+def test_datainf_refuses_layers_that_differ_between_its_sets():
+    """DataInf pairs the reference and test blocks layer by layer. A model that reorders its batch is
+    captured in a set of one sample but not in larger ones: its blocks were paired across different
+    layers (a misleading width error, or wrong numbers for equal widths); now a clear error."""
+
+    class Reordering(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(3, 5), nn.Linear(5, 1)
+
+        def forward(self, x):
+            order = x[:, 0].argsort()
+            return self.head(torch.tanh(self.fc(x[order]))[order.argsort()]).squeeze(-1)
+
+    torch.manual_seed(0)
+    model = Reordering().double()
+    x, y = _data(12)
+    x[0, 0] = 10.0  # moves when sorted: the capture of the training batches sees it
+    with pytest.raises(RuntimeError, match="captured layers differ between the test and reference sets"):
+        fk.attribute("datainf", model, "mse", (x, y), (x[:1], y[:1]))
+    out = fk.attribute("datainf", model, "mse", (x, y), (x[:3], y[:3]))  # sample 0 in both sets: same layers
+    assert out.shape == (12, 3) and bool(torch.isfinite(out).all())

@@ -56,6 +56,13 @@ def _gram(b1, b2, backend) -> torch.Tensor:
     return grad_dot(b1, b2, backend=backend)
 
 
+def _same_layers(got: list, expected: list, what: str) -> None:
+    """DataInf pairs the blocks of two gradient sets layer by layer: their layers must be the same."""
+    if got != expected:
+        raise RuntimeError(f"model: the captured layers differ between {what} ({got} vs {expected}); the "
+                           "capture saw the samples differently in batches of different sizes")
+
+
 def layer_damping(sq: torch.Tensor, numel: int, rule: str) -> float:
     mean_sq = float(sq.double().mean())
     lam = mean_sq / numel / 10 if rule == "tabular" else 0.1 * mean_sq / numel
@@ -81,6 +88,7 @@ def datainf(model, task, train, test, opts):
     except SampleError as e:
         raise e.shifted(prefix="test ") from None
     n_ref = ref[0].shape[0]
+    _same_layers([i.name for i, _ in te_blocks], [i.name for i, _ in ref_blocks], "the test and reference sets")
     # per layer: λ_l, and (1/n) K_l(j, z) / (λ_l + ‖g_{l,j}‖²) for the reference set, [n_ref, m]
     layers, lambdas = [], {}
     for (item, rb), (_, tb) in zip(ref_blocks, te_blocks):
@@ -98,10 +106,9 @@ def datainf(model, task, train, test, opts):
     def chunk(start, stop):
         nonlocal out
         blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
+        _same_layers([i.name for i, _ in blocks], [l[0] for l in layers], "training batches and the reference set")
         total = 0
-        for (item, cb), (name, rb, tb, lam, weighted) in zip(blocks, layers):
-            if item.name != name:
-                raise RuntimeError(f"model: captured layers differ between batches ({item.name!r} vs {name!r})")
+        for (_, cb), (name, rb, tb, lam, weighted) in zip(blocks, layers):
             total = total + (_gram(cb, tb, opts.backend) - _gram(cb, rb, opts.backend) @ weighted) / lam
         if out is None:
             out = torch.empty(n, total.shape[1], dtype=total.dtype, device=total.device)

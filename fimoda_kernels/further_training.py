@@ -50,6 +50,7 @@ import logging
 import os
 import re
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ._dispatch import FallbackWarning
 from ._mlp import mlp_layers
 from ._validate import check_choice, check_float, check_int, check_int_list, check_tensor
 from .grads import activation_numel, batch_dependent_modules
@@ -421,13 +423,31 @@ def _per_model_losses(task: Task, out: torch.Tensor, y_test: torch.Tensor) -> to
 
 
 class _Generic:
-    """vmap over the models of grad of the weighted per-sample loss, for any nn.Module."""
+    """vmap over the models of grad of the weighted per-sample loss, for any nn.Module; a loop over
+    the models where vmap cannot batch the model (nn.GRU/LSTM/RNN have no batching rule)."""
 
     def __init__(self, base: nn.Module, flat: _FlatParams, buffers: dict):
         self.base, self.flat, self.buffers = base, flat, buffers
+        self._loop = False
 
     def _params(self):
         return dict(zip(self.flat.names, self.flat.params))
+
+    def _map(self, fn, *args):
+        """vmap(fn)(*args) over dim 0 of every tensor (dict values too), else fn model by model."""
+        if not self._loop:
+            try:
+                return vmap(fn)(*args)
+            except (RuntimeError, NotImplementedError) as e:
+                warnings.warn(f"further_train: torch.func.vmap cannot batch this model ({type(e).__name__}: "
+                              f"{str(e)[:160]}); training the models of a chunk one at a time (slower)",
+                              FallbackWarning, stacklevel=4)
+                self._loop = True
+        pick = lambda a, i: {k: v[i] for k, v in a.items()} if isinstance(a, dict) else a[i]
+        outs = [fn(*(pick(a, i) for a in args)) for i in range(self.flat.M)]
+        if isinstance(outs[0], dict):
+            return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+        return torch.stack(outs)
 
     def grad(self, x_train, y_train, task, idx, w):
         base, buffers = self.base, self.buffers
@@ -437,7 +457,7 @@ class _Generic:
             return (task.loss(out, y) * wt).sum()
 
         base.train()
-        grads = vmap(grad(weighted_loss))(self._params(), x_train[idx], y_train[idx], w)
+        grads = self._map(grad(weighted_loss), self._params(), x_train[idx], y_train[idx], w)
         for name, g in zip(self.flat.names, self.flat.grads):
             g.copy_(grads[name])
 
@@ -449,7 +469,7 @@ class _Generic:
 
         base.eval()
         with torch.no_grad():
-            return vmap(losses)(self._params())
+            return self._map(losses, self._params())
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -686,3 +686,27 @@ def test_resume_in_new_processes(tmp_path):
     fresh = run(tmp_path / "b", "go", 3)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "a" / "losses.pt"), torch.load(tmp_path / "b" / "losses.pt"))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = nn.GRU(1, 3, batch_first=True), nn.Linear(3, 1)
+
+    def forward(self, x):  # the 5 features as a sequence of length 5
+        return self.head(self.rnn(x[..., None])[0][:, -1]).squeeze(-1)
+
+
+def test_models_vmap_cannot_batch_train_one_at_a_time():
+    """vmap has no batching rule for nn.GRU/LSTM/RNN (a raw torch error before): the generic engine
+    trains the chunk's models one by one instead, with a warning, and equals the sequential protocol."""
+    from fimoda_kernels import FallbackWarning
+
+    train, test = data("mse", n=11, n_test=3)
+    model = _Recurrent().double()
+    kw = dict(epochs=2, optimizer="adam", lr=0.01, batch_size=4)
+    ref = sequential(model, train, test, [1, 7], [2], **kw)
+    with pytest.warns(FallbackWarning, match="vmap cannot batch this model"):
+        res = further_train(model, train, test, [1, 7], [2], dtype=torch.float64, progress=False, **kw)
+    assert res.config["path"] == "generic" and rel(res.losses, ref) < 1e-10

@@ -44,11 +44,13 @@ class _Side:
                 l.a, l.s = a, s
 
     def dense(self, names):
-        """[n, Σ numel] of the materialized layers in ``names`` plus the uncovered parameters."""
+        """[n, Σ numel] of the materialized layers in ``names`` plus the uncovered parameters; takes
+        over the uncovered block (one copy of it is held, not two)."""
         blocks = [l.per_sample_grads() for l in self.cap.layers if l.name in names]
         if self.uncovered is not None:
             blocks.append(self.uncovered)
-        return torch.cat(blocks, 1) if blocks else None
+            self.uncovered = None
+        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)) if blocks else None
 
 
 def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False, wrt: str = "loss",
@@ -144,7 +146,9 @@ def gradient_blocks(model, task, x, y, wrt, max_memory):
 
 def block_sq_norms(block) -> torch.Tensor:
     """‖g_block,i‖² per sample of one :func:`gradient_blocks` block."""
-    return factored_sq_norms([block], block[0].dtype) if isinstance(block, tuple) else (block * block).sum(1)
+    if isinstance(block, tuple):
+        return factored_sq_norms([block], block[0].dtype)
+    return torch.linalg.vector_norm(block, dim=1) ** 2  # no [n, numel] temporary
 
 
 def layer_vectors(layer, vectors: torch.Tensor) -> torch.Tensor:

@@ -450,3 +450,29 @@ def test_datainf_refuses_layers_that_differ_between_its_sets():
         fk.attribute("datainf", model, "mse", (x, y), (x[:1], y[:1]))
     out = fk.attribute("datainf", model, "mse", (x, y), (x[:3], y[:3]))  # sample 0 in both sets: same layers
     assert out.shape == (12, 3) and bool(torch.isfinite(out).all())
+
+
+SELF_OPTIONS = {"cg": dict(damping=0.05, tol=1e-12), "lissa": dict(damping=0.5, depth=300, scale="auto"),
+                "lissa_h": dict(damping=2.0, depth=300, scale="auto"), "trak": dict(proj_dim=16),
+                "ekfac": dict(damping=0.01, batch_size=7), "datainf": dict(reference=15),
+                "generalized_if": dict(damping=0.05, tol=1e-12),
+                "generalized_if_eq16": dict(damping=0.05, tol=1e-12, form="eq16")}
+
+
+@pytest.mark.parametrize("name", list(SELF_OPTIONS))
+def test_self_influence_is_the_diagonal_of_the_scores(problem, name, monkeypatch):
+    """Each method's self-influence runs training chunks as their own test sets (memory of a chunk,
+    not the n × n scores nor n × p gradients at once: it never calls the scoring path with the
+    training set as test set); with a budget of a few samples per chunk it equals the diagonal of
+    the full score matrix."""
+    from fimoda_kernels import methods
+
+    model, task, train, _ = problem
+    method, opts = name.removesuffix("_eq16"), SELF_OPTIONS[name]
+    full = fk.attribute(method, model, task, train, train, **opts)
+    cls, _, self_fn = methods._METHODS[method]
+    monkeypatch.setitem(methods._METHODS, method, (cls, lambda *a: pytest.fail("n × n scores computed"), self_fn))
+    p = sum(t.numel() for t in model.parameters())
+    small = fk.self_influence(method, model, task, train, max_memory=5 * 9 * p * 8, **opts)  # chunks of ~5
+    assert small.shape == (N,) and small.dtype == full.dtype
+    assert rel(small, full.diagonal()) < (1e-6 if method.startswith("lissa") else 1e-9)

@@ -20,20 +20,22 @@ from . import cg as _cg, datainf as _datainf, ekfac as _ekfac, generalized_if as
 from . import lissa as _lissa, trak as _trak
 from ._common import as_pair, check_problem, eval_mode, make_options
 
-# method name -> (options dataclass, implementation(model, task, train, test, opts) -> (scores, info))
+# method name -> (options dataclass, implementation(model, task, train, test, opts) -> (scores, info),
+# self-influence(model, task, train, opts) -> ([n_train] score(i, i), info): each without the
+# n_train × n_train scores, in chunks of training points under max_memory)
 _METHODS = {
-    "grad_dot": (_gd.GradDotOptions, _gd.grad_dot),
-    "grad_cos": (_gd.GradCosOptions, _gd.grad_cos),
-    "cg": (_cg.CGOptions, _cg.cg),
-    "lissa": (_lissa.LiSSAOptions, _lissa.lissa),
-    "lissa_h": (_lissa.LiSSAHOptions, _lissa.lissa_h),
-    "trak": (_trak.TRAKOptions, _trak.trak),
-    "ekfac": (_ekfac.EKFACOptions, _ekfac.ekfac),
-    "datainf": (_datainf.DataInfOptions, _datainf.datainf),
-    "generalized_if": (_gif.GeneralizedIFOptions, _gif.generalized_if),
+    "grad_dot": (_gd.GradDotOptions, _gd.grad_dot, _gd.grad_dot_self),
+    "grad_cos": (_gd.GradCosOptions, _gd.grad_cos, _gd.grad_cos_self),
+    "cg": (_cg.CGOptions, _cg.cg, _cg.cg_self),
+    "lissa": (_lissa.LiSSAOptions, _lissa.lissa, _lissa.lissa_self),
+    "lissa_h": (_lissa.LiSSAHOptions, _lissa.lissa_h, _lissa.lissa_h_self),
+    "trak": (_trak.TRAKOptions, _trak.trak, _trak.trak_self),
+    "ekfac": (_ekfac.EKFACOptions, _ekfac.ekfac, _ekfac.ekfac_self),
+    "datainf": (_datainf.DataInfOptions, _datainf.datainf, _datainf.datainf_self),
+    "generalized_if": (_gif.GeneralizedIFOptions, _gif.generalized_if, _gif.generalized_if_self),
 }
 METHODS = tuple(_METHODS)
-OPTIONS = {name: cls for name, (cls, _) in _METHODS.items()}
+OPTIONS = {name: cls for name, (cls, _, _) in _METHODS.items()}
 
 
 @dataclasses.dataclass
@@ -57,7 +59,7 @@ class Scores:
 
 def _run(method, model, task, train, test, options, want_scores, want_self):
     method = check_choice("method", method, METHODS)
-    cls, fn = _METHODS[method]
+    cls, fn, self_fn = _METHODS[method]
     opts = make_options(cls, method, options)
     if want_scores and test is None:
         raise ValueError("test: expected an (inputs, targets) pair or a DataLoader, got None")
@@ -69,15 +71,8 @@ def _run(method, model, task, train, test, options, want_scores, want_self):
         if want_scores:
             scores, info = fn(model, task, train, test, opts)
         if want_self:
-            if method == "grad_dot":
-                self_inf, _ = _gd.grad_dot_self(model, task, train, opts)
-            elif method == "grad_cos":  # cosine of a gradient with itself: 1 (0 for a zero gradient)
-                self_inf, _ = _gd.grad_dot_self(model, task, train, opts)
-                self_inf = (self_inf > 0).to(self_inf.dtype)
-            else:  # train as test, diagonal; n_train² scores
-                full, self_info = fn(model, task, train, train, opts)
-                self_inf = full.diagonal().clone()
-                info = info or self_info
+            self_inf, self_info = self_fn(model, task, train, opts)
+            info = info or self_info
     for name, value in (("scores", scores), ("self_influence", self_inf)):
         if value is not None and not bool(torch.isfinite(value).all()):
             raise FloatingPointError(f"{method}: non-finite {name} (check the model, data and options {opts})")
@@ -107,7 +102,13 @@ def attribute_scores(method: str, model: torch.nn.Module, task, train, test=None
 
 
 def self_influence(method: str, model: torch.nn.Module, task, train, **options) -> torch.Tensor:
-    """score(i, i) ``[n_train]``: each training point scored against itself as the test point."""
+    """score(i, i) ``[n_train]``: each training point scored against itself as the test point.
+
+    After the method's one-time work (EK-FAC's fit, DataInf's reference set, TRAK's pseudo-inverse,
+    the generalized IF's Newton step), chunks of training points sized by ``max_memory`` are their
+    own test sets: the n_train × n_train scores are never formed, nor n_train × p gradients at once.
+    CG/LiSSA solve once per training point (n_train right-hand sides in all); LiSSA with
+    ``scale="auto"`` keeps the scale the first chunk chose."""
     return _run(method, model, task, train, None, options, False, True).self_influence
 
 

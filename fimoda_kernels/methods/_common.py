@@ -142,6 +142,30 @@ def dense_loss_grads(model, task, test, max_memory: int) -> torch.Tensor:
         raise e.shifted(prefix="test ") from None
 
 
+def self_chunks(n: int, max_memory: int, row_bytes: int, fn) -> torch.Tensor:
+    """score(i, i) ``[n]`` of a method whose self-influence takes each training chunk as its own test
+    set: ``fn(start, stop) -> [c]`` for consecutive chunks of about ``max_memory / row_bytes``
+    samples (``row_bytes``: what one sample's rows of the chunk's solve hold). Never the n × n scores,
+    nor n × p gradients at once."""
+    parts = []
+    chunk = max(1, max_memory // max(1, row_bytes))
+    for start in range(0, n, chunk):
+        try:
+            parts.append(fn(start, min(n, start + chunk)))
+        except SampleError as e:
+            raise e.shifted(start) from None
+    return torch.cat(parts)
+
+
+def join_infos(infos: list) -> dict:
+    """The solver infos of several chunks as one: per-row tensors concatenated, the rest from the first."""
+    out = dict(infos[0]) if infos else {}
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            out[key] = torch.cat([i[key] for i in infos])
+    return out
+
+
 def outputs(model, task, pair, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """f, φ'(f) and φ''(f) per sample (no graph), evaluated in chunks."""
     x, y = pair

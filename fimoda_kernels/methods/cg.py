@@ -12,7 +12,8 @@ from .._validate import check_float, check_int
 from ..hvp import gn_hvp
 from ..inner_products import grad_dot_vectors
 from ..solvers import cg as cg_solve
-from ._common import Options, base_damping, dense_loss_grads
+from ..grads import per_sample_grads
+from ._common import Options, base_damping, dense_loss_grads, join_infos, self_chunks
 
 
 @dataclasses.dataclass
@@ -45,9 +46,14 @@ def resolve_damping(model, task, train, opts, factor: float = 100.0) -> float:
 FAILED_RESIDUAL = 1e-2
 
 
-def solve(model, task, train, rhs, opts, damping):
+# [c, p] rows a CG self-influence chunk holds per sample: its gradients, the solution and the
+# solver's residual, direction and product vectors, and their temporaries
+SELF_ROWS = 8
+
+
+def solve(model, task, train, rhs, opts, damping, hvp=None):
     """(G + λI)^{-1} for every row of ``rhs [r, p]`` (one batched CG), and the solver's info."""
-    hvp = gn_hvp(model, task, train[0], train[1], max_memory=opts.max_memory)
+    hvp = hvp or gn_hvp(model, task, train[0], train[1], max_memory=opts.max_memory)
     kwargs = {} if opts.max_iter is None else {"max_iter": opts.max_iter}
     X, info = cg_solve(hvp, rhs, damping, tol=opts.tol, **kwargs)
     worst = float(info["final_residual"].max()) if rhs.shape[0] else 0.0
@@ -63,3 +69,20 @@ def cg(model, task, train, test, opts):
     X, info = solve(model, task, train, dense_loss_grads(model, task, test, opts.max_memory), opts, damping)
     scores = grad_dot_vectors(model, task, train[0], train[1], X, "loss", opts.max_memory)
     return scores, {"damping": damping, "cg": info}
+
+
+def cg_self(model, task, train, opts):
+    """g_iᵀ (G + λI)^{-1} g_i, each training chunk solved as its own right-hand sides (:func:`self_chunks`)."""
+    damping = resolve_damping(model, task, train, opts)
+    hvp = gn_hvp(model, task, train[0], train[1], max_memory=opts.max_memory)
+    x, y = train
+    infos = []
+
+    def chunk(start, stop):
+        V = per_sample_grads(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
+        X, info = solve(model, task, train, V, opts, damping, hvp)
+        infos.append(info)
+        return (V * X).sum(1)
+
+    out = self_chunks(x.shape[0], opts.max_memory, SELF_ROWS * hvp.num_params * hvp.dtype.itemsize, chunk)
+    return out, {"damping": damping, "cg": join_infos(infos)}

@@ -69,51 +69,102 @@ def layer_damping(sq: torch.Tensor, numel: int, rule: str) -> float:
     return lam
 
 
-def datainf(model, task, train, test, opts):
+def _set_blocks(model, task, x, y, max_memory):
+    """:func:`gradient_blocks` of a whole set, captured in chunks under ``max_memory`` (one chunk's
+    autograd graph at a time), concatenated per block: what is kept is the blocks themselves."""
+    parts = []
+
+    def chunk(start, stop):
+        blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", max_memory)
+        if parts:
+            _same_layers([i.name for i, _ in blocks], [i.name for i, _ in parts[0]], "batches of one set")
+        parts.append(blocks)
+        return per_sample
+
+    for_sample_chunks(x.shape[0], max_memory, chunk)
+    if len(parts) <= 1:
+        return parts[0] if parts else gradient_blocks(model, task, x, y, "loss", max_memory)[0]
+    joined = []
+    for k, (item, block) in enumerate(parts[0]):
+        pieces = [p[k][1] for p in parts]
+        joined.append((item, tuple(map(torch.cat, zip(*pieces))) if isinstance(block, tuple) else torch.cat(pieces)))
+    return joined
+
+
+def _reference(model, task, train, opts):
+    """The reference set's blocks with their λ_l and ‖g_{l,j}‖²: ``([(name, rb, lam, sq)], n_ref)``."""
     x, y = train
-    n = x.shape[0]
     ref_idx = None
-    if opts.reference is not None and opts.reference < n:
+    if opts.reference is not None and opts.reference < x.shape[0]:
         g = torch.Generator().manual_seed(opts.seed)
-        ref_idx = torch.randperm(n, generator=g)[:opts.reference].sort().values.to(x.device)
-        ref = (x[ref_idx], y[ref_idx])
-    else:
-        ref = train
+        ref_idx = torch.randperm(x.shape[0], generator=g)[:opts.reference].sort().values.to(x.device)
+        x, y = x[ref_idx], y[ref_idx]
     try:  # a failing sample named by its training index
-        ref_blocks, _ = gradient_blocks(model, task, ref[0], ref[1], "loss", opts.max_memory)
+        blocks = _set_blocks(model, task, x, y, opts.max_memory)
     except SampleError as e:
         raise e.shifted(index=ref_idx) if ref_idx is not None else e from None
+    ref = []
+    for item, rb in blocks:
+        sq = block_sq_norms(rb)
+        lam = opts.damping if opts.damping is not None else layer_damping(sq, item.numel, opts.lambda_rule)
+        if not lam > 0:
+            raise ValueError(f"datainf: layer {item.name!r} has zero gradients on the reference set, so its "
+                             "damping λ_l is 0; pass damping= explicitly")
+        ref.append((item.name, rb, lam, sq))
+    return ref, x.shape[0]
+
+
+def _scores(train_blocks, test_blocks, ref, n_ref, opts, what):
+    """Scores ``[c, m]`` of a chunk of training blocks against test blocks (module formula)."""
+    names = [name for name, *_ in ref]
+    _same_layers([i.name for i, _ in test_blocks], names, f"the {what} and reference sets")
+    _same_layers([i.name for i, _ in train_blocks], names, "training batches and the reference set")
+    total = 0
+    for (_, cb), (_, tb), (_, rb, lam, sq) in zip(train_blocks, test_blocks, ref):
+        K_rz = _gram(rb, tb, opts.backend)  # (1/n) K_l(j, z) / (λ_l + ‖g_{l,j}‖²), [n_ref, m]
+        weighted = K_rz / ((lam + sq.to(K_rz.dtype))[:, None] * n_ref)
+        total = total + (_gram(cb, tb, opts.backend) - _gram(cb, rb, opts.backend) @ weighted) / lam
+    return total
+
+
+def datainf(model, task, train, test, opts):
+    ref, n_ref = _reference(model, task, train, opts)
     try:
-        te_blocks, _ = gradient_blocks(model, task, test[0], test[1], "loss", opts.max_memory)
+        te_blocks = _set_blocks(model, task, test[0], test[1], opts.max_memory)
     except SampleError as e:
         raise e.shifted(prefix="test ") from None
-    n_ref = ref[0].shape[0]
-    _same_layers([i.name for i, _ in te_blocks], [i.name for i, _ in ref_blocks], "the test and reference sets")
-    # per layer: λ_l, and (1/n) K_l(j, z) / (λ_l + ‖g_{l,j}‖²) for the reference set, [n_ref, m]
-    layers, lambdas = [], {}
-    for (item, rb), (_, tb) in zip(ref_blocks, te_blocks):
-        name, numel, sq = item.name, item.numel, block_sq_norms(rb)
-        lam = opts.damping if opts.damping is not None else layer_damping(sq, numel, opts.lambda_rule)
-        if not lam > 0:
-            raise ValueError(f"datainf: layer {name!r} has zero gradients on the reference set, so its "
-                             "damping λ_l is 0; pass damping= explicitly")
-        lambdas[name] = lam
-        K_rz = _gram(rb, tb, opts.backend)
-        weighted = K_rz / ((lam + sq.to(K_rz.dtype))[:, None] * n_ref)
-        layers.append((name, rb, tb, lam, weighted))
+    x, y = train
+    n, m = x.shape[0], test[0].shape[0]
     out = None
 
     def chunk(start, stop):
         nonlocal out
         blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
-        _same_layers([i.name for i, _ in blocks], [l[0] for l in layers], "training batches and the reference set")
-        total = 0
-        for (_, cb), (name, rb, tb, lam, weighted) in zip(blocks, layers):
-            total = total + (_gram(cb, tb, opts.backend) - _gram(cb, rb, opts.backend) @ weighted) / lam
+        total = _scores(blocks, te_blocks, ref, n_ref, opts, "test")
         if out is None:
             out = torch.empty(n, total.shape[1], dtype=total.dtype, device=total.device)
         out[start:stop] = total
-        return per_sample + 8 * (n_ref + total.shape[1]) * len(layers)
+        return per_sample + 8 * (n_ref + m) * len(ref)
 
     for_sample_chunks(n, opts.max_memory, chunk)
-    return out, {"lambdas": lambdas, "reference": n_ref}
+    return out, {"lambdas": {name: lam for name, _, lam, _ in ref}, "reference": n_ref}
+
+
+def datainf_self(model, task, train, opts):
+    """score(i, i) for every training point, chunk by chunk (each chunk its own test set): O(n · n_ref)
+    inner products, memory of a chunk, not the n_train × n_train matrix."""
+    ref, n_ref = _reference(model, task, train, opts)
+    x, y = train
+    out = None
+
+    def chunk(start, stop):
+        nonlocal out
+        blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
+        total = _scores(blocks, blocks, ref, n_ref, opts, "training").diagonal()
+        if out is None:
+            out = torch.empty(x.shape[0], dtype=total.dtype, device=total.device)
+        out[start:stop] = total
+        return per_sample + 8 * (n_ref + stop - start) * len(ref)
+
+    for_sample_chunks(x.shape[0], opts.max_memory, chunk)
+    return out, {"lambdas": {name: lam for name, _, lam, _ in ref}, "reference": n_ref}

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from .._validate import check_choice, check_float, check_int, check_seed
-from ._common import Options, flat_params
+from ._common import Options, flat_params, self_chunks
 
 CURVATURES = ("gn", "empirical", "sampled")
 STRATEGIES = ("ekfac", "kfac")
@@ -45,13 +45,27 @@ class EKFACOptions(Options):
         return self
 
 
-def ekfac(model, task, train, test, opts):
+def _fitted(model, task, train, opts):
     from ..ekfac import EKFAC
 
     # EKFAC's dtype defaults to float32; a float64 model must get float64 scores like every other method
     dtype = torch.float64 if flat_params(model)[0].dtype == torch.float64 else torch.float32
     est = EKFAC(model, task, curvature=opts.curvature, strategy=opts.strategy, damping=opts.damping,
                 seed=opts.seed, dtype=dtype, backend=opts.backend)
-    est.fit(train[0], train[1], batch_size=opts.batch_size, cache_bytes=opts.max_memory)
-    scores = est.scores(train[0], train[1], test[0], test[1])
+    return est.fit(train[0], train[1], batch_size=opts.batch_size, cache_bytes=opts.max_memory)
+
+
+def ekfac(model, task, train, test, opts):
+    scores = _fitted(model, task, train, opts).scores(train[0], train[1], test[0], test[1])
     return scores, {"curvature": opts.curvature, "strategy": opts.strategy}
+
+
+def ekfac_self(model, task, train, opts):
+    """score(i, i): one fit, then each training chunk scored against itself (:func:`self_chunks`;
+    its preconditioned gradients and the chunk's c × c scores, about 3·c·p values)."""
+    est = _fitted(model, task, train, opts)
+    x, y = train
+    p = sum(t.numel() for t in flat_params(model))
+    out = self_chunks(x.shape[0], opts.max_memory, 3 * p * est.dtype.itemsize,
+                      lambda i, j: est.scores(x[i:j], y[i:j], x[i:j], y[i:j], batch_size=opts.batch_size).diagonal())
+    return out, {"curvature": opts.curvature, "strategy": opts.strategy}

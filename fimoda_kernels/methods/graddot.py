@@ -31,3 +31,9 @@ def grad_dot_self(model, task, train, opts):
     """‖∇ℓ_i‖² without the n × n product."""
     norms = grad_sq_norms(model, task, train[0], train[1], "loss", opts.max_memory)
     return sum(sq for _, sq in norms.values()), {}
+
+
+def grad_cos_self(model, task, train, opts):
+    """The cosine of a gradient with itself: 1 (0 for a zero gradient)."""
+    sq, info = grad_dot_self(model, task, train, opts)
+    return (sq > 0).to(sq.dtype), info

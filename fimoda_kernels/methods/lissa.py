@@ -14,8 +14,9 @@ from .._validate import check_float, check_int, check_seed
 from ..hvp import gn_hvp, hessian_hvp
 from ..inner_products import grad_dot_vectors
 from ..solvers import lissa as lissa_solve
-from ._common import Options, dense_loss_grads
-from .cg import resolve_damping
+from ..grads import per_sample_grads
+from ._common import Options, dense_loss_grads, join_infos, self_chunks
+from .cg import SELF_ROWS, resolve_damping
 
 
 @dataclasses.dataclass
@@ -59,14 +60,38 @@ class LiSSAHOptions(LiSSAOptions):
     """LiSSA with the true Hessian (forward-over-reverse HVPs); fields as :class:`LiSSAOptions`."""
 
 
+def _solve(hvp, V, opts, damping, scale):
+    return lissa_solve(hvp, V, opts.depth, scale, damping, repeat=opts.repeat,
+                       batch_size=min(opts.batch_size, hvp.num_samples), seed=opts.seed, absolute_damping=True,
+                       max_growth=opts.max_growth, return_info=True)
+
+
 def _lissa(model, task, train, test, opts, make_hvp):
     damping = resolve_damping(model, task, train, opts)
     hvp = make_hvp(model, task, train[0], train[1])
-    H, info = lissa_solve(hvp, dense_loss_grads(model, task, test, opts.max_memory), opts.depth, opts.scale,
-                          damping, repeat=opts.repeat, batch_size=min(opts.batch_size, train[0].shape[0]),
-                          seed=opts.seed, absolute_damping=True, max_growth=opts.max_growth, return_info=True)
+    H, info = _solve(hvp, dense_loss_grads(model, task, test, opts.max_memory), opts, damping, opts.scale)
     scores = grad_dot_vectors(model, task, train[0], train[1], H, "loss", opts.max_memory)
     return scores, {"damping": damping, "lissa": info}
+
+
+def _lissa_self(model, task, train, opts, make_hvp):
+    """g_iᵀ h_i, each training chunk its own right-hand sides (:func:`self_chunks`); with scale="auto"
+    the first chunk's scale is kept for the rest (the draws are shared, so each row's recursion is
+    the one a single batched call would run)."""
+    damping = resolve_damping(model, task, train, opts)
+    hvp = make_hvp(model, task, train[0], train[1])
+    x, y = train
+    infos, scale = [], [opts.scale]
+
+    def chunk(start, stop):
+        V = per_sample_grads(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
+        H, info = _solve(hvp, V, opts, damping, scale[0])
+        infos.append(info)
+        scale[0] = info["scale"]
+        return (V * H).sum(1)
+
+    out = self_chunks(x.shape[0], opts.max_memory, SELF_ROWS * hvp.num_params * hvp.dtype.itemsize, chunk)
+    return out, {"damping": damping, "lissa": join_infos(infos)}
 
 
 def lissa(model, task, train, test, opts):
@@ -75,3 +100,11 @@ def lissa(model, task, train, test, opts):
 
 def lissa_h(model, task, train, test, opts):
     return _lissa(model, task, train, test, opts, hessian_hvp)
+
+
+def lissa_self(model, task, train, opts):
+    return _lissa_self(model, task, train, opts, gn_hvp)
+
+
+def lissa_h_self(model, task, train, opts):
+    return _lissa_self(model, task, train, opts, hessian_hvp)

@@ -60,37 +60,52 @@ def rank_cut(dtype: torch.dtype) -> float:
     return 32 * torch.finfo(dtype).eps
 
 
-def pinv_solve(P: torch.Tensor, B: torch.Tensor, cut: float) -> tuple[torch.Tensor, int]:
-    """Φ (ΦᵀΦ)⁺ B for ``P`` = Φ ``[n, k]`` and ``B`` ``[k, m]`` (float64), singular values of Φ below
-    ``cut``·σ_max dropped; and how many were dropped (module docstring)."""
+def pinv(P: torch.Tensor, cut: float):
+    """Φ (ΦᵀΦ)⁺ for ``P`` = Φ ``[n, k]`` (float64) at Φ's numerical rank (singular values below
+    ``cut``·σ_max dropped, module docstring), as ``(solve, hat, dropped)``: ``solve(B)`` = Φ (ΦᵀΦ)⁺ B for
+    ``B [k, m]``, ``hat()`` = diag Φ (ΦᵀΦ)⁺ Φᵀ ``[n]`` (each point's leverage), ``dropped`` how many σ."""
     n, k = P.shape
     if k <= n:  # the k × k Gram matrix's eigenvalues are Φ's σ², its eigenvectors Φ's right ones
         lam, V = torch.linalg.eigh(P.T @ P)
         # eigenvalues below ~k·ε₆₄·λ_max are the Gram matrix's own rounding, whatever Φ's precision
         keep = lam > max(cut ** 2, k * torch.finfo(torch.float64).eps) * lam[-1]
-        V = V[:, keep]
-        return (P @ V) @ ((V.T @ B) / lam[keep][:, None]), int((~keep).sum())
+        V, lam = V[:, keep], lam[keep]
+        PV = P @ V
+        return (lambda B: PV @ ((V.T @ B) / lam[:, None])), (lambda: (PV.square() / lam).sum(1)), int((~keep).sum())
     Q, R = torch.linalg.qr(P.T)  # Φᵀ = QR, so (Φ⁺)ᵀ = R^{-1} Qᵀ when Φ has full row rank
     d = R.diagonal().abs()
-    if float(d.min()) > cut * float(d.max()):
-        return torch.linalg.solve_triangular(R, Q.T @ B, upper=True), 0
+    if float(d.min()) > cut * float(d.max()):  # full row rank: Φ (ΦᵀΦ)⁺ Φᵀ = I
+        return (lambda B: torch.linalg.solve_triangular(R, Q.T @ B, upper=True)), (lambda: P.new_ones(n)), 0
     U, sv, Vh = torch.linalg.svd(P, full_matrices=False)  # (Φ⁺)ᵀ = U diag(1/σ) Vh on the kept σ
     keep = sv > cut * sv[0]
-    return U[:, keep] @ ((Vh[keep] @ B) / sv[keep][:, None]), int((~keep).sum())
+    U, sv, Vh = U[:, keep], sv[keep], Vh[keep]
+    return (lambda B: U @ ((Vh @ B) / sv[:, None])), (lambda: U.square().sum(1)), int((~keep).sum())
+
+
+def _projected(model, task, pair, opts, name):
+    Phi = project_model(model, task, pair[0], pair[1], k=opts.proj_dim, seed=opts.seed, wrt="output",
+                        kind=opts.kind, max_memory=opts.max_memory, backend=opts.backend)
+    if not bool(torch.isfinite(Phi).all()):  # the QR / SVD path would turn Inf into zeros
+        raise ValueError(f"trak: non-finite projected {name} gradients; check the model and data")
+    return Phi
+
+
+def _train_side(model, task, train, opts):
+    """Φ of the training set, its pseudo-inverse (:func:`pinv`) and −φ′ per training point."""
+    Phi = _projected(model, task, train, opts, "training")
+    if not bool(Phi.any()):
+        raise ValueError("trak: the projected training gradients are all zero (Φ = 0); nothing to attribute")
+    _, d1, _ = outputs(model, task, train)
+    return Phi.dtype, pinv(Phi.double(), rank_cut(Phi.dtype)), -d1.double()
 
 
 def trak(model, task, train, test, opts):
-    proj = dict(k=opts.proj_dim, seed=opts.seed, wrt="output", kind=opts.kind, max_memory=opts.max_memory,
-                backend=opts.backend)
-    Phi = project_model(model, task, train[0], train[1], **proj)
-    Phi_te = project_model(model, task, test[0], test[1], **proj)
-    P, P_te = Phi.double(), Phi_te.double()
-    for name, t in (("training", P), ("test", P_te)):  # the QR / SVD path would turn Inf into zeros
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"trak: non-finite projected {name} gradients; check the model and data")
-    if not bool(P.any()):
-        raise ValueError("trak: the projected training gradients are all zero (Φ = 0); nothing to attribute")
-    S, dropped = pinv_solve(P, P_te.T, rank_cut(Phi.dtype))
-    _, d1, _ = outputs(model, task, train)
-    scores = S * (-d1.double())[:, None]
-    return scores.to(Phi.dtype), {"dropped": dropped, "proj_dim": opts.proj_dim}
+    dtype, (solve, _, dropped), weight = _train_side(model, task, train, opts)
+    scores = solve(_projected(model, task, test, opts, "test").double().T) * weight[:, None]
+    return scores.to(dtype), {"dropped": dropped, "proj_dim": opts.proj_dim}
+
+
+def trak_self(model, task, train, opts):
+    """score(i, i) = −φ′_i · φ_iᵀ (ΦᵀΦ)⁺ φ_i: the leverages of Φ's rows, O(n·k) memory."""
+    dtype, (_, hat, dropped), weight = _train_side(model, task, train, opts)
+    return (hat() * weight).to(dtype), {"dropped": dropped, "proj_dim": opts.proj_dim}

@@ -273,8 +273,8 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
                         f"exceeds kappa·‖v‖·s = {thr[rows[:8]].tolist()} or is not finite; "
                         "use a larger scale (it must exceed λ_max(M_b)/(2 − d)) or scale='auto'",
                         iteration=k, repeat=rep, scale=s, norms=nrm, threshold=thr, rows=rows)
-            total += h / s
-        return total / repeat, d, norms
+            total.add_(h, alpha=1 / s)  # in place: no [r, p] temporaries
+        return total.div_(repeat), d, norms
 
     tried = []
     for s in ladder:
@@ -357,9 +357,9 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
                 f"{int(iterations.max()) + 1}: the damped operator is not positive definite; "
                 "raise damping or use the GN operator")
         alpha = (rr_a / pAp)[:, None]
-        if all_rows:
-            x.add_(alpha * P)
-            res.sub_(alpha * AP)
+        if all_rows:  # in place, no [r, p] temporaries
+            x.addcmul_(alpha, P)
+            res.addcmul_(alpha, AP, value=-1)
             rr_new = (res * res).sum(1)
             direction.mul_((rr_new / rr_a)[:, None]).add_(res)
             rr = rr_new
@@ -375,7 +375,7 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
         iterations[active.cpu()] += 1
         converged[active] = rr_new.sqrt() <= tol * v_norm[active]
         history.append((rr.sqrt() / safe).cpu())
-    final = torch.linalg.vector_norm(V - apply(x), dim=1) / safe
+    final = torch.linalg.vector_norm(apply(x).sub_(V), dim=1) / safe
     conv = converged.cpu()
     if not bool(conv.all()):
         bad = (~conv).nonzero().flatten()

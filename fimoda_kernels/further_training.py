@@ -31,8 +31,10 @@ of all models (:func:`fimoda_kernels.ops.ensemble_step.ensemble_step`). Two grad
 Parameters, gradients and optimizer state of a chunk of models live in flat buffers made of one
 contiguous ``[M, numel]`` block per parameter tensor (so each layer's weights are one contiguous
 batch for the GEMMs). Models are processed in chunks that fit ``max_memory``; after each chunk the
-losses so far are written atomically to ``checkpoint_dir``; a run started again with the same
-arguments skips the finished chunks and gives identical results. "The same" is checked: the
+losses so far are written atomically to ``checkpoint_dir``, and a chunk still running after
+``_PARTIAL_EVERY_S`` seconds also saves its state (parameters, optimizer state, step, losses so far)
+at its next evaluation point, and again as often; a run started again with the same arguments skips
+the finished chunks, continues a saved chunk from its step and gives identical results. "The same" is checked: the
 checkpoint's fingerprint covers the settings, the data and every parameter and buffer by value, the
 architecture (``repr``) and the code of the model's and a custom loss's classes outside torch
 (bytecode, constants, closure values), so another forward() or loss is refused, not resumed.
@@ -49,6 +51,7 @@ import json
 import logging
 import os
 import re
+import time
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +75,10 @@ __all__ = ["further_train", "FurtherTrainingResult"]
 
 _FORMAT = 1
 _CHECKPOINT_NAME = "further_training.pt"
+_PARTIAL_NAME = "further_training.chunk.pt"
+# a chunk running this long is checkpointed at its next evaluation point, and so on (one chunk of a
+# GPU study holds all its models and can run for hours)
+_PARTIAL_EVERY_S = 600.0
 # Models trained together at most on CPU. Larger chunks amortize the fixed cost of each op call (Python,
 # OpenMP fork/join) over more models; smaller ones keep the working set cached. For the Energy MLP a
 # model's step touches ~0.9 MB (parameters, gradient, 128-wide activations and their gradients), so
@@ -146,6 +153,32 @@ def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+class _Partial:
+    """The state of a chunk in progress (module docstring): saved at evaluation points once
+    ``_PARTIAL_EVERY_S`` seconds have passed since the chunk started or last saved, restored when the
+    same chunk (same arguments, same models) runs again. The schedule is a function of the global
+    step, so the rest of the run is the one an uninterrupted chunk would have done."""
+
+    def __init__(self, path: Path, config_json: str, pairs: list):
+        self.path, self.config_json, self.pairs = path, config_json, [list(p) for p in pairs]
+        self.last = time.monotonic()
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        same = state.get("config_json") == self.config_json and state.get("pairs") == self.pairs
+        return state if same else None  # another chunk's (the chunking changed): start this one afresh
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= _PARTIAL_EVERY_S
+
+    def save(self, global_step: int, tensors: dict) -> None:
+        _atomic_save(dict(format=_FORMAT, config_json=self.config_json, pairs=self.pairs, global_step=global_step,
+                          **{k: v.cpu() for k, v in tensors.items() if v is not None}), self.path)
+        self.last = time.monotonic()
 
 
 # ----------------------------------------------------------------------------- MLP recognition
@@ -260,12 +293,12 @@ class _Schedule:
             idx, w = torch.cat([idx, extra], -1), torch.cat([w, w_extra], -1)
         return idx, w, active
 
-    def steps(self, block: int = 64, count: bool = False):
-        """See the class docstring; the active count is None unless ``count`` (it costs a device
-        sync per block of steps)."""
+    def steps(self, block: int = 64, count: bool = False, start: int = 0):
+        """See the class docstring; from global step ``start`` on (a resumed chunk); the active count
+        is None unless ``count`` (it costs a device sync per block of steps)."""
         total = self.epochs * self.slots if self.epochs is not None else self.total_steps
         all_active = self.epochs is None or bool((self.nb == self.slots).all())
-        for s0 in range(0, total, block):
+        for s0 in range(start, total, block):
             idx, w, active = self._batches(s0, min(total, s0 + block))
             counts = ([self.M] * idx.shape[0] if all_active else active.sum(1).tolist()) if count \
                 else [None] * idx.shape[0]
@@ -692,7 +725,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
             GPU give it more than the default: a step of a few thousand small models leaves the device
             mostly idle (launch-bound), so all of a study's models in one chunk run far faster (the
             paper's Energy study, 10 100 models of 8→128→128→1, is one chunk at about 10 GiB).
-        checkpoint_dir: where to checkpoint after each chunk (and resume from); None: no checkpoint.
+        checkpoint_dir: where to checkpoint after each chunk, and inside a chunk every 10 minutes at an
+            evaluation point (and resume from); None: no checkpoint.
         loss: "mse" (ℓ = (f − y)², nn.MSELoss per sample), "cross_entropy" (nn.CrossEntropyLoss per
             sample) or a :class:`~fimoda_kernels.tasks.Task` (its ``loss`` gives per-sample losses).
         progress: True for a tqdm bar (models·steps/s), False for none, or a callable receiving a
@@ -873,8 +907,10 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
             seeds_c = [seeds[r] for r, _ in pairs_c]
             loo_c = [-1 if j == 0 else loo_indices[j - 1] for _, j in pairs_c]
             sched = _Schedule(N, batch_size, mode, epochs, steps, eval_steps, seeds_c, loo_c, dtype, device)
+            partial = None if ckpt is None else _Partial(ckpt.with_name(_PARTIAL_NAME),
+                                                         json.dumps(config, sort_keys=True), pairs_c)
             out = _train_chunk(base, named, mlp if use_fused else None, sched, task, x_tr, y_tr, x_te, y_te,
-                               optimizer, lr, momentum, weight_decay, betas, eps, bar)
+                               optimizer, lr, momentum, weight_decay, betas, eps, bar, partial)
             if not bool(torch.isfinite(out[0]).all()):  # before any step: not the learning rate
                 raise ValueError("model: the test losses of the given model (t = 0) are not finite; check the "
                                  "model's outputs and the test data")
@@ -892,6 +928,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
             if ckpt is not None:
                 _atomic_save(dict(format=_FORMAT, config_json=json.dumps(config, sort_keys=True),
                                   losses=losses, done=done), ckpt)
+                partial.path.unlink(missing_ok=True)  # the chunk is in the checkpoint now
             if callable(progress):
                 progress(dict(done=int(done.sum()), total=done.numel(), chunk=ci, chunks=len(chunks)))
     finally:
@@ -901,8 +938,9 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
 
 
 def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_te, optimizer, lr, momentum,
-                 weight_decay, betas, eps, bar) -> torch.Tensor:
-    """Train the chunk's models; test losses [n_evals, n_test, M]."""
+                 weight_decay, betas, eps, bar, partial: _Partial | None = None) -> torch.Tensor:
+    """Train the chunk's models (from ``partial``'s saved state where it has one, saving to it as it
+    goes); test losses [n_evals, n_test, M]."""
     M, dtype, device = sched.M, x_tr.dtype, x_tr.device
     flat = _FlatParams(named, M, dtype, device)
     if mlp is not None:
@@ -915,10 +953,18 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
     step = torch.zeros(M, dtype=torch.int64, device=device)
     update = EnsembleStepper(optimizer, lr, momentum, weight_decay, betas, eps, segments=flat.segments,
                              device=device, dtype=dtype)
-    evals = []
-    with torch.no_grad():
-        evals.append(engine.test_losses(x_te, y_te, task).T)
-    for idx, w, active, evaluate, n_active in sched.steps(count=bar is not None):
+    evals, start = [], 0
+    saved = partial.load() if partial is not None else None
+    if saved is not None:
+        for t, name in ((flat.theta, "theta"), (s1, "state1"), (s2, "state2"), (step, "step")):
+            if t is not None:
+                t.copy_(saved[name])
+        evals, start = list(saved["evals"].to(device)), saved["global_step"]
+    else:
+        with torch.no_grad():
+            evals.append(engine.test_losses(x_te, y_te, task).T)
+    for s, (idx, w, active, evaluate, n_active) in enumerate(sched.steps(count=bar is not None, start=start),
+                                                             start + 1):
         if mlp is not None:
             with torch.no_grad():
                 engine.grad(x_tr, y_tr, task, idx, w)
@@ -929,6 +975,8 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
             update(flat.theta, flat.grad, step, s1, s2, active)
             if evaluate:
                 evals.append(engine.test_losses(x_te, y_te, task).T)
+                if partial is not None and partial.due():
+                    partial.save(s, dict(theta=flat.theta, state1=s1, state2=s2, step=step, evals=torch.stack(evals)))
         if bar is not None:
             bar.update(n_active)
     return torch.stack(evals)

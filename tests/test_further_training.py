@@ -710,3 +710,42 @@ def test_models_vmap_cannot_batch_train_one_at_a_time():
     with pytest.warns(FallbackWarning, match="vmap cannot batch this model"):
         res = further_train(model, train, test, [1, 7], [2], dtype=torch.float64, progress=False, **kw)
     assert res.config["path"] == "generic" and rel(res.losses, ref) < 1e-10
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_resume_inside_a_chunk(tmp_path, monkeypatch, path):
+    """A chunk running longer than _PARTIAL_EVERY_S saves its state at evaluation points (a GPU study
+    is one chunk of hours); killed in the middle, the run continues from the last save and equals the
+    uninterrupted one, and a resume with another chunking starts that chunk afresh."""
+    from fimoda_kernels import further_training as ft
+
+    train, test = data("mse")
+    kw = dict(epochs=4, optimizer="adam", lr=0.01, batch_size=4, path=path, progress=False)  # 6 steps per epoch
+    full = further_train(mlp(), train, test, [0, 3, 5], [1, 2], **kw)
+    monkeypatch.setattr(ft, "_PARTIAL_EVERY_S", 0.0)  # save at every evaluation point
+    calls, real = [0], ft.EnsembleStepper.__call__
+
+    def step(self, *args, stop_at=None):
+        calls[0] += 1
+        if calls[0] == stop_at:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(ft.EnsembleStepper, "__call__", lambda self, *a: step(self, *a, stop_at=15))
+    with pytest.raises(KeyboardInterrupt):  # in epoch 3, after the saves of epochs 1 and 2
+        further_train(mlp(), train, test, [0, 3, 5], [1, 2], checkpoint_dir=tmp_path, **kw)
+    assert (tmp_path / ft._PARTIAL_NAME).exists()
+    calls[0] = 0
+    monkeypatch.setattr(ft.EnsembleStepper, "__call__", lambda self, *a: step(self, *a))
+    res = further_train(mlp(), train, test, [0, 3, 5], [1, 2], checkpoint_dir=tmp_path, **kw)
+    assert calls[0] == 12  # epochs 3 and 4 only
+    assert torch.equal(res.losses, full.losses) and not (tmp_path / ft._PARTIAL_NAME).exists()
+    # another chunking: the saved chunk is not this run's first chunk, which starts afresh
+    calls[0] = 0
+    monkeypatch.setattr(ft.EnsembleStepper, "__call__", lambda self, *a: step(self, *a, stop_at=15))
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt):
+        further_train(mlp(), train, test, [0, 3, 5], [1, 2], checkpoint_dir=other, **kw)
+    monkeypatch.setattr(ft.EnsembleStepper, "__call__", lambda self, *a: step(self, *a))
+    res = further_train(mlp(), train, test, [0, 3, 5], [1, 2], checkpoint_dir=other, models_per_chunk=2, **kw)
+    assert torch.equal(res.losses, full.losses)

@@ -98,13 +98,13 @@ def check_tensor(name: str, value, *, ndim: int | Iterable[int] | None = None,
 
 
 def check_input(name: str, value, **checks) -> torch.Tensor:
-    """:func:`check_tensor` for a tensor argument of an op (``fimoda_kernels.ops``), which must not
-    require grad while grad mode is on: the ops are not differentiable (native backends read and
-    write raw memory that autograd does not see), so a gradient through them would be silently wrong
-    or missing, differently on each backend."""
+    """:func:`check_tensor` for a tensor argument of an op (``fimoda_kernels.ops``), an HVP operator or
+    a solver, which must not require grad while grad mode is on: they are not differentiable (native
+    backends read and write raw memory that autograd does not see), so a gradient through them would be
+    silently wrong or missing, differently on each backend."""
     value = check_tensor(name, value, **checks)
     if value.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name}: expected a tensor that does not require grad (the ops are not "
+        raise ValueError(f"{name}: expected a tensor that does not require grad (the kernels are not "
                          "differentiable), got one that does; detach it or call under torch.no_grad()")
     return value
 

@@ -46,7 +46,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ._mlp import mlp_layers
-from ._validate import check_choice, check_int, check_tensor
+from ._validate import check_choice, check_input, check_int, check_tensor
 from .grads import _check_batch, activation_numel, capture_linear, for_sample_chunks
 from .tasks import Task, output_derivatives
 
@@ -213,14 +213,14 @@ class HVPOperator:
         multi-MiB tensors cost a page fault per 4 KiB on every call): it holds up to about max_memory
         plus two [r, p] blocks for the operator's lifetime, and an operator is not meant to be called
         from several threads at once."""
-        check_tensor("V", V, ndim=(1, 2), device=self.device)
+        check_input("V", V, ndim=(1, 2), device=self.device)  # the fast paths write into workspaces
         if not V.dtype.is_floating_point:
             raise TypeError(f"V: expected a floating dtype, got {V.dtype}")
         if V.shape[-1] != self.num_params:
             raise ValueError(f"V: expected [r, {self.num_params}] or [{self.num_params}] (p = num_params), "
                              f"got {tuple(V.shape)}")
         if out is not None:
-            check_tensor("out", out, ndim=V.dim(), dtypes=(V.dtype,), device=self.device)
+            check_input("out", out, ndim=V.dim(), dtypes=(V.dtype,), device=self.device)
             if out.shape != V.shape or not out.is_contiguous():
                 raise ValueError(f"out: expected a contiguous tensor of shape {tuple(V.shape)} (as V), got shape "
                                  f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from ._validate import check_float, check_int, check_seed, check_tensor
+from ._validate import check_float, check_input, check_int, check_seed
 from .hvp import HVPOperator
 from .ops.lissa_update import lissa_update
 
@@ -75,7 +75,7 @@ def _check_operator(hvp) -> tuple[int, int]:
 
 def _check_rhs(v, p: int, hvp) -> tuple[torch.Tensor, bool]:
     """v as a contiguous [r, p] float32/float64 block, and whether it came as [p]."""
-    check_tensor("v", v, ndim=(1, 2), dtypes=(torch.float32, torch.float64), finite=True)
+    check_input("v", v, ndim=(1, 2), dtypes=(torch.float32, torch.float64), finite=True)
     if v.shape[-1] != p:
         raise ValueError(f"v: expected [r, {p}] or [{p}] (p = hvp.num_params), got {tuple(v.shape)}")
     device = getattr(hvp, "device", None)

@@ -1,9 +1,10 @@
 """Per-sample gradients and Linear/Conv2d capture (MATH.md §4) against explicit autograd loops."""
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers import Reordering
 from hypothesis import given, settings, strategies as st
 from torch import nn
-import torch.nn.functional as F
 
 from fimoda_kernels.grads import capture_linear, iter_per_sample_grads, param_layout, per_sample_grads
 from fimoda_kernels.tasks import CrossEntropyTask, MSETask
@@ -300,19 +301,6 @@ class PositionTable(nn.Module):
         return self.head(torch.tanh(self.fc(x) + self.pos_proj(self.pos))).mean(1).squeeze(-1)
 
 
-class Reordering(nn.Module):
-    """Sorts the batch before its first Linear and undoes it after (as packing by length does)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 1)
-
-    def forward(self, x):
-        order = x[:, 0].argsort()
-        h = torch.tanh(self.fc(x[order]))[order.argsort()]
-        return self.head(h).squeeze(-1)
-
-
 def _probe_cases():
     """(model, x, y, names of the layers that must stay captured) for the one-sample probe."""
     torch.manual_seed(1)
@@ -333,7 +321,7 @@ def _probe_cases():
                                      ["head"]),
         # the probe compares sample 0's rows: it must move when sorted (a reordering that keeps it in
         # place goes unnoticed, and in a set of one sample there is nothing to notice)
-        "reordered batch": (Reordering().to(D), xr, torch.randn(7, dtype=D), ["head"]),
+        "reordered batch": (Reordering(4).to(D), xr, torch.randn(7, dtype=D), ["head"]),
         "user forward hook": (hooked, torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D), ["0", "2", "4"]),
         "extra parameter on a Linear": (gain, torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D), ["0", "2", "4"]),
         "forward replaced on the instance": (masked, torch.randn(5, 8, dtype=D), torch.randn(5, dtype=D), ["2", "4"]),

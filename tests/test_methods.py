@@ -9,7 +9,7 @@ from fimoda_kernels._dispatch import backend_unavailable_reasons
 from fimoda_kernels.grads import per_sample_grads
 from fimoda_kernels.projection import project_model
 
-from helpers import randn, rel
+from helpers import Reordering, randn, rel
 
 N, M = 40, 7
 
@@ -433,17 +433,8 @@ def test_datainf_refuses_layers_that_differ_between_its_sets():
     captured in a set of one sample but not in larger ones: its blocks were paired across different
     layers (a misleading width error, or wrong numbers for equal widths); now a clear error."""
 
-    class Reordering(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.head = nn.Linear(3, 5), nn.Linear(5, 1)
-
-        def forward(self, x):
-            order = x[:, 0].argsort()
-            return self.head(torch.tanh(self.fc(x[order]))[order.argsort()]).squeeze(-1)
-
     torch.manual_seed(0)
-    model = Reordering().double()
+    model = Reordering(3).double()
     x, y = _data(12)
     x[0, 0] = 10.0  # moves when sorted: the capture of the training batches sees it
     with pytest.raises(RuntimeError, match="captured layers differ between the test and reference sets"):

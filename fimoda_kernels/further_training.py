@@ -471,6 +471,8 @@ class _Generic:
         if not self._loop:
             try:
                 return vmap(fn)(*args)
+            except torch.OutOfMemoryError:  # a RuntimeError too, but no reason to go model by model
+                raise
             except (RuntimeError, NotImplementedError) as e:
                 warnings.warn(f"further_train: torch.func.vmap cannot batch this model ({type(e).__name__}: "
                               f"{str(e)[:160]}); training the models of a chunk one at a time (slower)",

@@ -262,6 +262,9 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
             for k in range(1, depth + 1):
                 batch = None if full else torch.randint(n, (batch_size,), generator=gen)
                 mh = hvp(h, batch=batch, out=mh_buf) if mh_buf is not None else hvp(h, batch=batch).to(V.dtype)
+                if mh.requires_grad and torch.is_grad_enabled():  # lissa_update would name its own argument
+                    raise ValueError("hvp: expected products that do not require grad (LiSSA is not differentiable), "
+                                     "got ones that do; call it under torch.no_grad()")
                 h, sq = lissa_update(h, V, mh, s, d, out=h, backend=backend)
                 norms = sq.double().sqrt()
                 bad = ~torch.isfinite(norms) | (norms > threshold)

@@ -395,8 +395,8 @@ def test_ekfac_method_honours_backend_and_max_memory():
                fk.attribute("ekfac", model, "mse", train, test, **kw)) < 1e-12
     # max_memory bounds the fit's (a, s) cache: with 1 byte the correction pass reads the data again
     calls = []
-    # batches only: the capture's one-sample probe forwards do not read the data
-    hook = model[0].register_forward_hook(lambda m, args, out: calls.append(1) if args[0].shape[0] > 1 else None)
+    # differentiated forwards only: the capture's no-grad probe forwards (two samples) do not read the data
+    hook = model[0].register_forward_hook(lambda *_: calls.append(1) if torch.is_grad_enabled() else None)
     try:
         cached = fk.attribute("ekfac", model, "mse", train, test, **kw)
         n_cached = len(calls)
@@ -464,6 +464,26 @@ def test_self_influence_is_the_diagonal_of_the_scores(problem, name, monkeypatch
     cls, _, self_fn = methods._METHODS[method]
     monkeypatch.setitem(methods._METHODS, method, (cls, lambda *a: pytest.fail("n × n scores computed"), self_fn))
     p = sum(t.numel() for t in model.parameters())
-    small = fk.self_influence(method, model, task, train, max_memory=5 * 9 * p * 8, **opts)  # chunks of ~5
+    # chunks of 3 training points for the solvers (9 for EK-FAC): uneven, 40 = 13·3 + 1
+    sc = fk.attribute_scores(method, model, task, train, self_influence=True, max_memory=27 * p * 8, **opts)
+    small = sc.self_influence
     assert small.shape == (N,) and small.dtype == full.dtype
+    solver = sc.info.get("cg", sc.info.get("lissa"))
+    if solver is not None:  # per-row solver info joined over the chunks
+        assert solver["final_residual" if "cg" in sc.info else "final_norms"].shape == (N,)
     assert rel(small, full.diagonal()) < (1e-6 if method.startswith("lissa") else 1e-9)
+
+
+def test_lissa_self_influence_climbs_the_scale_ladder_for_every_chunk():
+    """With scale="auto" the first chunk picks a scale; a later chunk that diverges there makes every
+    chunk run again one rung higher, so the result is the batched call's (it failed before)."""
+    m = nn.Linear(2, 1, bias=False).double().eval()
+    with torch.no_grad():
+        m.weight.zero_()
+    x = torch.tensor([[0, 1.], [0, 1.2], [0, 0.9], [30., 0]], dtype=torch.float64)  # the last needs s ≥ 1000
+    y = torch.ones(4, 1, dtype=torch.float64)
+    opts = dict(scale="auto", depth=50, batch_size=1, damping=1e-3)
+    full = fk.attribute_scores("lissa", m, "mse", (x, y), (x, y), **opts)
+    one = fk.attribute_scores("lissa", m, "mse", (x, y), self_influence=True, max_memory=1, **opts)  # one per chunk
+    assert full.info["lissa"]["scale"] == one.info["lissa"]["scale"] == 1000
+    assert rel(one.self_influence, full.scores.diagonal()) < 1e-12

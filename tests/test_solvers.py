@@ -326,3 +326,14 @@ def test_lissa_alternating_rule_relative_to_the_slowest_direction(ev, s, accepte
     else:
         with pytest.raises(fk.LiSSADivergedError, match="alternates in sign and does not decay"):
             fk.lissa(_Diagonal(ev), v, 100, s, 0.0, batch_size=None)
+
+
+def test_lissa_names_an_operator_whose_products_require_grad():
+    """A user operator built on tensors that require grad: LiSSA (native updates) is not differentiable
+    and says so about the operator, not about an internal argument of its update."""
+    op = _Diagonal([2.0, 1.0])
+    op.M.requires_grad_()
+    with pytest.raises(ValueError, match="hvp: expected products that do not require grad"):
+        fk.lissa(op, torch.ones(2, dtype=torch.float64), 10, 10.0, 0.0, batch_size=None, max_growth=None)
+    with torch.no_grad():
+        fk.lissa(op, torch.ones(2, dtype=torch.float64), 10, 10.0, 0.0, batch_size=None, max_growth=None)

@@ -93,13 +93,15 @@ def _naming(name: str):
 
 def _check_against_model(model, task, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
     """The data set ``name`` against the model, cheaply: the batch checks (dtype, finiteness), a no-grad
-    forward of one sample (a feature-shape mismatch otherwise surfaces as a bare torch error deep inside a method)
-    and every target against that output, broadcast (no further model evaluation)."""
+    forward of two samples (a feature-shape mismatch otherwise surfaces as a bare torch error deep inside a
+    method; two, as a model ending in .squeeze() drops the batch dimension of one) and every target
+    against the first one's output, broadcast (no further model evaluation)."""
     with _naming(name):
         _check_batch(model, task, x, y, "loss")  # also the inputs' dtype against the model's
     with torch.no_grad(), eval_mode(model):
         try:
-            out = model(x[:1])
+            out = model(x[:2])
+            out = out[:1] if isinstance(out, torch.Tensor) else out
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:
@@ -158,11 +160,13 @@ def self_chunks(n: int, max_memory: int, row_bytes: int, fn) -> torch.Tensor:
 
 
 def join_infos(infos: list) -> dict:
-    """The solver infos of several chunks as one: per-row tensors concatenated, the rest from the first."""
+    """The solver infos of several chunks as one: 1-D (per-row) tensors concatenated, other tensors
+    (e.g. CG's [iterations + 1, rows] residual history) as a list with one entry per chunk, the rest
+    from the first chunk."""
     out = dict(infos[0]) if infos else {}
     for key, value in out.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            out[key] = torch.cat([i[key] for i in infos])
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.cat([i[key] for i in infos]) if value.dim() == 1 else [i[key] for i in infos]
     return out
 
 

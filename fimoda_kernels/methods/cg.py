@@ -53,7 +53,7 @@ SELF_ROWS = 8
 
 def solve(model, task, train, rhs, opts, damping, hvp=None):
     """(G + λI)^{-1} for every row of ``rhs [r, p]`` (one batched CG), and the solver's info."""
-    hvp = hvp or gn_hvp(model, task, train[0], train[1], max_memory=opts.max_memory)
+    hvp = hvp if hvp is not None else gn_hvp(model, task, train[0], train[1], max_memory=opts.max_memory)
     kwargs = {} if opts.max_iter is None else {"max_iter": opts.max_iter}
     X, info = cg_solve(hvp, rhs, damping, tol=opts.tol, **kwargs)
     worst = float(info["final_residual"].max()) if rhs.shape[0] else 0.0

@@ -13,7 +13,7 @@ import dataclasses
 from .._validate import check_float, check_int, check_seed
 from ..hvp import gn_hvp, hessian_hvp
 from ..inner_products import grad_dot_vectors
-from ..solvers import lissa as lissa_solve
+from ..solvers import LiSSADivergedError, lissa as lissa_solve, lissa_scale_ladder
 from ..grads import per_sample_grads
 from ._common import Options, dense_loss_grads, join_infos, self_chunks
 from .cg import SELF_ROWS, resolve_damping
@@ -75,23 +75,32 @@ def _lissa(model, task, train, test, opts, make_hvp):
 
 
 def _lissa_self(model, task, train, opts, make_hvp):
-    """g_iᵀ h_i, each training chunk its own right-hand sides (:func:`self_chunks`); with scale="auto"
-    the first chunk's scale is kept for the rest (the draws are shared, so each row's recursion is
-    the one a single batched call would run)."""
+    """g_iᵀ h_i, each training chunk its own right-hand sides (:func:`self_chunks`), all at one scale
+    as one batched call would run them (the draws are shared, so each row's recursion is that call's):
+    with scale="auto" the first chunk picks it; should a later chunk diverge there, every chunk runs
+    again from the ladder's next rung."""
     damping = resolve_damping(model, task, train, opts)
     hvp = make_hvp(model, task, train[0], train[1])
     x, y = train
-    infos, scale = [], [opts.scale]
+    scale = opts.scale
+    while True:
+        infos, used = [], [scale]
 
-    def chunk(start, stop):
-        V = per_sample_grads(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
-        H, info = _solve(hvp, V, opts, damping, scale[0])
-        infos.append(info)
-        scale[0] = info["scale"]
-        return (V * H).sum(1)
+        def chunk(start, stop):
+            V = per_sample_grads(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
+            H, info = _solve(hvp, V, opts, damping, used[0])
+            infos.append(info)
+            used[0] = info["scale"]
+            return (V * H).sum(1)
 
-    out = self_chunks(x.shape[0], opts.max_memory, SELF_ROWS * hvp.num_params * hvp.dtype.itemsize, chunk)
-    return out, {"damping": damping, "lissa": join_infos(infos)}
+        try:
+            out = self_chunks(x.shape[0], opts.max_memory, SELF_ROWS * hvp.num_params * hvp.dtype.itemsize, chunk)
+            return out, {"damping": damping, "lissa": join_infos(infos)}
+        except LiSSADivergedError:
+            higher = [s for s in lissa_scale_ladder() if opts.scale == "auto" and used[0] != "auto" and s > used[0]]
+            if not higher:  # a fixed scale, or the first chunk found none: as attribute would
+                raise
+            scale = higher[0]
 
 
 def lissa(model, task, train, test, opts):

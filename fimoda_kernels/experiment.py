@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import _study_api as api
-from ._validate import check_choice, check_float, check_int
+from ._validate import all_finite, check_choice, check_float, check_int
 from .datasets import EMBEDDED_DATASETS, Dataset, load_csv, load_embedded
 from .models import build_model, default_training, evaluate_model, task_for, train_final_model
 
@@ -402,7 +402,7 @@ def _method_stage(config, data, model, final_key, methods, stages, train, test):
                     t = time.perf_counter()
                     rec["self"] = api.loo_self_influence(m, model, task, train, loo, opts).detach().double().cpu()
                     rec["self_seconds"] = time.perf_counter() - t
-                bad = [k for k in ("scores", "self") if k in rec and not bool(torch.isfinite(rec[k]).all())]
+                bad = [k for k in ("scores", "self") if k in rec and not all_finite(rec[k])]
                 if bad:
                     raise RuntimeError(f"non-finite {' and '.join(bad)}")
             except Exception as e:  # one failing method must not lose the others' results
@@ -452,7 +452,7 @@ def _gold_stage(config, data, model, final_key, final_lr, stages, train, test):
         cached = False
     stages.record("gold", key, cached, time.perf_counter() - t0)
     losses = result.losses
-    if not bool(torch.isfinite(losses).all()):
+    if not all_finite(losses):
         raise RuntimeError(f"further training produced non-finite test losses (diverged); use a smaller "
                            f"further-training learning rate than {further_lr:g}")
     return result, further_lr, seeds

@@ -65,7 +65,7 @@ from torch.func import functional_call, grad, vmap
 
 from ._dispatch import FallbackWarning
 from ._mlp import mlp_layers
-from ._validate import check_choice, check_float, check_int, check_int_list, check_tensor
+from ._validate import all_finite, check_choice, check_float, check_int, check_int_list, check_tensor
 from .grads import activation_numel, batch_dependent_modules
 from .ops.bias_act import _BWD as _EPI_BWD, _FWD as _EPI_FWD, FORWARD_ACTS, epilogue_backend
 from .ops.ensemble_step import EnsembleStepper, check_hyperparameters, state_buffers
@@ -673,11 +673,11 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
         with torch.enable_grad():
             loss = task.loss(base(x[a:a + chunk]), y[a:a + chunk])
             grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
-        if not bool(torch.isfinite(loss).all()):
+        if not all_finite(loss):
             bad = a + int((~torch.isfinite(loss)).nonzero()[0])
             raise ValueError(f"train: the loss of training sample {bad} at the given model is not finite in "
                              f"{dtype}; check the scale of the training data")
-        if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
+        if not all(all_finite(g) for g in grads if g is not None):
             raise ValueError(f"train: the loss gradient of training samples {a}–{min(x.shape[0], a + chunk) - 1} "
                              f"at the given model is not finite in {dtype}; check the scale of the training data")
         top = int(loss.argmax())
@@ -805,7 +805,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         y_tr, y_te = y_tr.to(dtype), y_te.to(dtype)
     for name, t in (("train[0] (inputs)", x_tr), ("train[1] (targets)", y_tr), ("test[0] (inputs)", x_te),
                     ("test[1] (targets)", y_te)):  # after the cast: float64 data may overflow float32
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{name}: expected finite values in {dtype}, got NaN or Inf")
     with torch.no_grad():  # validates model/targets/loss compatibility on two samples
         base.eval()
@@ -823,7 +823,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                                  f"{C} outputs), got values in [{lo}, {hi}]")
 
     for name, t in list(base.named_parameters()) + list(base.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"model: {name} holds NaN or Inf (in {dtype})")
     worst_loss, worst_sample = _check_start(base, task, x_tr, y_tr, dtype, max_memory)
 
@@ -913,10 +913,10 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                                                          json.dumps(config, sort_keys=True), pairs_c)
             out = _train_chunk(base, named, mlp if use_fused else None, sched, task, x_tr, y_tr, x_te, y_te,
                                optimizer, lr, momentum, weight_decay, betas, eps, bar, partial)
-            if not bool(torch.isfinite(out[0]).all()):  # before any step: not the learning rate
+            if not all_finite(out[0]):  # before any step: not the learning rate
                 raise ValueError("model: the test losses of the given model (t = 0) are not finite; check the "
                                  "model's outputs and the test data")
-            if not bool(torch.isfinite(out).all()):
+            if not all_finite(out):
                 bad = torch.nonzero(~torch.isfinite(out).all(0).all(0))[0].item()
                 r, j = pairs_c[bad]
                 raise ValueError(f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "

@@ -25,7 +25,7 @@ from torch.nn.modules.module import _global_forward_hooks
 from torch.func import functional_call, grad, vmap
 
 from ._dispatch import FallbackWarning
-from ._validate import check_choice, check_int, check_same_device, check_tensor
+from ._validate import all_finite, check_choice, check_int, check_same_device, check_tensor
 from .ops.conv_patches import conv_patches, patches_backend
 from .tasks import Task, _is_transformed, get_task
 
@@ -163,7 +163,7 @@ def _per_sample_chunks(model, task, inputs, targets, wrt, max_memory, param_name
                 per_sample = one_by_one
                 g = per_sample(theta, x, y)
             block = torch.cat([g[s.name].reshape(g[s.name].shape[0], -1) for s in slots], 1)
-            if not bool(torch.isfinite(block).all()):
+            if not all_finite(block):
                 bad = start + int((~torch.isfinite(block)).any(1).nonzero()[0])
                 raise SampleError("inputs, targets: expected finite per-sample gradients, got NaN or Inf", bad,
                                   " (check the inputs, targets and parameters)")

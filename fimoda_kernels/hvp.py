@@ -46,7 +46,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ._mlp import mlp_layers
-from ._validate import check_choice, check_input, check_int, check_tensor
+from ._validate import all_finite, check_choice, check_input, check_int, check_tensor
 from .grads import _check_batch, activation_numel, capture_linear, for_sample_chunks
 from .tasks import Task, output_derivatives
 
@@ -126,7 +126,7 @@ class HVPOperator:
                 x, y = self.inputs[i:i + chunk], self.targets[i:i + chunk]
                 out.append(self.task.d2loss(self.task.output(self.model(x), y), y))
         q = torch.cat(out).to(self.dtype)
-        if not bool(torch.isfinite(q).all()):
+        if not all_finite(q):
             raise ValueError("inputs, targets: the loss curvature φ'' is not finite at θ* for some sample")
         return q
 

@@ -102,7 +102,7 @@ def grad_dot_model(model: nn.Module, task, train, test, normalize: bool = False,
         if tr_dense is not None:
             parts.append(grad_dot(tr_dense, te_dense, backend=backend))
             sq.append(torch.linalg.vector_norm(tr_dense, dim=1, dtype=parts[-1].dtype) ** 2)
-        block = torch.stack(parts).sum(0)
+        block = parts[0] if len(parts) == 1 else parts[0].add_(parts[1])  # in place: no stacked copy
         if out is None:
             out = torch.empty(n, m, dtype=block.dtype, device=block.device)
             sq_tr = torch.empty(n, dtype=block.dtype, device=block.device)

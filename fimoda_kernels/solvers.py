@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from ._validate import check_float, check_input, check_int, check_seed
+from ._validate import all_finite, check_float, check_input, check_int, check_seed
 from .hvp import HVPOperator
 from .ops.lissa_update import lissa_update
 
@@ -103,7 +103,7 @@ def extreme_eigenvalues(hvp, steps: int = 40, seed: int = 0) -> tuple[float, flo
     for j in range(steps):
         Q[j] = q
         w = hvp(q[None], batch=None).to(torch.float64)[0]
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise ValueError("hvp: the operator returned non-finite values (Lanczos spectrum estimate)")
         alpha.append(float(w @ q))
         for _ in range(2):  # full reorthogonalization, twice ("twice is enough")
@@ -354,7 +354,7 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
         AP = apply(P)
         pAp = (P * AP).sum(1)
         rr_a = rr if all_rows else rr[active]
-        if not bool(torch.isfinite(pAp).all()) or bool((pAp <= 0).any()):
+        if not all_finite(pAp) or bool((pAp <= 0).any()):
             raise CGBreakdownError(
                 f"cg: pᵀ(M + λI)p = {pAp.min().item():.3g} (not > 0 and finite) at iteration "
                 f"{int(iterations.max()) + 1}: the damped operator is not positive definite; "
@@ -373,7 +373,7 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
             rr_new = (res_a * res_a).sum(1)
             direction[active] = res_a + (rr_new / rr_a)[:, None] * P
             rr[active] = rr_new
-        if not bool(torch.isfinite(rr_new).all()):
+        if not all_finite(rr_new):
             raise CGBreakdownError("cg: the residual became non-finite; the operator or damping is unusable")
         iterations[active.cpu()] += 1
         converged[active] = rr_new.sqrt() <= tol * v_norm[active]

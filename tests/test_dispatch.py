@@ -217,3 +217,15 @@ def test_unusable_devices_are_named(device):
     if device == "meta":
         with pytest.raises(ValueError, match="device: .* got meta"):
             fk.project(torch.empty(2, 3, device="meta"), 4, 0)
+
+
+def test_all_finite_sums_first_and_scans_when_the_sum_overflows():
+    from fimoda_kernels._validate import all_finite
+
+    big = torch.full((4, 3), 3e38)  # finite entries whose sum overflows float32
+    assert all_finite(big) and all_finite(big.half().clamp(-6e4, 6e4)) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(5, 7)
+        x[3, 2] = bad
+        assert not all_finite(x) and not all_finite(x.double()) and not all_finite(x.bfloat16())
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # a sum of NaN, entries not finite

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._validate import check_choice
+from .._validate import all_finite, check_choice
 from . import cg as _cg, datainf as _datainf, ekfac as _ekfac, generalized_if as _gif, graddot as _gd
 from . import lissa as _lissa, trak as _trak
 from ._common import as_pair, check_problem, eval_mode, make_options
@@ -74,7 +74,7 @@ def _run(method, model, task, train, test, options, want_scores, want_self):
             self_inf, self_info = self_fn(model, task, train, opts)
             info = info or self_info
     for name, value in (("scores", scores), ("self_influence", self_inf)):
-        if value is not None and not bool(torch.isfinite(value).all()):
+        if value is not None and not all_finite(value):
             raise FloatingPointError(f"{method}: non-finite {name} (check the model, data and options {opts})")
     return Scores(method, opts, scores, self_inf, info, time.perf_counter() - start)
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import check_choice, check_int
+from .._validate import all_finite, check_choice, check_int
 from ..grads import SampleError, _check_batch, per_sample_grads
 from ..inner_products import grad_sq_norms
 from ..tasks import Task, get_task
@@ -34,7 +34,7 @@ def as_pair(name: str, data) -> tuple[torch.Tensor, torch.Tensor]:
     if data[0].shape[0] == 0:
         raise ValueError(f"{name}: expected at least one sample, got 0")
     for what, t in zip(("inputs", "targets"), data):
-        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        if t.dtype.is_floating_point and not all_finite(t):
             raise ValueError(f"{name}: {what} contain NaN or Inf")
     return data[0], data[1]
 

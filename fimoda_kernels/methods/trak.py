@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-from .._validate import check_choice, check_int, check_seed
+from .._validate import all_finite, check_choice, check_int, check_seed
 from ..ops.project import LINEAR_KINDS
 from ..projection import project_model
 from ._common import Options, outputs
@@ -85,7 +85,7 @@ def pinv(P: torch.Tensor, cut: float):
 def _projected(model, task, pair, opts, name):
     Phi = project_model(model, task, pair[0], pair[1], k=opts.proj_dim, seed=opts.seed, wrt="output",
                         kind=opts.kind, max_memory=opts.max_memory, backend=opts.backend)
-    if not bool(torch.isfinite(Phi).all()):  # the QR / SVD path would turn Inf into zeros
+    if not all_finite(Phi):  # the QR / SVD path would turn Inf into zeros
         raise ValueError(f"trak: non-finite projected {name} gradients; check the model and data")
     return Phi
 

@@ -34,7 +34,8 @@ from typing import Iterable, Sequence
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_choice, check_float, check_layer_entry, check_layer_pair, check_input
+from .._validate import (FLOAT_DTYPES, all_finite, check_choice, check_float, check_input, check_layer_entry,
+                         check_layer_pair)
 
 _CHUNK_BYTES = 16 * 2**20  # working set of the chunked cpu paths
 
@@ -136,7 +137,7 @@ def kfac_factors(batches: Iterable, names: Sequence[str] | None = None, dtype: t
                                  f"(as batch 0), got {a.shape[2]}, {s.shape[2]}")
             for what, x, C in (("inputs a", a, A), ("output gradients s", s, S)):
                 impl.fn(C, x.reshape(x.shape[0] * x.shape[1], x.shape[2]))  # also when d = 0
-                if not bool(torch.isfinite(C.diagonal()).all()):
+                if not all_finite(C.diagonal()):
                     raise ValueError(f"kfac_factors: non-finite values (NaN or Inf) in the {what} of "
                                      f"{labels[l]} in batch {b} (check the inputs, targets and parameters)")
     _check_samples(acc, n)
@@ -214,7 +215,7 @@ def ekfac_eigenbases(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], names
             check_input(f"{label} {what}", C, ndim=2, dtypes=ACC_DTYPES)
             if C.shape[0] != C.shape[1]:
                 raise ValueError(f"{label} {what}: expected a square matrix, got shape {tuple(C.shape)}")
-            if not bool(torch.isfinite(C).all()):
+            if not all_finite(C):
                 raise ValueError(f"ekfac_eigenbases: {label} factor {what} has NaN or Inf entries; "
                                  "refit the factors from finite inputs")
             lam, Q = _eigh(C.to(eigh_dtype))
@@ -301,7 +302,7 @@ def ekfac_eigen_correction(batches: Iterable, eigenbases, names: Sequence[str] |
                                      f"d_out={Q_S.shape[0]} (as the eigenbases of {labels[l]}), got "
                                      f"{a.shape[2]}, {s.shape[2]}")
                 impl.fn(L, s, a, Q_S, Q_A)
-            if not bool(torch.isfinite(L).all()):
+            if not all_finite(L):
                 raise ValueError(f"ekfac_eigen_correction: non-finite values (NaN or Inf) for {labels[l]} "
                                  f"in batch {b} (check the inputs, targets and parameters)")
     _check_samples(acc, n)
@@ -532,7 +533,7 @@ def ekfac_scores(train_layers, eigenbases, preconditioned, form: str = "auto",
             impl.fn(out, sr, ar, W)
         else:
             _scores_materialized(out, sr, ar, W)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ValueError("ekfac_scores: expected finite values, got NaN or Inf (check the inputs and damping)")
     return out
 

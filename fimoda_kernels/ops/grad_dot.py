@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_int, check_layer_entry, check_input
+from .._validate import FLOAT_DTYPES, all_finite, check_input, check_int, check_layer_entry
 
 _CHUNK_BYTES = 16 * 2**20  # working set of the chunked cpu paths (output rows, temporaries)
 
@@ -27,7 +27,7 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
     """1/‖g‖ from squared norms, 0 where the norm is 0 (the Grad-Cos zero-norm rule); a non-finite
     squared norm is an error, not a zero cosine."""
-    if not bool(torch.isfinite(sq).all()):  # NaN > 0 is False: it would pass as a zero norm
+    if not all_finite(sq):  # NaN > 0 is False: it would pass as a zero norm
         raise ValueError("normalize: a gradient's squared norm is not finite (NaN or Inf), so its cosines are "
                          "undefined; check the gradients' range")
     inv = sq.rsqrt()
@@ -59,7 +59,7 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(out: torch.Tensor, what: str) -> torch.Tensor:
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ValueError(f"{what}: expected finite values, got NaN or Inf (the scores are not finite)")
     return out
 

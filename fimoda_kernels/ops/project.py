@@ -19,7 +19,7 @@ import math
 import torch
 
 from .._dispatch import op
-from .._validate import FLOAT_DTYPES, check_choice, check_int, check_layer_pair, check_seed, check_input
+from .._validate import FLOAT_DTYPES, all_finite, check_choice, check_input, check_int, check_layer_pair, check_seed
 from .projection_matrix import (_MAX_INDEX, _projection_cpu, _projection_matrix_reference,
                                 projection_matrix)
 
@@ -45,7 +45,7 @@ def _check_common(k, seed, kind, row_offset, p, kinds):
 
 
 def _check_finite(out: torch.Tensor, what: str) -> torch.Tensor:
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ValueError(f"{what}: expected finite values, got NaN or Inf (the projection is not finite)")
     return out
 

@@ -3,6 +3,9 @@
 The test gradients are the right-hand sides: X = (G + λI)^{-1} g_z for all test points at once by
 batched CG, then score = g_iᵀ X from factored training gradients (no n_train × p matrix).
 Constant: none (λ enters only through the solve).
+Memory: the test gradients and the solver's vectors, about SELF_ROWS = 8 rows of p per test point
+(measured 5–7·n_test·p·itemsize), plus the HVP operator's chunk of max_memory; the training side
+is streamed in chunks of max_memory.
 """
 from __future__ import annotations
 

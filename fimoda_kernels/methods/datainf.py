@@ -3,8 +3,10 @@
 score(z, i) = Σ_l (1/λ_l) [ K_l(z, i) − (1/n) Σ_j K_l(z, j) K_l(j, i) / (λ_l + ‖g_{l,j}‖²) ]
 with K_l the layer-l gradient inner products and j over a reference set of n training points. A
 "layer" is one captured Linear/Conv2d module (weight and bias together) or one other parameter.
-Only inner products are formed (factored for captured layers, :func:`grad_dot_factored`), never
-per-sample gradient matrices of the training set.
+For captured layers only inner products are formed (factored, :func:`grad_dot_factored`), never
+per-sample gradient matrices; parameters outside them (see ``capture_linear``) have their per-sample
+gradients materialized: the reference set's, ``[n_ref, numel]``, are held for the whole run (bound
+them with ``reference=``), the training set's a chunk at a time.
 Damping rules (λ_l from the reference set's gradients, p_l = the layer's parameter count):
 "tabular" λ_l = mean_j mean(g_{l,j}²) / 10 (the DataInf repository's default, paper code for
 tabular data); "sst2" λ_l = 0.1 · mean_j ‖g_{l,j}‖² / p_l. As MATH.md states them the two are the

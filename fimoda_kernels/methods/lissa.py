@@ -5,6 +5,7 @@ once (one batched recursion, a fresh seeded minibatch per iteration shared by al
 ``damping`` is the absolute λ, as torch-influence's ``damp`` (which the paper's code called): its step
 h ← v + h − (M h + λh)/s is MATH.md §5's recursion with d = λ/s, so the fixed point does not move
 with the scale and CG and LiSSA with the same damping solve the same system.
+Memory: as CG's (about 5–7 rows of p per test point), plus the HVP operator's chunk of max_memory.
 """
 from __future__ import annotations
 

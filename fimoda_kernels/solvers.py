@@ -331,6 +331,11 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
     damping = check_float("damping", damping, min_value=0.0)
     tol = check_float("tol", tol, positive=True)
     max_iter = p if max_iter is None else check_int("max_iter", max_iter, min_value=1)
+    # every row solved at unit norm and scaled back (CG is linear): a float32 gradient of norm 1e-20 (a
+    # confidently classified point) squares to a subnormal or 0 and broke the recursion (pᵀAp = 0)
+    norms = torch.linalg.vector_norm(V, dim=1, dtype=torch.float64)
+    row_scale = torch.where(norms > 0, norms, torch.ones_like(norms)).clamp_(max=torch.finfo(V.dtype).max).to(V.dtype)
+    V = V / row_scale[:, None]
 
     def apply(P):
         return hvp(P).to(V.dtype).add_(P, alpha=damping)
@@ -388,4 +393,5 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
                       "returned with info['converged'] False", CGNotConvergedWarning, stacklevel=2)
     info = dict(iterations=iterations, converged=conv, residuals=torch.stack(history), final_residual=final.cpu(),
                 tol=tol, damping=damping, max_iter=max_iter)
+    x.mul_(row_scale[:, None])
     return (x[0] if one else x), info

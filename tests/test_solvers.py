@@ -337,3 +337,17 @@ def test_lissa_names_an_operator_whose_products_require_grad():
         fk.lissa(op, torch.ones(2, dtype=torch.float64), 10, 10.0, 0.0, batch_size=None, max_growth=None)
     with torch.no_grad():
         fk.lissa(op, torch.ones(2, dtype=torch.float64), 10, 10.0, 0.0, batch_size=None, max_growth=None)
+
+
+def test_cg_solves_rows_of_any_scale():
+    """CG runs every row at unit norm: a float32 right-hand side of norm ~1e-22 (the loss gradient of
+    a confidently classified point) squared to 0 and broke the recursion (pᵀAp = 0 / a NaN residual);
+    now it converges like its rescaled copy, and a huge row does not overflow."""
+    op = _Diagonal([3.0, 1.0, 0.5, 0.2])
+    op.M = op.M.float()
+    v = torch.tensor([[1.0, -2.0, 0.5, 1.0]])
+    scales = torch.tensor([[1.0], [1e-22], [1e30]])
+    x, info = fk.cg(op, v * scales, 0.1, tol=1e-5, max_iter=20)
+    assert bool(info["converged"].all())
+    exact = (v / (torch.tensor([3.0, 1.0, 0.5, 0.2]) + 0.1)) * scales
+    assert float(((x - exact).abs() / exact.abs()).max()) < 1e-5

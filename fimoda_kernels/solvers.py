@@ -73,6 +73,15 @@ def _check_operator(hvp) -> tuple[int, int]:
     return hvp.num_params, hvp.num_samples
 
 
+def _unit_rhs(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of V at unit norm, and the norms to scale the solutions back by (the solvers are linear in
+    v): a float32 gradient of norm 1e-20 (a confidently classified point) squares to a subnormal or 0,
+    which broke CG (pᵀAp = 0) and LiSSA's divergence threshold (κ·‖v‖·s = 0). Zero rows stay zero."""
+    norms = torch.linalg.vector_norm(V, dim=1, dtype=torch.float64)
+    scale = torch.where(norms > 0, norms, torch.ones_like(norms)).clamp_(max=torch.finfo(V.dtype).max).to(V.dtype)
+    return V / scale[:, None], scale
+
+
 def _check_rhs(v, p: int, hvp) -> tuple[torch.Tensor, bool]:
     """v as a contiguous [r, p] float32/float64 block, and whether it came as [p]."""
     check_input("v", v, ndim=(1, 2), dtypes=(torch.float32, torch.float64), finite=True)
@@ -206,7 +215,8 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
         if d_fixed >= 2:  # before the spectrum's cost
             raise ValueError(f"damping: λ/s = {damping}/{ladder[0]} = {d_fixed} >= 2; use a larger scale")
     full = batch_size is None or batch_size >= n
-    v_norm = torch.linalg.vector_norm(V, dim=1).double()
+    V, row_scale = _unit_rhs(V)
+    v_norm = torch.linalg.vector_norm(V, dim=1, dtype=torch.float64)
     spectrum = extreme_eigenvalues(hvp, seed=seed) if max_growth is not None else None
 
     def power(f: float) -> float:
@@ -289,11 +299,13 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
             tried.append((s, exc.iteration))
             last = exc
             continue
+        x.mul_(row_scale[:, None])
         out = x[0] if one else x
         if not return_info:
             return out
         return out, dict(scale=s, damping=d, effective_damping=d * s, tried=tried, depth=depth, repeat=repeat,
-                         batch_size=None if full else batch_size, seed=seed, final_norms=norms.cpu(),
+                         batch_size=None if full else batch_size, seed=seed,
+                         final_norms=(norms * row_scale.double()).cpu(),
                          spectrum=spectrum, growth=None if spectrum is None else growth(s, d))
     raise LiSSADivergedError(
         f"scale='auto': LiSSA diverged for every scale of the ladder up to max_scale={max_scale:g} "
@@ -331,11 +343,7 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
     damping = check_float("damping", damping, min_value=0.0)
     tol = check_float("tol", tol, positive=True)
     max_iter = p if max_iter is None else check_int("max_iter", max_iter, min_value=1)
-    # every row solved at unit norm and scaled back (CG is linear): a float32 gradient of norm 1e-20 (a
-    # confidently classified point) squares to a subnormal or 0 and broke the recursion (pᵀAp = 0)
-    norms = torch.linalg.vector_norm(V, dim=1, dtype=torch.float64)
-    row_scale = torch.where(norms > 0, norms, torch.ones_like(norms)).clamp_(max=torch.finfo(V.dtype).max).to(V.dtype)
-    V = V / row_scale[:, None]
+    V, row_scale = _unit_rhs(V)
 
     def apply(P):
         return hvp(P).to(V.dtype).add_(P, alpha=damping)

@@ -351,3 +351,16 @@ def test_cg_solves_rows_of_any_scale():
     assert bool(info["converged"].all())
     exact = (v / (torch.tensor([3.0, 1.0, 0.5, 0.2]) + 0.1)) * scales
     assert float(((x - exact).abs() / exact.abs()).max()) < 1e-5
+
+
+def test_lissa_solves_rows_of_any_scale():
+    """LiSSA runs every row at unit norm too: a float32 row of norm ~1e-23 had ‖v‖ underflow to 0, so
+    its divergence threshold κ·‖v‖·s was 0 and every scale was refused."""
+    op = _Diagonal([3.0, 1.0, 0.5, 0.2])
+    op.M = op.M.float()
+    v = torch.tensor([[1.0, -2.0, 0.5, 1.0]])
+    scales = torch.tensor([[1.0], [1e-23], [1e30]])
+    x, info = fk.lissa(op, v * scales, 1000, 10.0, 0.0, batch_size=None, max_growth=None, return_info=True)
+    exact = (v / torch.tensor([3.0, 1.0, 0.5, 0.2])) * scales
+    assert float(((x - exact).abs() / exact.abs()).max()) < 1e-4
+    assert torch.allclose(info["final_norms"], (x.double() * 10.0).norm(dim=1), rtol=1e-5)

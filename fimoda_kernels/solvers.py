@@ -74,12 +74,21 @@ def _check_operator(hvp) -> tuple[int, int]:
 
 
 def _unit_rhs(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of V at unit norm, and the norms to scale the solutions back by (the solvers are linear in
-    v): a float32 gradient of norm 1e-20 (a confidently classified point) squares to a subnormal or 0,
-    which broke CG (pᵀAp = 0) and LiSSA's divergence threshold (κ·‖v‖·s = 0). Zero rows stay zero."""
-    norms = torch.linalg.vector_norm(V, dim=1, dtype=torch.float64)
-    scale = torch.where(norms > 0, norms, torch.ones_like(norms)).clamp_(max=torch.finfo(V.dtype).max).to(V.dtype)
+    """Rows of V divided by their largest magnitude (an entry of V: exact, never over- or underflows),
+    and those to scale the solutions back by (the solvers are linear in v): a float32 gradient of
+    norm 1e-20 (a confidently classified point) squares to a subnormal or 0, which broke CG
+    (pᵀAp = 0) and LiSSA's divergence threshold (κ·‖v‖·s = 0). Zero rows stay zero."""
+    peak = V.abs().amax(dim=1)
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
     return V / scale[:, None], scale
+
+
+def _scaled_back(x: torch.Tensor, scale: torch.Tensor, solver: str) -> torch.Tensor:
+    x.mul_(scale[:, None])
+    if not all_finite(x):
+        raise ValueError(f"v: {solver}'s solution overflows {x.dtype} (the right-hand side is too large for "
+                         "this dtype); scale it down or solve in float64")
+    return x
 
 
 def _check_rhs(v, p: int, hvp) -> tuple[torch.Tensor, bool]:
@@ -217,6 +226,7 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
     full = batch_size is None or batch_size >= n
     V, row_scale = _unit_rhs(V)
     v_norm = torch.linalg.vector_norm(V, dim=1, dtype=torch.float64)
+    back = row_scale.double()  # norms in the caller's units, for errors and info
     spectrum = extreme_eigenvalues(hvp, seed=seed) if max_growth is not None else None
 
     def power(f: float) -> float:
@@ -262,7 +272,7 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
                 f"eigendirection by up to {max(abs(1 - d - t / s) for t in spectrum):.6g} and {depth} steps "
                 f"by {growth(s, d):.4g}; {why}",
                 iteration=0, repeat=0, scale=s, norms=torch.full_like(v_norm, float("nan")).cpu(),
-                threshold=threshold.cpu(), rows=torch.arange(V.shape[0]))
+                threshold=(threshold * back).cpu(), rows=torch.arange(V.shape[0]))
         gen = torch.Generator().manual_seed(seed)
         total = torch.zeros_like(V)
         # our operators write into a buffer: the loop then allocates nothing per step
@@ -279,7 +289,7 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
                 norms = sq.double().sqrt()
                 bad = ~torch.isfinite(norms) | (norms > threshold)
                 if bool(bad.any()):
-                    rows, nrm, thr = bad.nonzero().flatten().cpu(), norms.cpu(), threshold.cpu()
+                    rows, nrm, thr = bad.nonzero().flatten().cpu(), (norms * back).cpu(), (threshold * back).cpu()
                     raise LiSSADivergedError(
                         f"LiSSA diverged at iteration {k} of {depth} (repeat {rep}) with scale={s:g}, "
                         f"d={d:g}: ‖h‖ of row(s) {rows[:8].tolist()} = {nrm[rows[:8]].tolist()} "
@@ -299,13 +309,13 @@ def lissa(hvp, v: torch.Tensor, depth: int, scale, damping: float, repeat: int =
             tried.append((s, exc.iteration))
             last = exc
             continue
-        x.mul_(row_scale[:, None])
-        out = x[0] if one else x
+        out = _scaled_back(x, row_scale, "LiSSA")
+        out = out[0] if one else out
         if not return_info:
             return out
         return out, dict(scale=s, damping=d, effective_damping=d * s, tried=tried, depth=depth, repeat=repeat,
                          batch_size=None if full else batch_size, seed=seed,
-                         final_norms=(norms * row_scale.double()).cpu(),
+                         final_norms=(norms * back).cpu(),
                          spectrum=spectrum, growth=None if spectrum is None else growth(s, d))
     raise LiSSADivergedError(
         f"scale='auto': LiSSA diverged for every scale of the ladder up to max_scale={max_scale:g} "
@@ -369,8 +379,8 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
         rr_a = rr if all_rows else rr[active]
         if not all_finite(pAp) or bool((pAp <= 0).any()):
             raise CGBreakdownError(
-                f"cg: pᵀ(M + λI)p = {pAp.min().item():.3g} (not > 0 and finite) at iteration "
-                f"{int(iterations.max()) + 1}: the damped operator is not positive definite; "
+                f"cg: pᵀ(M + λI)p = {pAp.min().item():.3g} (not > 0 and finite; right-hand sides scaled to a "
+                f"largest entry of 1) at iteration {int(iterations.max()) + 1}: the damped operator is not positive definite; "
                 "raise damping or use the GN operator")
         alpha = (rr_a / pAp)[:, None]
         if all_rows:  # in place, no [r, p] temporaries
@@ -401,5 +411,5 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
                       "returned with info['converged'] False", CGNotConvergedWarning, stacklevel=2)
     info = dict(iterations=iterations, converged=conv, residuals=torch.stack(history), final_residual=final.cpu(),
                 tol=tol, damping=damping, max_iter=max_iter)
-    x.mul_(row_scale[:, None])
+    x = _scaled_back(x, row_scale, "CG")
     return (x[0] if one else x), info

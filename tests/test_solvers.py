@@ -364,3 +364,22 @@ def test_lissa_solves_rows_of_any_scale():
     exact = (v / torch.tensor([3.0, 1.0, 0.5, 0.2])) * scales
     assert float(((x - exact).abs() / exact.abs()).max()) < 1e-4
     assert torch.allclose(info["final_norms"], (x.double() * 10.0).norm(dim=1), rtol=1e-5)
+
+
+def test_solvers_at_float64_extremes_and_overflow():
+    """Rows are scaled by their largest entry (exact): float64 rows of norm 1e-300 / 1e200 are solved,
+    not taken for zero rows or flattened by a clamped norm; a solution past the dtype's range is an
+    error, not Inf; LiSSA's divergence error speaks in the caller's units."""
+    ev = [3.0, 1.0, 0.5, 0.2]
+    op = _Diagonal(ev)
+    v = torch.tensor([[1.0, -2.0, 0.5, 1.0]], dtype=torch.float64)
+    for scale in (1e-300, 1e200):
+        x, info = fk.cg(op, v * scale, 0.1, tol=1e-10, max_iter=20)
+        assert float(((x / (v * scale / (torch.tensor(ev, dtype=torch.float64) + 0.1)) - 1).abs().max())) < 1e-8
+    f32 = _Diagonal(ev)
+    f32.M = f32.M.float() * 1e-30
+    with pytest.raises(ValueError, match="v: CG's solution overflows torch.float32"):
+        fk.cg(f32, torch.full((1, 4), 1e10), 1e-30, max_iter=20)
+    with pytest.raises(fk.LiSSADivergedError) as err:  # scale 1 < λ_max / 2: it diverges
+        fk.lissa(op, v * 1e5, 50, 1.0, 0.0, batch_size=None, max_growth=None)
+    assert abs(float(err.value.threshold[0]) / (1e3 * float((v * 1e5).norm()) * 1.0) - 1) < 1e-12

@@ -380,7 +380,8 @@ def cg(hvp, v: torch.Tensor, damping: float, tol: float = 1e-5, max_iter: int | 
         if not all_finite(pAp) or bool((pAp <= 0).any()):
             raise CGBreakdownError(
                 f"cg: pᵀ(M + λI)p = {pAp.min().item():.3g} (not > 0 and finite; right-hand sides scaled to a "
-                f"largest entry of 1) at iteration {int(iterations.max()) + 1}: the damped operator is not positive definite; "
+                f"largest entry of 1) at iteration {int(iterations.max()) + 1}: the damped operator is not "
+                "positive definite; "
                 "raise damping or use the GN operator")
         alpha = (rr_a / pAp)[:, None]
         if all_rows:  # in place, no [r, p] temporaries

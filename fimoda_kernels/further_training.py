@@ -34,8 +34,8 @@ batch for the GEMMs). Models are processed in chunks that fit ``max_memory``; af
 losses so far are written atomically to ``checkpoint_dir``, and a chunk still running after
 ``_PARTIAL_EVERY_S`` seconds also saves its state (parameters, optimizer state, step, losses so far)
 at its next evaluation point, and again as often; a run started again with the same arguments skips
-the finished chunks, continues a saved chunk from its step and gives identical results. "The same" is checked: the
-checkpoint's fingerprint covers the settings, the data and every parameter and buffer by value, the
+the finished chunks, continues a saved chunk from its step and gives identical results. "The same"
+is checked: the checkpoint's fingerprint covers the settings, the data and every parameter and buffer by value, the
 architecture (``repr``) and the code of the model's and a custom loss's classes outside torch
 (bytecode, constants, closure values), so another forward() or loss is refused, not resumed.
 

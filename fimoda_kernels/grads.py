@@ -554,7 +554,7 @@ def _close(x: torch.Tensor, ref: torch.Tensor) -> bool:
     loose = ref.dtype in (torch.float16, torch.bfloat16) or (ref.dtype == torch.float32 and ref.device.type != "cpu")
     rel = 0.05 if loose else 1024 * torch.finfo(ref.dtype).eps
     tol = rel * float(finite.abs().max()) if finite.numel() else 0.0
-    return bool(((x - ref).abs() <= tol).logical_or_(x == ref).logical_or_(x.isnan() & ref.isnan()).all())
+    return bool(torch.isclose(x, ref, rtol=0.0, atol=tol, equal_nan=True).all())
 
 
 def _a_parameter(module: nn.Module) -> torch.Tensor:

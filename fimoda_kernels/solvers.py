@@ -78,7 +78,7 @@ def _unit_rhs(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and those to scale the solutions back by (the solvers are linear in v): a float32 gradient of
     norm 1e-20 (a confidently classified point) squares to a subnormal or 0, which broke CG
     (pᵀAp = 0) and LiSSA's divergence threshold (κ·‖v‖·s = 0). Zero rows stay zero."""
-    peak = V.abs().amax(dim=1)
+    peak = torch.linalg.vector_norm(V, ord=float("inf"), dim=1)  # max |v_i|, no [r, p] temporary
     scale = torch.where(peak > 0, peak, torch.ones_like(peak))
     return V / scale[:, None], scale
 

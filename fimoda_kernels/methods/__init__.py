@@ -107,8 +107,9 @@ def self_influence(method: str, model: torch.nn.Module, task, train, **options) 
     After the method's one-time work (EK-FAC's fit, DataInf's reference set, TRAK's pseudo-inverse,
     the generalized IF's Newton step), chunks of training points sized by ``max_memory`` are their
     own test sets: the n_train × n_train scores are never formed, nor n_train × p gradients at once.
-    CG/LiSSA solve once per training point (n_train right-hand sides in all); LiSSA with
-    ``scale="auto"`` keeps the scale the first chunk chose."""
+    CG/LiSSA solve once per training point (n_train right-hand sides in all), every chunk at one
+    scale, as one batched call: with ``scale="auto"`` a chunk that diverges at the scale the first
+    chunk chose sends every chunk one rung up the ladder."""
     return _run(method, model, task, train, None, options, False, True).self_influence
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 from .._validate import check_float, check_int
+from ..grads import per_sample_grads
 from ..hvp import gn_hvp
 from ..inner_products import grad_dot_vectors
 from ..solvers import cg as cg_solve
-from ..grads import per_sample_grads
 from ._common import Options, base_damping, dense_loss_grads, join_infos, self_chunks
 
 

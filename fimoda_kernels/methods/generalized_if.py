@@ -16,9 +16,9 @@ import dataclasses
 import torch
 
 from .._validate import check_choice
-from ..inner_products import grad_dot_vectors
 from ..grads import per_sample_grads
 from ..hvp import gn_hvp
+from ..inner_products import grad_dot_vectors
 from ._common import dense_loss_grads, flat_params, join_infos, mean_loss_grad, outputs, self_chunks
 from .cg import SELF_ROWS, CGOptions, resolve_damping, solve
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 from .._validate import check_float, check_int, check_seed
+from ..grads import per_sample_grads
 from ..hvp import gn_hvp, hessian_hvp
 from ..inner_products import grad_dot_vectors
 from ..solvers import LiSSADivergedError, lissa as lissa_solve, lissa_scale_ladder
-from ..grads import per_sample_grads
 from ._common import Options, dense_loss_grads, join_infos, self_chunks
 from .cg import SELF_ROWS, resolve_damping
 

@@ -293,10 +293,14 @@ class _Schedule:
             idx, w = torch.cat([idx, extra], -1), torch.cat([w, w_extra], -1)
         return idx, w, active
 
+    def n_steps(self) -> int:
+        """Global steps of the chunk: also the most steps any of its models takes."""
+        return self.epochs * self.slots if self.epochs is not None else self.total_steps
+
     def steps(self, block: int = 64, count: bool = False, start: int = 0):
         """See the class docstring; from global step ``start`` on (a resumed chunk); the active count
         is None unless ``count`` (it costs a device sync per block of steps)."""
-        total = self.epochs * self.slots if self.epochs is not None else self.total_steps
+        total = self.n_steps()
         all_active = self.epochs is None or bool((self.nb == self.slots).all())
         for s0 in range(start, total, block):
             idx, w, active = self._batches(s0, min(total, s0 + block))
@@ -685,7 +689,12 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
     return worst
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair, detached (a graph back to the data would make every gradient require grad) and, for
+    tensors made under ``torch.inference_mode``, cloned (autograd cannot save those)."""
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"{name}: expected an (inputs, targets) pair of tensors, got {type(pair).__name__}")
     x, y = pair
@@ -694,11 +703,76 @@ def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{name}: inputs and targets must have the same number of samples, got "
                          f"{x.shape[0]} and {y.shape[0]}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name}[0] (inputs): expected a floating-point tensor, got {x.dtype}")
-    return x, y
+    if not (x.dtype.is_floating_point or x.dtype in _INDEX_DTYPES):
+        raise TypeError(f"{name}[0] (inputs): expected a floating-point tensor (or integer indices, e.g. "
+                        f"token ids for an nn.Embedding), got {x.dtype}")
+    return tuple(t.clone() if t.is_inference() else t.detach() for t in (x, y))
 
 
+def _probe_loss(base: nn.Module, task: Task, name: str, x: torch.Tensor, y: torch.Tensor, n: int):
+    """(outputs, per-sample losses) of samples [:n]; a loss that refuses the pair names the argument and
+    its whole shape (not the probe's slice)."""
+    out = base(x[:n])
+    try:
+        return out, task.loss(out, y[:n])
+    except (ValueError, TypeError, RuntimeError) as e:
+        hint = ""
+        if type(task).__name__ == "MSETask" and out.dim() > 1 and out.shape[-1] > 1:
+            hint = "; for class labels use loss='cross_entropy'"
+        raise type(e)(f"{name}[1] (targets): shape {tuple(y.shape)} ({y.dtype}) does not fit the model's outputs "
+                      f"(shape {tuple(out.shape[1:])} per sample) under loss {task!r}: {e}{hint}") from e
+
+
+def _rng_states(device: torch.device) -> list:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _probe_training(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, names: list) -> list:
+    """One training-mode forward and backward of two samples; the names of the parameters the loss does
+    not reach (``torch.optim`` skips those: no weight decay, no momentum; so does further training).
+    Refuses forwards that draw random numbers (each run would need the sequential protocol's global
+    generator state) or update buffers (running statistics, power iterations: each run would need its
+    own copy). The global generators and the buffers are left as they were."""
+    buffers = {n: (b.clone(), b._version) for n, b in base.named_buffers()}  # an in-place write bumps _version
+    params = dict(base.named_parameters())
+    device = x.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        before = _rng_states(device)
+        base.train()
+        with torch.enable_grad():
+            _, loss = _probe_loss(base, task, "train", x, y, 2)
+            grads = torch.autograd.grad(loss.sum(), [params[n] for n in names], allow_unused=True)
+        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device)))
+    changed = [n for n, b in base.named_buffers() if b._version != buffers[n][1]]  # even if to the same values
+    with torch.no_grad():
+        for n in changed:
+            base.get_buffer(n).copy_(buffers[n][0])
+    base.eval()
+    if drew:
+        raise ValueError("model: its training-mode forward draws random numbers (e.g. F.dropout); the runs "
+                         "would depend on the global generator, not only on their seeds: remove the random "
+                         "ops or make them depend on self.training")
+    if changed:
+        raise ValueError(f"model: its training-mode forward updates the buffers {', '.join(changed)} (running "
+                         f"statistics, power iterations, ...); further training shares buffers between the "
+                         f"runs: train without those updates (e.g. track_running_stats=False)")
+    return [n for n, g in zip(names, grads) if g is None]
+
+
+def _autograd_on(fn):
+    """Run ``fn`` with autograd available whatever the caller's mode (``no_grad``, ``inference_mode``):
+    training differentiates the loss."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_autograd_on
 def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int | None = None,
                   steps: int | None = None, optimizer: str = "sgd", lr: float | None = None,
                   batch_size: int | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
@@ -710,9 +784,12 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
 
     Args:
         model: the final model θ* (an nn.Module; not modified). Its per-sample losses must not depend on
-            the other samples of a batch (no BatchNorm in training, no Dropout).
-        train, test: ``(inputs, targets)`` pairs; inputs ``[N, ...]`` floating point, targets ``[N]``
-            (class indices for "cross_entropy", reals for "mse"; ``[N, 1]`` also for "mse").
+            the other samples of a batch (no BatchNorm in training, no Dropout), and its training
+            forward must neither draw random numbers nor update buffers (both refused). Parameters the
+            training loss does not reach are not updated, as ``torch.optim`` skips them (no weight decay).
+        train, test: ``(inputs, targets)`` pairs; inputs ``[N, ...]`` floating point (cast to ``dtype``)
+            or integer indices (token ids; generic path), targets ``[N]`` (class indices for
+            "cross_entropy", reals for "mse"; ``[N, 1]`` also for "mse").
         loo_indices: distinct training indices in [0, N) to leave out (model 1 + j leaves out the j-th).
         seeds: distinct non-negative integer seeds (one generator per run, see the module docstring).
         epochs / steps: exactly one: number of epochs, or of optimizer steps per run.
@@ -799,7 +876,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     problems = [f"{name}: {why}" for name, _, why in batch_dependent_modules(base)]  # trained in train mode
     if problems:
         raise ValueError("model: the sequential protocol cannot be batched for it: " + "; ".join(problems))
-    x_tr, x_te = x_tr.to(device=device, dtype=dtype), x_te.to(device=device, dtype=dtype)
+    x_tr, x_te = (x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype) for x in (x_tr, x_te))
     y_tr, y_te = y_tr.to(device), y_te.to(device)
     if y_tr.is_floating_point():
         y_tr, y_te = y_tr.to(dtype), y_te.to(dtype)
@@ -807,11 +884,13 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                     ("test[1] (targets)", y_te)):  # after the cast: float64 data may overflow float32
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{name}: expected finite values in {dtype}, got NaN or Inf")
-    with torch.no_grad():  # validates model/targets/loss compatibility on two samples
-        base.eval()
-        logits = base(x_tr[:2])
-        probe = task.loss(logits, y_tr[:2])
-        task.loss(base(x_te[:1]), y_te[:1])
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        base.eval()  # validates model/targets/loss compatibility on two samples
+        before = _rng_states(device)
+        logits, probe = _probe_loss(base, task, "train", x_tr, y_tr, 2)
+        _probe_loss(base, task, "test", x_te, y_te, 1)
+        if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device))):
+            raise ValueError("model: its eval-mode forward draws random numbers; the test losses would be random")
     if probe.shape != (2,):
         raise ValueError(f"loss: expected one loss per sample, got shape {tuple(probe.shape)} for 2 samples")
     if isinstance(task, CrossEntropyTask):  # all labels, once (the training steps index without checks)
@@ -826,8 +905,14 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"model: {name} holds NaN or Inf (in {dtype})")
     worst_loss, worst_sample = _check_start(base, task, x_tr, y_tr, dtype, max_memory)
+    unused = set(_probe_training(base, task, x_tr, y_tr, [n for n, _ in named]))
+    if len(unused) == len(named):
+        raise ValueError("model: no trainable parameter gets a gradient from the training loss")
+    named = [(n, p) for n, p in named if n not in unused]
 
     mlp = mlp_layers(base)
+    if not isinstance(mlp, str) and (x_tr.dim() != 2 or not x_tr.is_floating_point()):
+        mlp = f"the fused path takes [N, features] floating-point inputs, got {tuple(x_tr.shape)} {x_tr.dtype}"
     if path == "fused" and isinstance(mlp, str):
         raise ValueError(f"path: 'fused' needs an MLP: {mlp}")
     use_fused = path != "generic" and not isinstance(mlp, str)
@@ -943,7 +1028,7 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
                  weight_decay, betas, eps, bar, partial: _Partial | None = None) -> torch.Tensor:
     """Train the chunk's models (from ``partial``'s saved state where it has one, saving to it as it
     goes); test losses [n_evals, n_test, M]."""
-    M, dtype, device = sched.M, x_tr.dtype, x_tr.device
+    M, dtype, device = sched.M, sched.dtype, x_tr.device
     flat = _FlatParams(named, M, dtype, device)
     if mlp is not None:
         pos = {n: k for k, (n, _) in enumerate(named)}  # named: the caller's model; mlp: base's modules
@@ -954,7 +1039,7 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
     s1, s2 = state_buffers(optimizer, momentum, flat.theta)
     step = torch.zeros(M, dtype=torch.int64, device=device)
     update = EnsembleStepper(optimizer, lr, momentum, weight_decay, betas, eps, segments=flat.segments,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, max_step=sched.n_steps())
     evals, start = [], 0
     saved = partial.load() if partial is not None else None
     if saved is not None:

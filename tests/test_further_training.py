@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
 from fimoda_kernels import FurtherTrainingResult, further_train
-from fimoda_kernels.tasks import MSETask
+from fimoda_kernels.tasks import MSETask, Task
 
 
 class EpochOrder(Sampler):
@@ -37,12 +37,15 @@ def sequential(model, train, test, loo, seeds, *, epochs=None, steps=None, eval_
     X, Y = train
     Xt, Yt = test
     N = X.shape[0]
-    X, Xt = X.to(dtype), Xt.to(dtype)
+    if X.is_floating_point():  # else token ids
+        X, Xt = X.to(dtype), Xt.to(dtype)
     if Y.is_floating_point():
         Y, Yt = Y.to(dtype), Yt.to(dtype)
     crit = nn.MSELoss(reduction="none") if loss == "mse" else nn.CrossEntropyLoss(reduction="none")
 
     def per_sample(out, y):
+        if isinstance(loss, Task):
+            return loss.loss(out, y)
         return crit(out.reshape(-1), y.reshape(-1)) if loss == "mse" else crit(out, y)
 
     def test_loss(m):
@@ -630,7 +633,7 @@ _RESUME_SCRIPT = '''
 import sys, torch
 from torch import nn
 from fimoda_kernels import further_train
-from fimoda_kernels.tasks import MSETask
+from fimoda_kernels.tasks import MSETask, Task
 
 class Net(nn.Module):
     def __init__(self):
@@ -749,3 +752,155 @@ def test_resume_inside_a_chunk(tmp_path, monkeypatch, path):
     monkeypatch.setattr(ft.EnsembleStepper, "__call__", lambda self, *a: step(self, *a))
     res = further_train(mlp(), train, test, [0, 3, 5], [1, 2], checkpoint_dir=other, models_per_chunk=2, **kw)
     assert torch.equal(res.losses, full.losses)
+
+
+class _SumOfOutputs(Task):
+    """ℓ = (Σ outputs − y)² per sample, for models with [N, T, ...] outputs."""
+
+    def output(self, model_out, targets):
+        return model_out.flatten(1).sum(1)
+
+    def phi(self, f, targets):
+        return (f - targets) ** 2
+
+
+def test_fused_path_takes_only_two_dimensional_inputs():
+    """An MLP applied to [N, T, d] inputs: the fused engine's buffers are [M, batch, d] (it wrote the
+    gathered batch into a resized view, 870× off); such inputs take the generic path."""
+    g = torch.Generator().manual_seed(3)
+    X, Xt = torch.randn(10, 2, 3, generator=g), torch.randn(3, 2, 3, generator=g)
+    Y, Yt = torch.randn(10, generator=g), torch.randn(3, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    kw = dict(epochs=2, lr=0.05, batch_size=4, loss=_SumOfOutputs())
+    ref = sequential(model, (X, Y), (Xt, Yt), [0, 9], [1], **kw)
+    res = further_train(model, (X, Y), (Xt, Yt), [0, 9], [1], dtype=torch.float64, progress=False, **kw)
+    assert res.config["path"] == "generic" and rel(res.losses, ref) < 1e-10
+    with pytest.raises(ValueError, match=r"path: 'fused' needs an MLP: .*\[N, features\]"):
+        further_train(model, (X, Y), (Xt, Yt), [0], [1], path="fused", progress=False, **kw)
+
+
+class _Bag(nn.Module):
+    """Mean of token embeddings, then a Linear: integer inputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb, self.head = nn.Embedding(11, 4), nn.Linear(4, 1)
+
+    def forward(self, tokens):
+        return self.head(self.emb(tokens).mean(1))
+
+
+def test_token_id_inputs():
+    g = torch.Generator().manual_seed(4)
+    X, Xt = torch.randint(0, 11, (12, 5), generator=g), torch.randint(0, 11, (3, 5), generator=g)
+    Y, Yt = torch.randn(12, generator=g), torch.randn(3, generator=g)
+    model = _Bag().double()
+    kw = dict(epochs=2, optimizer="adam", lr=0.01, batch_size=5)
+    ref = sequential(model, (X, Y), (Xt, Yt), [2, 5], [0, 1], **kw)
+    res = further_train(model, (X, Y), (Xt, Yt), [2, 5], [0, 1], dtype=torch.float64, progress=False, **kw)
+    assert res.config["path"] == "generic" and rel(res.losses, ref) < 1e-10
+
+
+class _Unused(nn.Module):
+    """``extra`` reaches the loss only through .detach(), ``spare`` never: torch.optim skips both (no
+    gradient), so neither decays."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.lin = nn.Linear(5, 1)
+        self.extra = nn.Parameter(torch.randn(1))
+        self.spare = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.lin(x).squeeze(-1) + self.extra.detach()
+
+
+@pytest.mark.parametrize("opt", [dict(optimizer="sgd", momentum=0.5, weight_decay=0.1),
+                                 dict(optimizer="adam", weight_decay=0.1), dict(optimizer="adamw", weight_decay=0.5)])
+def test_parameters_without_gradient_are_not_updated(opt):
+    train, test = data("mse", n=9, n_test=3)
+    model = _Unused().double()
+    kw = dict(epochs=2, lr=0.05, batch_size=4, **opt)
+    ref = sequential(model, train, test, [0, 3], [1], **kw)
+    res = further_train(model, train, test, [0, 3], [1], dtype=torch.float64, progress=False, **kw)
+    assert rel(res.losses, ref) < 1e-10
+    assert res.config["parameters"] == ["lin.weight", "lin.bias"]
+
+
+class _RandomForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.lin(torch.nn.functional.dropout(x, 0.5, self.training))
+
+
+class _EMA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+        self.register_buffer("avg", torch.zeros(5))
+
+    def forward(self, x):
+        if self.training:
+            self.avg.mul_(0.9).add_(x.mean(0), alpha=0.1)
+        return self.lin(x - self.avg)
+
+
+@pytest.mark.parametrize("model,pattern", [
+    (_RandomForward(), "training-mode forward draws random numbers"),
+    (nn.Sequential(nn.Linear(5, 4), nn.Unflatten(1, (1, 4)), nn.InstanceNorm1d(1, track_running_stats=True),
+                   nn.Flatten(), nn.Linear(4, 1)), "updates the buffers 2.running_mean, 2.running_var"),
+    (nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(5, 4)), nn.Linear(4, 1)),
+     r"updates the buffers 0.parametrizations.weight.0._u"),
+    (_EMA(), "updates the buffers avg"),
+])
+def test_forwards_that_draw_random_numbers_or_update_buffers_are_refused(model, pattern):
+    """Each run of the sequential protocol would draw from the global generator or carry its own
+    buffers; the ensemble cannot reproduce either (before: silently wrong, chunk-dependent numbers)."""
+    train, test = data("mse")
+    state = torch.get_rng_state()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=pattern):
+        further_train(model, train, test, [0], [0], epochs=1, lr=0.1, batch_size=4, progress=False)
+    assert torch.equal(state, torch.get_rng_state())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_grad_and_inference_modes_and_inputs_requiring_grad():
+    train, test = data("mse")
+    model = Residual()
+    kw = dict(epochs=1, lr=0.05, batch_size=4, dtype=torch.float64, progress=False)
+    want = further_train(model, train, test, [0], [0], **kw).losses
+    X = train[0].clone().requires_grad_(True)
+    got = further_train(model, (X, train[1]), test, [0], [0], **kw).losses
+    assert torch.equal(got, want)
+    with torch.inference_mode():
+        X, Xt = train[0] + 0, test[0] + 0  # inference tensors
+        got = further_train(model, (X, train[1]), (Xt, test[1]), [0], [0], **kw).losses
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(further_train(model, train, test, [0], [0], **kw).losses, want)
+
+
+@pytest.mark.parametrize("loss,targets,pattern", [
+    ("cross_entropy", lambda n: torch.zeros(n, 1, dtype=torch.int64), r"train\[1\] \(targets\): shape \(23, 1\)"),
+    ("mse", lambda n: torch.zeros(n, 2), r"train\[1\] \(targets\): shape \(23, 2\)"),
+])
+def test_target_errors_name_the_argument_and_its_shape(loss, targets, pattern):
+    (X, _), test = data("mse")
+    model = mlp(out=3) if loss == "cross_entropy" else mlp()
+    with pytest.raises(ValueError, match=pattern):
+        further_train(model, (X, targets(23)), test, [0], [0], epochs=1, lr=0.1, batch_size=4, loss=loss,
+                      progress=False)
+
+
+def test_multi_output_mse_hints_at_cross_entropy():
+    train, test = data("mse")
+    with pytest.raises(ValueError, match="use loss='cross_entropy'"):
+        further_train(mlp(out=3), train, test, [0], [0], epochs=1, lr=0.1, batch_size=4, progress=False)

@@ -16,7 +16,8 @@ code operation by operation, hyperparameters rounded to the parameters' dtype as
 
 Backends: cpu (csrc/cpu/ensemble_step.cpp, OpenMP over (model, tile) pairs, one pass over memory),
 cuda (csrc/cuda/ensemble_step.cu), triton, torch (the reference). The bias corrections are computed per
-model on the host in float64 (as torch does with Python floats) and passed as a small [M, 3] table.
+model in Python floats (as torch.optim does), tabulated once per step number, and passed as a small
+[M, 3] table.
 """
 from __future__ import annotations
 
@@ -36,18 +37,27 @@ _DTYPES = (torch.float32, torch.float64)
 _OP = op("ensemble_step")
 
 
+def adam_corrections(lr: float, betas: tuple[float, float], t_max: int) -> torch.Tensor:
+    """float64 [t_max + 1, 2]: row t = (lr / (1 − β1^t), (1 − β2^t) ** 0.5), in Python floats as
+    torch.optim's single-tensor Adam computes them (tensor pow and ``lr / x`` differ by an ulp at some
+    steps); row 0 (no step yet) is zeros."""
+    rows = [(0.0, 0.0)] + [(lr / (1 - betas[0] ** t), (1 - betas[1] ** t) ** 0.5) for t in range(1, t_max + 1)]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
 def model_coefficients(step: torch.Tensor, active: torch.Tensor | None, optimizer: str, lr: float,
-                       betas: tuple[float, float]) -> torch.Tensor:
+                       betas: tuple[float, float], corrections: torch.Tensor | None = None) -> torch.Tensor:
     """Per-model float64 table [M, 3]: (active, a, b) with SGD a = 1 on a model's first step (b unused),
-    Adam(W) a = lr / (1 − β1^t) (the step size) and b = √(1 − β2^t)."""
-    t = step.to(torch.float64)
+    Adam(W) (a, b) = row ``step`` of ``corrections`` (:func:`adam_corrections` on step's device; None:
+    built here up to the largest step, a device sync)."""
     coef = torch.zeros(step.shape[0], 3, dtype=torch.float64, device=step.device)
     coef[:, 0] = 1.0 if active is None else active.to(torch.float64)
     if optimizer == "sgd":
         coef[:, 1] = (step == 1).to(torch.float64)
     else:
-        coef[:, 1] = lr / (1.0 - betas[0] ** t)
-        coef[:, 2] = (1.0 - betas[1] ** t).sqrt()
+        if corrections is None:
+            corrections = adam_corrections(lr, betas, int(step.max())).to(step.device)
+        coef[:, 1:] = corrections[step]
     return coef
 
 
@@ -192,8 +202,12 @@ class EnsembleStepper:
     coefficient table and runs the kernel. Arguments as :func:`ensemble_step` (already validated)."""
 
     def __init__(self, optimizer: str, lr: float, momentum: float, weight_decay: float, betas, eps: float, *,
-                 segments: Sequence[int], device, dtype: torch.dtype = torch.float32, backend: str | None = None):
+                 segments: Sequence[int], device, dtype: torch.dtype = torch.float32, backend: str | None = None,
+                 max_step: int | None = None):
+        """``max_step``: the largest step number any model will reach (Adam's bias-correction table is
+        built for it once, on the device); None: as the steps come (a device sync per step)."""
         self.optimizer, self.lr, self.betas = check_choice("optimizer", optimizer, OPTIMIZERS), lr, tuple(betas)
+        self.max_step, self._corrections = max_step, None
         self.hp = hyperparameters(optimizer, lr, momentum, weight_decay, self.betas, eps)
         self.segments = tuple(segments)
         self._per_model = sum(self.segments)
@@ -211,7 +225,13 @@ class EnsembleStepper:
             if needed and (t is None or t.numel() != n):
                 raise ValueError(f"{name}: expected {n} entries for {self.optimizer!r}, got "
                                  f"{'None' if t is None else t.numel()}")
-        coef = model_coefficients(step, active, self.optimizer, self.lr, self.betas)
+        corrections = None
+        if self.optimizer != "sgd":
+            need = self.max_step if self.max_step is not None else int(step.max())
+            if self._corrections is None or self._corrections.shape[0] <= need:
+                self._corrections = adam_corrections(self.lr, self.betas, need).to(step.device)
+            corrections = self._corrections
+        coef = model_coefficients(step, active, self.optimizer, self.lr, self.betas, corrections)
         self.impl.fn(params.view(-1), grads.view(-1), None if state1 is None else state1.view(-1),
                      None if state2 is None else state2.view(-1), coef, self.segments, self.optimizer, self.hp)
 

@@ -18,7 +18,9 @@ Curvature (what the output gradients s of the factors are):
   the same order (a shuffling DataLoader draws different ones). Other tasks: "sampled" is rejected.
 
 Scale convention: A and S are means over samples of sums over positions (MATH.md §6); the damping
-default is kronfluence's 0.1 × mean(Λ) per layer, computed from the same Λ.
+default is MATH.md's 0.1 × mean(Λ) per layer, computed from the same Λ: kronfluence's heuristic for
+``damping_factor=None``, not kronfluence's own defaults (a fixed 1e-8 and the "sampled" curvature;
+``curvature="sampled", damping=1e-8`` correspond to those; the sampled labels differ).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Public ops (each takes the layers' ``(a, s)`` as recorded by :func:`capture_line
   it and accumulates it, without storing an [n, d_out, d_in] tensor (cpu: batched GEMMs over chunks,
   each factor rotating S_iᵀA_i instead of the T vectors where that costs fewer flops: conv layers).
 - :func:`ekfac_precondition`: (G_EKFAC + λI)^{-1} on the test gradients: rotate, divide by Λ + λ and
-  (``basis="original"``) rotate back. Default damping: kronfluence's 0.1 × mean(Λ) per layer.
+  (``basis="original"``) rotate back. Default damping: 0.1 × mean(Λ) per layer (MATH.md §6; kronfluence's heuristic, not its 1e-8 default).
 - :func:`ekfac_scores`: scores Σ_t s̃_{i,t}ᵀ W_z ã_{i,t} of training points i against preconditioned
   test gradients W_z in the rotated basis (or, ``basis="original"``, of the unrotated vectors against
   W_z rotated back), from the training factors: the factored kernel (no per-sample d_out × d_in
@@ -44,7 +44,7 @@ _CORRECTION = op("ekfac_eigen_correction")
 _SCORES = op("ekfac_scores")
 
 ACC_DTYPES = (torch.float32, torch.float64)
-HEURISTIC_DAMPING_SCALE = 0.1  # kronfluence's default: λ = 0.1 × mean(Λ) per layer
+HEURISTIC_DAMPING_SCALE = 0.1  # MATH.md §6: kronfluence's heuristic (its damping_factor=None) λ = 0.1 × mean(Λ)
 
 
 def _check_acc_dtype(name: str, dtype) -> torch.dtype:

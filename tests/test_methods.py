@@ -191,24 +191,33 @@ def test_trak_refuses_non_finite_projections(monkeypatch):
             fk.attribute("trak", model, "mse", train, test, proj_dim=k)
 
 
-def test_datainf_matches_its_formula(problem):
+@pytest.mark.parametrize("blocks", ["layer", "parameter"])
+def test_datainf_matches_its_formula(problem, blocks):
     model, task, train, test = problem
     D = Dense(model, task, train, test)
-    sc = fk.attribute_scores("datainf", model, task, train, test)
-    # layers = the three Linear modules, each weight + bias (named_parameters order: w0 b0 w1 b1 w2 b2)
+    sc = fk.attribute_scores("datainf", model, task, train, test, blocks=blocks)
+    # "layer": the three Linear modules, each weight + bias (named_parameters order: w0 b0 w1 b1 w2 b2);
+    # "parameter": each of the six tensors
     ref, col = 0, 0
     for name, mod in model.named_children():
         if not isinstance(mod, nn.Linear):
             continue
-        numel = mod.weight.numel() + mod.bias.numel()
-        gl, gz = D.g_tr[:, col:col + numel], D.g_te[:, col:col + numel]
-        col += numel
-        sq = (gl ** 2).sum(1)
-        lam = float((gl ** 2).mean(1).mean()) / 10
-        assert sc.info["lambdas"][name] == pytest.approx(lam, rel=1e-10)
-        K = gl @ gz.T
-        ref = ref + (K - (gl @ gl.T) @ (K / (lam + sq)[:, None]) / N) / lam
+        parts = ([(name, mod.weight.numel() + mod.bias.numel())] if blocks == "layer" else
+                 [(f"{name}.weight", mod.weight.numel()), (f"{name}.bias", mod.bias.numel())])
+        for key, numel in parts:
+            gl, gz = D.g_tr[:, col:col + numel], D.g_te[:, col:col + numel]
+            col += numel
+            sq = (gl ** 2).sum(1)
+            lam = float((gl ** 2).mean(1).mean()) / 10
+            assert sc.info["lambdas"][key] == pytest.approx(lam, rel=1e-10)
+            K = gl @ gz.T
+            ref = ref + (K - (gl @ gl.T) @ (K / (lam + sq)[:, None]) / N) / lam
     assert rel(sc.scores, ref) < 1e-10
+    if blocks == "parameter":
+        self_inf = fk.self_influence("datainf", model, task, train, blocks=blocks, max_memory=4096)
+        want = fk.attribute_scores("datainf", model, task, train, train, blocks=blocks).scores.diagonal()
+        assert rel(self_inf, want) < 1e-10
+        return
     # a reference subsample uses only those rows in the inner sum
     sub = fk.attribute_scores("datainf", model, task, train, test, reference=15, seed=3, damping=0.01)
     assert sub.info["reference"] == 15 and rel(sub.scores, ref) > 1e-6

@@ -2,7 +2,9 @@
 
 score(z, i) = Σ_l (1/λ_l) [ K_l(z, i) − (1/n) Σ_j K_l(z, j) K_l(j, i) / (λ_l + ‖g_{l,j}‖²) ]
 with K_l the layer-l gradient inner products and j over a reference set of n training points. A
-"layer" is one captured Linear/Conv2d module (weight and bias together) or one other parameter.
+"layer" (``blocks="layer"``, default) is one captured Linear/Conv2d module (weight and bias together)
+or one other parameter; ``blocks="parameter"`` takes every parameter tensor as its own block, as the
+DataInf repository's loop over its gradient dict does (the weight and bias of a layer apart).
 For captured layers only inner products are formed (factored, :func:`grad_dot_factored`), never
 per-sample gradient matrices; parameters outside them (see ``capture_linear``) have their per-sample
 gradients materialized: the reference set's, ``[n_ref, numel]``, are held for the whole run (bound
@@ -15,6 +17,7 @@ same number; both names are kept so configurations of either experiment read as 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +28,7 @@ from ..ops.grad_dot import grad_dot, grad_dot_factored
 from ._common import Options
 
 LAMBDA_RULES = ("tabular", "sst2")
+BLOCKS = ("layer", "parameter")
 
 
 @dataclasses.dataclass
@@ -35,11 +39,13 @@ class DataInfOptions(Options):
         reference: size of a random subsample of the training set used as the reference set
             (None, or a size >= n_train: all training points; ``info["reference"]`` says how many).
         seed: seeds the reference subsample.
+        blocks: "layer" (default) or "parameter", see the module docstring.
     """
     damping: float | None = None
     lambda_rule: str = "tabular"
     reference: int | None = None
     seed: int = 0
+    blocks: str = "layer"
 
     def validate(self):
         super().validate()
@@ -49,6 +55,7 @@ class DataInfOptions(Options):
         if self.reference is not None:
             self.reference = check_int("reference", self.reference, min_value=1)
         self.seed = check_seed("seed", self.seed)
+        self.blocks = check_choice("blocks", self.blocks, BLOCKS)
         return self
 
 
@@ -71,13 +78,35 @@ def layer_damping(sq: torch.Tensor, numel: int, rule: str) -> float:
     return lam
 
 
-def _set_blocks(model, task, x, y, max_memory):
-    """:func:`gradient_blocks` of a whole set, captured in chunks under ``max_memory`` (one chunk's
-    autograd graph at a time), concatenated per block: what is kept is the blocks themselves."""
+class _Part(NamedTuple):
+    name: str
+    numel: int
+
+
+def _blocks(model, task, x, y, max_memory, per: str):
+    """:func:`gradient_blocks`, with ``per="parameter"`` each captured layer with a bias split into its
+    weight block (a without the ones column, s) and its bias block (the ones column, s)."""
+    blocks, per_sample = gradient_blocks(model, task, x, y, "loss", max_memory)
+    if per == "layer":
+        return blocks, per_sample
+    out = []
+    for item, block in blocks:
+        if isinstance(block, tuple) and item.has_bias:
+            a, s = block
+            out += [(_Part(f"{item.name}.weight", item.d_out * item.d_in), (a[..., :-1], s)),
+                    (_Part(f"{item.name}.bias", item.d_out), (a[..., -1:], s))]
+        else:
+            out.append((item, block))
+    return out, per_sample
+
+
+def _set_blocks(model, task, x, y, max_memory, per):
+    """:func:`_blocks` of a whole set, captured in chunks under ``max_memory`` (one chunk's autograd
+    graph at a time), concatenated per block: what is kept is the blocks themselves."""
     parts = []
 
     def chunk(start, stop):
-        blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", max_memory)
+        blocks, per_sample = _blocks(model, task, x[start:stop], y[start:stop], max_memory, per)
         if parts:
             _same_layers([i.name for i, _ in blocks], [i.name for i, _ in parts[0]], "batches of one set")
         parts.append(blocks)
@@ -85,7 +114,7 @@ def _set_blocks(model, task, x, y, max_memory):
 
     for_sample_chunks(x.shape[0], max_memory, chunk)
     if len(parts) <= 1:
-        return parts[0] if parts else gradient_blocks(model, task, x, y, "loss", max_memory)[0]
+        return parts[0] if parts else _blocks(model, task, x, y, max_memory, per)[0]
     joined = []
     for k, (item, block) in enumerate(parts[0]):
         pieces = [p[k][1] for p in parts]
@@ -102,7 +131,7 @@ def _reference(model, task, train, opts):
         ref_idx = torch.randperm(x.shape[0], generator=g)[:opts.reference].sort().values.to(x.device)
         x, y = x[ref_idx], y[ref_idx]
     try:  # a failing sample named by its training index
-        blocks = _set_blocks(model, task, x, y, opts.max_memory)
+        blocks = _set_blocks(model, task, x, y, opts.max_memory, opts.blocks)
     except SampleError as e:
         raise e.shifted(index=ref_idx) if ref_idx is not None else e from None
     ref = []
@@ -132,7 +161,7 @@ def _scores(train_blocks, test_blocks, ref, n_ref, opts, what):
 def datainf(model, task, train, test, opts):
     ref, n_ref = _reference(model, task, train, opts)
     try:
-        te_blocks = _set_blocks(model, task, test[0], test[1], opts.max_memory)
+        te_blocks = _set_blocks(model, task, test[0], test[1], opts.max_memory, opts.blocks)
     except SampleError as e:
         raise e.shifted(prefix="test ") from None
     x, y = train
@@ -141,7 +170,7 @@ def datainf(model, task, train, test, opts):
 
     def chunk(start, stop):
         nonlocal out
-        blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
+        blocks, per_sample = _blocks(model, task, x[start:stop], y[start:stop], opts.max_memory, opts.blocks)
         total = _scores(blocks, te_blocks, ref, n_ref, opts, "test")
         if out is None:
             out = torch.empty(n, total.shape[1], dtype=total.dtype, device=total.device)
@@ -161,7 +190,7 @@ def datainf_self(model, task, train, opts):
 
     def chunk(start, stop):
         nonlocal out
-        blocks, per_sample = gradient_blocks(model, task, x[start:stop], y[start:stop], "loss", opts.max_memory)
+        blocks, per_sample = _blocks(model, task, x[start:stop], y[start:stop], opts.max_memory, opts.blocks)
         total = _scores(blocks, blocks, ref, n_ref, opts, "training").diagonal()
         if out is None:
             out = torch.empty(x.shape[0], dtype=total.dtype, device=total.device)

@@ -91,6 +91,11 @@ def _check_batch(model, task, inputs, targets, wrt) -> tuple[Task, list[ParamSlo
     if training:  # per-sample gradients of a batch-coupled or randomly masked forward mean nothing
         name, why = training[0]
         raise ValueError(f"model: {name} is in training mode ({why}); call model.eval() first")
+    sparse = [name or "model" for name, m in model.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad]
+    if sparse:
+        raise ValueError(f"model: {sparse[0]} has sparse=True; per-sample gradients are dense rows: "
+                         f"construct it with sparse=False")
     return task, slots
 
 

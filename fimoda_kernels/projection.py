@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import check_choice, check_int
+from ._validate import check_choice, check_int, check_seed
 from .grads import _check_batch, capture_linear, for_sample_chunks, per_sample_grads
-from .ops.project import KINDS, LINEAR_KINDS, project, project_linear
+from .ops.project import KINDS, LINEAR_KINDS, _out_dtype, project, project_linear
 
 
 def _project_layer(layer, k, seed, kind, backend) -> torch.Tensor:
@@ -46,13 +46,21 @@ def project_model(model: nn.Module, task, inputs: torch.Tensor, targets: torch.T
         backend: for the projection kernels.
 
     Peak memory ≈ n·k·4 (output) + max_memory + the model's autograd graph for one chunk.
+    A captured layer's parameter also used outside that layer's forward (``F.linear(x, layer.weight)``
+    elsewhere in the model) is not detected: its gradient through that use is missed (see
+    :func:`capture_linear`); ``per_sample_grads`` is exact there.
     """
-    _check_batch(model, task, inputs, targets, wrt)
+    _, slots = _check_batch(model, task, inputs, targets, wrt)
     kind = check_choice("kind", kind, LINEAR_KINDS)
+    k = check_int("k", k, min_value=1, max_value=2**32 - 1)  # here too: no chunk runs when n = 0
+    seed = check_seed("seed", seed)
     max_memory = check_int("max_memory", max_memory, min_value=1)
     n = inputs.shape[0]
     cap = capture_linear(model)
     out = None
+    if n == 0:
+        dtype = dict(model.named_parameters())[slots[0].name].dtype
+        return torch.zeros(0, k, dtype=_out_dtype(dtype), device=inputs.device)
 
     def chunk(start, stop):
         nonlocal out

@@ -109,3 +109,21 @@ def test_bad_input():
         fk.project_model(model, "mse", x, y, 0, 0)
     with pytest.raises(ValueError, match="max_memory: expected an integer >= 1"):
         fk.project_model(model, "mse", x, y, 8, 0, max_memory=0)
+    sparse = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Flatten(), nn.Linear(6, 1))
+    tokens = torch.randint(0, 5, (4, 2))
+    for fn in (lambda: fk.project_model(sparse, "mse", tokens, y, 8, 0), lambda: fk.per_sample_grads(sparse, "mse", tokens, y)):
+        with pytest.raises(ValueError, match="model: 0 has sparse=True.*sparse=False"):
+            fn()
+
+
+def test_no_samples():
+    """n = 0: a [0, k] result (it was None), and k and seed still checked."""
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(0, 3), torch.randn(0)
+    out = fk.project_model(model, "mse", x, y, 8, 0)
+    assert out.shape == (0, 8) and out.dtype == torch.float32
+    assert fk.project_model(model.double(), "mse", x.double(), y.double(), 8, 0).dtype == torch.float64
+    with pytest.raises(ValueError, match="k: expected an integer >= 1"):
+        fk.project_model(model, "mse", x.double(), y.double(), 0, 0)
+    with pytest.raises(ValueError, match="seed: expected an integer >= 0"):
+        fk.project_model(model, "mse", x.double(), y.double(), 8, -5)

@@ -20,7 +20,7 @@ import torch
 
 from .._dispatch import op
 from .._validate import FLOAT_DTYPES, all_finite, check_choice, check_input, check_int, check_layer_pair, check_seed
-from .projection_matrix import (_MAX_INDEX, _projection_cpu, _projection_matrix_reference,
+from .projection_matrix import (_projection_cpu, _projection_matrix_reference, check_row_offset,
                                 projection_matrix)
 
 KINDS = ("rademacher", "gaussian")
@@ -40,12 +40,15 @@ def _check_common(k, seed, kind, row_offset, p, kinds):
     k = check_int("k", k, min_value=1, max_value=2**32 - 1)
     seed = check_seed("seed", seed)
     kind = check_choice("kind", kind, kinds)
-    row_offset = check_int("row_offset", row_offset, min_value=0, max_value=_MAX_INDEX - p)
+    row_offset = check_row_offset(row_offset, p)
     return k, seed, kind, row_offset
 
 
-def _check_finite(out: torch.Tensor, what: str) -> torch.Tensor:
+def _check_finite(out: torch.Tensor, what: str, *inputs: torch.Tensor) -> torch.Tensor:
     if not all_finite(out):
+        if all(all_finite(t) for t in inputs):
+            raise ValueError(f"{what}: the projection of these finite inputs overflows {out.dtype} (largest "
+                             f"|entry| {max(float(t.abs().max()) for t in inputs if t.numel()):.3g}); scale them down")
         raise ValueError(f"{what}: expected finite values, got NaN or Inf (the projection is not finite)")
     return out
 
@@ -57,6 +60,8 @@ def _project_reference(grads: torch.Tensor, k: int, seed: int, kind: str = "rade
     """float64 grads @ P with P from the pure-torch generator, in row blocks of P."""
     n, p = grads.shape
     out = torch.zeros(n, k, dtype=torch.float64, device=grads.device)
+    if n == 0:  # no P to build (k may be 2^32 − 1)
+        return out
     block = max(1, 2**22 // k)
     for p0 in range(0, p, block):
         P = _projection_matrix_reference(min(block, p - p0), k, seed, kind, row_offset + p0,
@@ -92,7 +97,7 @@ def project(grads: torch.Tensor, k: int, seed: int, kind: str = "rademacher", ro
     n, p = grads.shape
     k, seed, kind, row_offset = _check_common(k, seed, kind, row_offset, p, KINDS)
     impl = _PROJECT.select(backend, grads.device, grads, k)
-    return _check_finite(impl.fn(grads, k, seed, kind, row_offset), "grads")
+    return _check_finite(impl.fn(grads, k, seed, kind, row_offset), "grads", grads)
 
 
 @_PROJECT.register("torch")
@@ -200,7 +205,7 @@ def project_linear(a: torch.Tensor, s: torch.Tensor, k: int, seed: int, row_offs
     else:
         impl = _PROJECT_LINEAR.select(backend, a.device, a3, s3, k)
         out = impl.fn(a3, s3, k, seed, kind, row_offset, bias)
-    return _check_finite(out, "a, s")
+    return _check_finite(out, "a, s", a3, s3)
 
 
 def _project_linear_kronecker(a3, s3, k, seed, row_offset, bias, backend):

@@ -23,6 +23,15 @@ _CAST_CHUNK_BYTES = 64 * 2**20  # fp32 staging block for fp16/bf16 outputs
 _OP = op("projection_matrix")
 
 
+def check_row_offset(row_offset, p: int) -> int:
+    """row_offset as an int with row_offset + p <= 2^63 (parameter indices are int64)."""
+    row_offset = check_int("row_offset", row_offset, min_value=0)
+    if row_offset > _MAX_INDEX - p:
+        raise ValueError(f"row_offset: expected row_offset + p <= 2^63 (64-bit parameter indices; p = {p} rows), "
+                         f"got {row_offset}")
+    return row_offset
+
+
 def _projection_matrix_reference(p: int, k: int, seed: int, kind: str = "rademacher", row_offset: int = 0,
                                  dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Pure-torch P: vectorized int64 Philox, Box–Muller in float64, then cast to ``dtype``.
@@ -76,7 +85,7 @@ def projection_matrix(p: int, k: int, seed: int, kind: str = "rademacher", row_o
     k = check_int("k", k, min_value=1, max_value=2**32 - 1)
     seed = check_seed("seed", seed)
     kind = check_choice("kind", kind, KINDS)
-    row_offset = check_int("row_offset", row_offset, min_value=0, max_value=_MAX_INDEX - p)
+    row_offset = check_row_offset(row_offset, p)
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype!r}")
     device = torch.device("cpu") if device is None else torch.device(device)

@@ -84,6 +84,7 @@ def test_project_degenerate_shapes(backend):
     """No samples, no parameters, no inputs (bias rows only), no outputs (empty bias block), no
     positions: zeros or the reference, never an error."""
     assert torch.equal(project(_randn(0, 5), 4, 1, backend=backend), torch.zeros(0, 4))
+    assert project(_randn(0, 5), 2**32 - 1, 1, backend=backend).shape == (0, 2**32 - 1)  # no P built
     assert torch.equal(project(_randn(3, 0), 4, 1, backend=backend), torch.zeros(3, 4))
     for a, s in [(_randn(0, 2, 3), _randn(0, 2, 2)), (_randn(4, 2, 0), _randn(4, 2, 3, seed=1)),
                  (_randn(4, 2, 3), _randn(4, 2, 0)), (_randn(4, 0, 3), _randn(4, 0, 2))]:
@@ -290,6 +291,12 @@ def test_jl_property(kind):
     (lambda: project(torch.randn(3, 4), 4, -2), ValueError, "seed: expected an integer >= 0"),
     (lambda: project(torch.randn(3, 4), 4, 1, kind="kronecker"), ValueError, "kind: expected one of"),
     (lambda: project(torch.tensor([[1.0, float("nan")]]), 4, 1), ValueError, "grads: expected finite"),
+    (lambda: project(torch.full((1, 4), 3e38), 4, 1), ValueError, "grads: the projection of these finite inputs "
+                                                                  "overflows torch.float32"),
+    (lambda: project_linear(torch.full((1, 4), 3e20), torch.full((1, 2), 3e20), 4, 1), ValueError,
+     "a, s: the projection of these finite inputs overflows"),
+    (lambda: project(torch.randn(2, 3), 4, 1, row_offset=2**63 - 2), ValueError,
+     r"row_offset: expected row_offset \+ p <= 2\^63 .*p = 3 rows"),
     (lambda: project_linear(torch.randn(3, 4), torch.randn(2, 5), 4, 1), ValueError, "same n and T"),
     (lambda: project_linear(torch.randn(3, 2, 4), torch.randn(3, 3, 5), 4, 1), ValueError, "same n and T"),
     (lambda: project_linear(torch.randn(3, 4), torch.randn(3, 5).double(), 4, 1), TypeError, "s: expected dtype"),

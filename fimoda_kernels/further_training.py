@@ -73,7 +73,8 @@ from .tasks import CrossEntropyTask, Task, get_task, output_derivatives
 
 __all__ = ["further_train", "FurtherTrainingResult"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: losses in float64 (1: in the training dtype; results still load, checkpoints do not resume)
+_RESULT_FORMATS = (1, 2)
 _CHECKPOINT_NAME = "further_training.pt"
 _PARTIAL_NAME = "further_training.chunk.pt"
 # a chunk running this long is checkpointed at its next evaluation point, and so on (one chunk of a
@@ -93,8 +94,9 @@ class FurtherTrainingResult:
     """Test losses of a further-training study.
 
     Attributes:
-        losses: ``[n_evals, n_test, n_loo + 1, n_seeds]``; model 0 is the full-data run, model 1 + j
-            leaves out ``loo_indices[j]``; seed axis in the order of ``seeds``.
+        losses: ``[n_evals, n_test, n_loo + 1, n_seeds]`` float64 (evaluated in float64 from the
+            outputs whatever the training dtype); model 0 is the full-data run, model 1 + j leaves
+            out ``loo_indices[j]``; seed axis in the order of ``seeds``.
         eval_points: the epoch (or step) number of each evaluation, 0 (the given model) first.
         eval_unit: "epoch" or "step".
         loo_indices, seeds: as passed.
@@ -142,7 +144,7 @@ class FurtherTrainingResult:
         if isinstance(state, dict) and "done" in state and "eval_points" not in state:
             raise ValueError(f"path: {path} is a further_train checkpoint, not a saved result: run further_train "
                              f"with checkpoint_dir={str(Path(path).parent)!r} and the same arguments to finish it")
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in _RESULT_FORMATS:
             raise ValueError(f"path: {path} is not a saved FurtherTrainingResult (format {_FORMAT})")
         return cls(state["losses"], state["eval_points"], state["eval_unit"], state["loo_indices"],
                    state["seeds"], json.loads(state["config_json"]))
@@ -169,7 +171,8 @@ class _Partial:
         if not self.path.exists():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
-        same = state.get("config_json") == self.config_json and state.get("pairs") == self.pairs
+        same = (state.get("format") == _FORMAT and state.get("config_json") == self.config_json
+                and state.get("pairs") == self.pairs)
         return state if same else None  # another chunk's (the chunking changed): start this one afresh
 
     def due(self) -> bool:
@@ -453,10 +456,23 @@ class _FusedMLP:
         return _per_model_losses(task, out, y_test)
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.is_floating_point() else t
+
+
 def _per_model_losses(task: Task, out: torch.Tensor, y_test: torch.Tensor) -> torch.Tensor:
+    """Test losses [M, n] in float64 (see :func:`_test_loss`)."""
     M, n = out.shape[:2]
     y = y_test.expand(M, *y_test.shape).reshape(M * n, *y_test.shape[1:])
-    return task.loss(out.reshape(M * n, *out.shape[2:]), y).reshape(M, n)
+    return _test_loss(task, out.reshape(M * n, *out.shape[2:]), y).reshape(M, n)
+
+
+def _test_loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample test losses from the outputs, in float64 whatever the training dtype: the gold scores
+    are differences of losses between runs, far below a float32 loss's rounding for confidently
+    classified points (a cross-entropy of 2e-6 rounds in steps of ~1e-7 through its log-sum-exp; the
+    leave-one-out differences are ~1e-9), so float32 evaluation made whole rows of gold exact zeros."""
+    return task.loss(_f64(out), _f64(y))
 
 
 class _Generic:
@@ -504,7 +520,7 @@ class _Generic:
         base, buffers = self.base, self.buffers
 
         def losses(params):
-            return task.loss(functional_call(base, (params, buffers), (x_test,)), y_test)
+            return _test_loss(task, functional_call(base, (params, buffers), (x_test,)), y_test)
 
         base.eval()
         with torch.no_grad():
@@ -960,7 +976,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         if eval_points[-1] != steps:
             eval_points.append(steps)
     eval_unit = "epoch" if epochs is not None else "step"
-    losses = torch.full((len(eval_points), x_te.shape[0], n_models, len(seeds)), float("nan"), dtype=dtype)
+    losses = torch.full((len(eval_points), x_te.shape[0], n_models, len(seeds)), float("nan"), dtype=torch.float64)
     done = torch.zeros(n_models, len(seeds), dtype=torch.bool)
 
     ckpt = None
@@ -969,6 +985,9 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         ckpt = Path(checkpoint_dir) / _CHECKPOINT_NAME
         if ckpt.exists():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if state.get("format") != _FORMAT:
+                raise ValueError(f"checkpoint_dir: {ckpt} was written by another version of further_train "
+                                 f"(format {state.get('format')}, this one writes {_FORMAT}); use another directory")
             saved = json.loads(state["config_json"])
             # the chunking may differ: each model's result does not depend on its chunk
             diff = sorted(k for k in set(saved) | set(config)
@@ -998,11 +1017,14 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                                                          json.dumps(config, sort_keys=True), pairs_c)
             out = _train_chunk(base, named, mlp if use_fused else None, sched, task, x_tr, y_tr, x_te, y_te,
                                optimizer, lr, momentum, weight_decay, betas, eps, bar, partial)
-            if not all_finite(out[0]):  # before any step: not the learning rate
-                raise ValueError("model: the test losses of the given model (t = 0) are not finite; check the "
-                                 "model's outputs and the test data")
-            if not all_finite(out):
-                bad = torch.nonzero(~torch.isfinite(out).all(0).all(0))[0].item()
+            # losses are float64; one past the training dtype's range counts as overflowed, as it would
+            # have in that dtype
+            top = torch.finfo(dtype).max
+            if not all_finite(out[0]) or float(out[0].abs().max()) > top:  # before any step: not the lr
+                raise ValueError(f"model: the test losses of the given model (t = 0) are not finite in {dtype}; "
+                                 "check the model's outputs and the test data")
+            if not all_finite(out) or float(out.abs().max()) > top:
+                bad = torch.nonzero(~(out.abs() <= top).all(0).all(0))[0].item()
                 r, j = pairs_c[bad]
                 raise ValueError(f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
                                  f"model {j} ({'full data' if j == 0 else f'leaving out {loo_indices[j - 1]}'}) "

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--csv", metavar="PATH", help="CSV file with a header row (numeric features)")
     r.add_argument("--target", metavar="COLUMN", help="CSV target column")
     r.add_argument("--drop", metavar="COLUMN", nargs="+", action="extend", default=[], help="CSV columns to ignore")
-    r.add_argument("--task", choices=("regression", "classification"), default="regression",
-                   help="CSV task (default: regression)")
+    r.add_argument("--task", choices=("regression", "classification"), default=None,
+                   help="CSV task (default: regression; the built-in datasets know theirs)")
     r.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help="'all' (default) or method names, space or comma separated")
     r.add_argument("--option", dest="options", metavar="METHOD.NAME=VALUE", action="append", default=[],
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args):
     from .experiment import StudyConfig
 
-    if args.csv is None and (args.target is not None or args.drop):
-        raise _UsageError("--target/--drop apply to --csv only")
+    if args.csv is None and (args.target is not None or args.drop or args.task is not None):
+        raise _UsageError("--target/--drop/--task apply to --csv only (the built-in datasets know their task)")
     if args.csv is not None and args.target is None:
         raise _UsageError("--csv needs --target COLUMN")
     methods = [m for chunk in args.methods for m in chunk.split(",") if m]
@@ -116,7 +116,7 @@ def _config(args):
         options.setdefault(method, {})[name] = value
     return StudyConfig(
         dataset=args.dataset or "diabetes", csv=args.csv, target=args.target, drop=tuple(args.drop),
-        task=args.task, methods="all" if methods == ["all"] else tuple(methods), method_options=options,
+        task=args.task or "regression", methods="all" if methods == ["all"] else tuple(methods), method_options=options,
         seeds=args.seeds,
         epochs=args.epochs, n_loo=args.n_loo, n_test=args.n_test, final_lr=args.final_lr,
         final_epochs=args.final_epochs, batch_size=args.batch_size, further_lr=args.further_lr,
@@ -128,7 +128,7 @@ def _config(args):
 def main(argv=None) -> int:
     """Entry point of ``fimoda``; returns the exit status (0 ok, 1 a method failed or a dependency is
     missing, 2 bad input; the console script and ``python -m fimoda_kernels`` pass it to ``sys.exit``)."""
-    from .experiment import MissingDependencyError, StudyConfigError, run_study
+    from .experiment import MissingDependencyError, StudyConfigError, StudyRunError, run_study
 
     parser = build_parser()
     try:
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             raise _UsageError("expected a command: run (see fimoda run --help)")
         config = _config(args)
         result = run_study(config)
-    except (_UsageError, StudyConfigError, DatasetError) as e:
+    except (_UsageError, StudyConfigError, DatasetError, StudyRunError) as e:
         msg = " ".join(str(e).split())  # one line, whatever the message held
         print(f"fimoda: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

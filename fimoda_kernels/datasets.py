@@ -95,6 +95,9 @@ def split_standardize(name: str, X: np.ndarray, y: np.ndarray, task: str, *,
               x_test=torch.tensor(x_te, dtype=dtype).reshape(shape),
               feature_names=list(feature_names), target_name=target_name, x_mean=x_mean, x_std=x_std)
     if task == "regression":
+        if not np.ptp(y_tr.astype(np.float64)) > 0:
+            raise DatasetError(f"target {target_name!r}: constant on the training split ({float(y_tr[0])!r}); "
+                               "there is nothing to fit or attribute")
         y_mean, y_std, (y_tr, y_te) = _standardize(y_tr.astype(np.float64), y_te.astype(np.float64))
         return Dataset(name, task, y_train=torch.tensor(y_tr, dtype=dtype),
                        y_test=torch.tensor(y_te, dtype=dtype), y_mean=float(y_mean), y_std=float(y_std), **kw)
@@ -206,5 +209,7 @@ def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), tas
                                f"{str(y[frac[0]])!r} (use --task regression, or text labels)")
         if len(numeric) == len(y):  # numeric labels sort numerically
             y = np.array(values)
+        else:  # mixed with text: "1" and "1.0" are one class
+            y = np.array([str(int(values[k])) if values[k] is not None else v for k, v in enumerate(y.tolist())])
     name = os.path.splitext(os.path.basename(path))[0]
     return split_standardize(name, X, y, task, feature_names=features, target_name=target, dtype=dtype)

@@ -18,6 +18,7 @@ exactly what it depends on, so a re-run that only adds methods reuses the final 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -38,7 +39,7 @@ import torch
 from . import _study_api as api
 from ._validate import all_finite, check_choice, check_float, check_int
 from .datasets import EMBEDDED_DATASETS, Dataset, load_csv, load_embedded
-from .models import build_model, default_training, evaluate_model, task_for, train_final_model
+from .models import TrainingDivergedError, build_model, default_training, evaluate_model, task_for, train_final_model
 
 __all__ = ["StudyConfig", "StudyConfigError", "StudyResult", "run_study"]
 
@@ -53,6 +54,10 @@ FURTHER_LR_DIVISOR = {"sgd": 10.0, "adam": 100.0, "adamw": 100.0}
 
 class StudyConfigError(ValueError):
     """A study configuration that cannot run (bad value, unknown method, n_loo > n_train, …)."""
+
+
+class StudyRunError(RuntimeError):
+    """A stage that cannot run with these settings (training diverged, an unusable output directory)."""
 
 
 class MissingDependencyError(ImportError):
@@ -139,7 +144,7 @@ class StudyConfig:
         f = check_float("mislabel_fraction", self.mislabel_fraction, min_value=0.0)
         if f >= 1:
             raise StudyConfigError(f"mislabel_fraction: expected a number in [0, 1), got {f}")
-        check_int("seed", self.seed, min_value=0)
+        check_int("seed", self.seed, min_value=0, max_value=2**64 - 1)  # torch.manual_seed's range
         check_choice("dtype", self.dtype, list(DTYPES))
         if not isinstance(self.device, str):
             raise StudyConfigError(f"device: expected a string such as 'cpu' or 'cuda', got {self.device!r}")
@@ -169,6 +174,8 @@ class StudyConfig:
         a name or a value would otherwise surface, if at all, as a failed row after the study)."""
         known = api.method_names()
         bad = [] if self.methods == "all" else [m for m in self.methods if m not in known]
+        if "all" in bad:
+            raise StudyConfigError("methods: 'all' selects every method; give it alone, or only method names")
         if bad:
             raise StudyConfigError(f"methods: unknown {', '.join(map(repr, bad))}; expected 'all' or "
                                    f"names from {', '.join(known)}")
@@ -214,10 +221,13 @@ def _digest(obj) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
-    """The package's Python sources and native module: part of every stage key, so a cached stage
-    is not reused by a build whose code could compute it differently."""
+    """The package's Python sources and native module, and the versions of the libraries that compute
+    with them: part of every stage key, so a cached stage is not reused by a build (or a torch, numpy,
+    scikit-learn, scipy) that could compute it differently."""
     root = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
+    versions = _versions()
+    h.update(json.dumps({k: versions[k] for k in ("torch", "numpy", "sklearn", "scipy")}, sort_keys=True).encode())
     for dirpath, dirnames, files in sorted(os.walk(root)):
         dirnames.sort()
         for name in sorted(files):
@@ -286,7 +296,7 @@ class _Stages:
 
 
 def _save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # two runs sharing a cache do not write one temporary file
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -359,8 +369,11 @@ def _final_model(config: StudyConfig, data: _Data, stages: _Stages):
         history, cached = saved["history"], True
     else:
         ds = dataclasses.replace(data.ds, y_train=data.y_train)
-        history = train_final_model(model, ds, lr, epochs, config.batch_size, seed=config.seed,
-                                    device=config.device, progress=config.progress)
+        try:
+            history = train_final_model(model, ds, lr, epochs, config.batch_size, seed=config.seed,
+                                        device=config.device, progress=config.progress)
+        except TrainingDivergedError as e:
+            raise StudyRunError(f"{e} (--final-lr)") from e
         _save_atomic({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "history": history}, path)
         cached = False
     stages.record("final_model", key, cached, time.perf_counter() - t0)
@@ -442,18 +455,22 @@ def _gold_stage(config, data, model, final_key, final_lr, stages, train, test):
                      f"({config.optimizer}, lr {further_lr:g}, mode {config.mode})")
         ckpt = stages.path("gold", key, ".ckpt")
         os.makedirs(ckpt, exist_ok=True)
-        result = api.further_train(model, train, (x_test, y_test), data.loo, seeds, epochs=config.epochs,
-                                   optimizer=config.optimizer, lr=further_lr, batch_size=config.batch_size,
-                                   momentum=config.momentum, weight_decay=config.weight_decay, mode=config.mode,
-                                   dtype=DTYPES[config.dtype], device=torch.device(config.device),
-                                   checkpoint_dir=ckpt, loss=task_for(data.ds), progress=config.progress)
+        try:
+            result = api.further_train(model, train, (x_test, y_test), data.loo, seeds, epochs=config.epochs,
+                                       optimizer=config.optimizer, lr=further_lr, batch_size=config.batch_size,
+                                       momentum=config.momentum, weight_decay=config.weight_decay,
+                                       mode=config.mode, dtype=DTYPES[config.dtype],
+                                       device=torch.device(config.device), checkpoint_dir=ckpt,
+                                       loss=task_for(data.ds), progress=config.progress)
+        except ValueError as e:  # divergence names lr; the settings are the study's
+            raise StudyRunError(f"further training: {e} (--further-lr)") from e
         result.save(path)
         shutil.rmtree(ckpt, ignore_errors=True)  # the saved result supersedes the resume checkpoints
         cached = False
     stages.record("gold", key, cached, time.perf_counter() - t0)
     losses = result.losses
     if not all_finite(losses):
-        raise RuntimeError(f"further training produced non-finite test losses (diverged); use a smaller "
+        raise StudyRunError(f"further training produced non-finite test losses (diverged); use a smaller "
                            f"further-training learning rate than {further_lr:g}")
     return result, further_lr, seeds
 
@@ -484,8 +501,11 @@ def run_study(config: StudyConfig) -> StudyResult:
     timings["data"] = time.perf_counter() - t
     methods = config.resolved_methods()
     ds = data.ds
-    os.makedirs(config.out_dir, exist_ok=True)
-    stages = _Stages(config.cache)
+    try:
+        os.makedirs(config.out_dir, exist_ok=True)
+        stages = _Stages(config.cache)
+    except OSError as e:
+        raise StudyRunError(f"out / cache_dir: cannot create a directory there ({e})") from e
     _log(config, f"{ds.name}: {ds.task}, {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test, "
                  f"{len(data.loo)} LOO points, {len(data.test_idx)} test points, {int(data.flipped.sum())} flipped labels")
 
@@ -588,6 +608,10 @@ def run_study(config: StudyConfig) -> StudyResult:
     return StudyResult(config, out, _jsonable(results), gold, eval_points, scores, curves, artifacts)
 
 
+_ARTIFACTS = ("results.json", "scores.npz", "curves.csv", "seeds.csv", "cosine.png", "spearman.png", "seeds.png",
+              "mislabel.png")  # every file _write_artifacts may write
+
+
 def _write_artifacts(out, results, gold, eval_points, scores, method_recs, data, curves, gold_self_block, config):
     arrays = {"gold": gold, "eval_points": eval_points, "loo_indices": data.loo, "test_indices": data.test_idx}
     for m, s in scores.items():
@@ -625,6 +649,9 @@ def _write_artifacts(out, results, gold, eval_points, scores, method_recs, data,
 
         files += plots.write_all(out, results, curves, title=f"{results['data']['name']} ({config.optimizer}, "
                                  f"{len(results['further_training']['seeds'])} seeds, adjust={config.adjust})")
+    for name in set(_ARTIFACTS) - set(files):  # an earlier study's, in a reused out directory
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
     return files
 
 

@@ -35,6 +35,10 @@ DEFAULT_TRAINING = {
 }
 
 
+
+class TrainingDivergedError(RuntimeError):
+    """The final model's training loss stopped being finite (the learning rate is too large)."""
+
 def default_training(dataset: Dataset, embedded: bool) -> tuple[float, int]:
     if embedded and dataset.name in DEFAULT_TRAINING:
         return DEFAULT_TRAINING[dataset.name]
@@ -126,7 +130,7 @@ def train_final_model(model: nn.Module, dataset: Dataset, lr: float, epochs: int
             total += float(loss.detach()) * idx.numel()
         mean = total / n
         if not math.isfinite(mean):
-            raise RuntimeError(f"final-model training diverged at epoch {epoch + 1} (loss {mean}); "
+            raise TrainingDivergedError(f"final-model training diverged at epoch {epoch + 1} (loss {mean}); "
                                f"use a smaller learning rate than {lr}")
         history.append(mean)
     model.eval()

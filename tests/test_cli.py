@@ -41,7 +41,10 @@ def _bad(capsys, argv, match):
     (["run", "--mode", "drop"], "invalid choice: 'drop'"),
     (["run", "--adjust", "median"], "invalid choice: 'median'"),
     (["run", "--dataset", "digits", "--csv", "x.csv"], "not allowed with argument"),
-    (["run", "--target", "y"], "--target/--drop apply to --csv only"),
+    (["run", "--target", "y"], "--target/--drop/--task apply to --csv only"),
+    (["run", "--task", "classification"], "--target/--drop/--task apply to --csv only"),
+    (["run", "--methods", "all,grad_dot"], "'all' selects every method; give it alone"),
+    (["run", "--seed", str(2**64)], "seed: expected an integer <="),
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
     (["run", "--device", "tpu"], "device:"),
     (["run", "--option", "lissa.depth"], "expected METHOD.NAME=VALUE, got 'lissa.depth'"),
@@ -132,3 +135,27 @@ def test_failed_method_gives_exit_status_1(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 1 and "method(s) failed: grad_dot (see results.json)" in err
     assert (tmp_path / "o" / "results.json").exists()
+
+
+def test_run_time_failures_are_one_line_errors(capsys, tmp_path):
+    """A diverging training or an unusable output directory: exit 2, one line naming the setting."""
+    fast = ["--methods", "grad_dot", "--n-loo", "4", "--n-test", "3", "--seeds", "1", "--epochs", "1",
+            "--final-epochs", "2", "--quiet", "--no-plots"]
+    _bad(capsys, ["run", "--final-lr", "1e6", "--out", str(tmp_path / "a")] + fast,
+         "final-model training diverged at epoch 1")
+    _bad(capsys, ["run", "--further-lr", "1e8", "--out", str(tmp_path / "b")] + fast,
+         "further training: lr: further training diverged")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _bad(capsys, ["run", "--out", str(blocker)] + fast, "out / cache_dir: cannot create a directory there")
+
+
+def test_reused_out_directory_drops_an_earlier_studys_files(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("cosine.png", "mislabel.png", "notes.txt"):
+        (out / name).write_text("from an earlier study")
+    assert main(["run", "--methods", "grad_dot", "--n-loo", "4", "--n-test", "3", "--seeds", "1", "--epochs", "1",
+                 "--final-epochs", "2", "--quiet", "--no-plots", "--out", str(out)]) == 0
+    left = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert left == ["curves.csv", "notes.txt", "results.json", "scores.npz", "seeds.csv"]

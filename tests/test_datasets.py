@@ -117,3 +117,18 @@ def test_csv_errors(tmp_path):
     raw_a = np.arange(40.0)
     _, _, _, y_te = train_test_split(raw_a, raw_a % 2, test_size=0.1, random_state=0)
     assert ds.y_test.tolist() == y_te.astype(int).tolist()
+
+
+def test_csv_labels_mixing_numbers_and_text(tmp_path):
+    """With one text label among numeric ones, "1" and "1.0" stay one class."""
+    path = tmp_path / "d.csv"
+    labels = ["1", "1.0", "2", "other"]
+    path.write_text("a,b,y\n" + "".join(f"{k},{k % 3},{labels[k % 4]}\n" for k in range(40)))
+    assert load_csv(path, "y", task="classification").n_classes == 3
+
+
+def test_constant_regression_target_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,y\n" + "".join(f"{k},{k % 3},2.5\n" for k in range(40)))
+    with pytest.raises(DatasetError, match="target 'y': constant on the training split"):
+        load_csv(path, "y")

@@ -6,7 +6,7 @@ Public API (see README.md); ops take and return torch tensors and accept ``backe
 from ._dispatch import BACKENDS, FallbackWarning, available_backends
 from .ekfac import EKFAC
 from .experiment import StudyConfig, run_study
-from .further_training import FurtherTrainingResult, further_train
+from .further_training import FurtherTrainingDivergedError, FurtherTrainingResult, further_train
 from .grads import capture_linear, param_layout, per_sample_grads
 from .hvp import HVPOperator, gn_hvp, hessian_hvp
 from .inner_products import grad_dot_model, grad_dot_vectors
@@ -37,6 +37,6 @@ __all__ = [
     "LiSSADivergedError", "CGNotConvergedWarning", "CGBreakdownError",
     "EKFAC", "kfac_factors", "ekfac_eigenbases", "ekfac_eigen_correction", "kfac_eigenvalues",
     "ekfac_precondition", "ekfac_scores",
-    "further_train", "FurtherTrainingResult", "ensemble_step",
+    "further_train", "FurtherTrainingResult", "FurtherTrainingDivergedError", "ensemble_step",
     "StudyConfig", "run_study",
 ]

@@ -210,6 +210,7 @@ def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), tas
         if len(numeric) == len(y):  # numeric labels sort numerically
             y = np.array(values)
         else:  # mixed with text: "1" and "1.0" are one class
-            y = np.array([str(int(values[k])) if values[k] is not None else v for k, v in enumerate(y.tolist())])
+            y = np.array([str(int(values[k])) if values[k] is not None and values[k] == int(values[k]) else v
+                          for k, v in enumerate(y.tolist())])
     name = os.path.splitext(os.path.basename(path))[0]
     return split_standardize(name, X, y, task, feature_names=features, target_name=target, dtype=dtype)

@@ -44,6 +44,7 @@ scaled data is named then, not blamed on the learning rate when the runs diverge
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -66,12 +67,16 @@ from torch.func import functional_call, grad, vmap
 from ._dispatch import FallbackWarning
 from ._mlp import mlp_layers
 from ._validate import all_finite, check_choice, check_float, check_int, check_int_list, check_tensor
-from .grads import activation_numel, batch_dependent_modules
+from .grads import activation_numel, batch_dependent_modules, sparse_embeddings
 from .ops.bias_act import _BWD as _EPI_BWD, _FWD as _EPI_FWD, FORWARD_ACTS, epilogue_backend
 from .ops.ensemble_step import EnsembleStepper, check_hyperparameters, state_buffers
-from .tasks import CrossEntropyTask, Task, get_task, output_derivatives
+from .tasks import CrossEntropyTask, MSETask, Task, get_task, output_derivatives
 
-__all__ = ["further_train", "FurtherTrainingResult"]
+__all__ = ["further_train", "FurtherTrainingResult", "FurtherTrainingDivergedError"]
+
+
+class FurtherTrainingDivergedError(ValueError):
+    """A run's test loss left the training dtype's range: the learning rate (or the data's scale)."""
 
 _FORMAT = 2  # 2: losses in float64 (1: in the training dtype; results still load, checkpoints do not resume)
 _RESULT_FORMATS = (1, 2)
@@ -145,8 +150,9 @@ class FurtherTrainingResult:
             raise ValueError(f"path: {path} is a further_train checkpoint, not a saved result: run further_train "
                              f"with checkpoint_dir={str(Path(path).parent)!r} and the same arguments to finish it")
         if not isinstance(state, dict) or state.get("format") not in _RESULT_FORMATS:
-            raise ValueError(f"path: {path} is not a saved FurtherTrainingResult (format {_FORMAT})")
-        return cls(state["losses"], state["eval_points"], state["eval_unit"], state["loo_indices"],
+            raise ValueError(f"path: {path} is not a saved FurtherTrainingResult (formats {_RESULT_FORMATS})")
+        # format 1 held the losses in the training dtype: widened here, their rounding stays
+        return cls(state["losses"].double(), state["eval_points"], state["eval_unit"], state["loo_indices"],
                    state["seeds"], json.loads(state["config_json"]))
 
 
@@ -451,28 +457,29 @@ class _FusedMLP:
             else:
                 torch.bmm(g.transpose(1, 2), hs[0], out=gW)
 
-    def test_losses(self, x_test, y_test, task) -> torch.Tensor:
+    def test_losses(self, x_test, y_test, task, wide: bool) -> torch.Tensor:
         out, _ = self.forward(x_test, keep=False)
-        return _per_model_losses(task, out, y_test)
+        return _per_model_losses(task, out, y_test, wide)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.double() if t.is_floating_point() else t
 
 
-def _per_model_losses(task: Task, out: torch.Tensor, y_test: torch.Tensor) -> torch.Tensor:
+def _per_model_losses(task: Task, out: torch.Tensor, y_test: torch.Tensor, wide: bool) -> torch.Tensor:
     """Test losses [M, n] in float64 (see :func:`_test_loss`)."""
     M, n = out.shape[:2]
     y = y_test.expand(M, *y_test.shape).reshape(M * n, *y_test.shape[1:])
-    return _test_loss(task, out.reshape(M * n, *out.shape[2:]), y).reshape(M, n)
+    return _test_loss(task, out.reshape(M * n, *out.shape[2:]), y, wide).reshape(M, n)
 
 
-def _test_loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample test losses from the outputs, in float64 whatever the training dtype: the gold scores
-    are differences of losses between runs, far below a float32 loss's rounding for confidently
-    classified points (a cross-entropy of 2e-6 rounds in steps of ~1e-7 through its log-sum-exp; the
-    leave-one-out differences are ~1e-9), so float32 evaluation made whole rows of gold exact zeros."""
-    return task.loss(_f64(out), _f64(y))
+def _test_loss(task: Task, out: torch.Tensor, y: torch.Tensor, wide: bool) -> torch.Tensor:
+    """Per-sample test losses from the outputs, float64. ``wide``: computed in float64 whatever the
+    training dtype (built-in losses, and custom ones that take float64 outputs): the gold scores are
+    differences of losses between runs, far below a float32 loss's rounding for confidently classified
+    points (a cross-entropy of 2e-6 rounds in steps of ~1e-7 through its log-sum-exp; the leave-one-out
+    differences are ~1e-9), so float32 evaluation made whole rows of gold exact zeros."""
+    return task.loss(_f64(out), _f64(y)) if wide else task.loss(out, y).double()
 
 
 class _Generic:
@@ -516,11 +523,11 @@ class _Generic:
         for name, g in zip(self.flat.names, self.flat.grads):
             g.copy_(grads[name])
 
-    def test_losses(self, x_test, y_test, task) -> torch.Tensor:
+    def test_losses(self, x_test, y_test, task, wide: bool) -> torch.Tensor:
         base, buffers = self.base, self.buffers
 
         def losses(params):
-            return _test_loss(task, functional_call(base, (params, buffers), (x_test,)), y_test)
+            return _test_loss(task, functional_call(base, (params, buffers), (x_test,)), y_test, wide)
 
         base.eval()
         with torch.no_grad():
@@ -679,20 +686,25 @@ def _model_code_id(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, dtype,
-                 max_memory: int) -> tuple[float, int]:
-    """The mean training-loss gradient at the given model is finite: badly scaled data (a finite input
-    whose loss or gradient overflows the dtype) is named here, not blamed on the learning rate later.
-    Returns the largest training loss and its sample, for the divergence message. Chunks of samples
-    whose forward and backward fit ``max_memory`` (at most 4096)."""
-    params = [p for p in base.parameters() if p.requires_grad]
-    per_sample = x.element_size() * (3 * activation_numel(base, x) + x[0].numel())
+def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, dtype, max_memory: int,
+                 names: list) -> tuple[float, int, list]:
+    """One training-mode pass over the training set at the given model: its loss gradient must be
+    finite (badly scaled data, a finite input whose loss or gradient overflows the dtype, is named here,
+    not blamed on the learning rate later). Returns the largest training loss and its sample, for the
+    divergence message, and the parameters of ``names`` that no training sample's loss reaches
+    (``torch.optim`` skips a parameter without ``.grad``: no weight decay, no momentum; so does further
+    training). Chunks of samples whose forward and backward fit ``max_memory`` (at most 4096)."""
+    named = dict(base.named_parameters())
+    params = [named[n] for n in names]
+    per_sample = torch.empty((), dtype=dtype).element_size() * (3 * activation_numel(base, x) + x[0].numel())
     chunk = max(1, min(4096, max_memory // per_sample))
-    worst = (float("-inf"), 0)
+    worst, reached = (float("-inf"), 0), [False] * len(params)
+    base.train()
     for a in range(0, x.shape[0], chunk):
         with torch.enable_grad():
             loss = task.loss(base(x[a:a + chunk]), y[a:a + chunk])
             grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+        reached = [r or g is not None for r, g in zip(reached, grads)]
         if not all_finite(loss):
             bad = a + int((~torch.isfinite(loss)).nonzero()[0])
             raise ValueError(f"train: the loss of training sample {bad} at the given model is not finite in "
@@ -702,10 +714,11 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
                              f"at the given model is not finite in {dtype}; check the scale of the training data")
         top = int(loss.argmax())
         worst = max(worst, (float(loss[top].detach()), a + top))
-    return worst
+    base.eval()
+    return worst[0], worst[1], [n for n, r in zip(names, reached) if not r]
 
 
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INDEX_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
 
 
 def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
@@ -720,23 +733,33 @@ def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name}: inputs and targets must have the same number of samples, got "
                          f"{x.shape[0]} and {y.shape[0]}")
     if not (x.dtype.is_floating_point or x.dtype in _INDEX_DTYPES):
-        raise TypeError(f"{name}[0] (inputs): expected a floating-point tensor (or integer indices, e.g. "
-                        f"token ids for an nn.Embedding), got {x.dtype}")
+        raise TypeError(f"{name}[0] (inputs): expected a floating-point tensor (or int64/int32 indices, "
+                        f"e.g. token ids for an nn.Embedding), got {x.dtype}")
     return tuple(t.clone() if t.is_inference() else t.detach() for t in (x, y))
 
 
 def _probe_loss(base: nn.Module, task: Task, name: str, x: torch.Tensor, y: torch.Tensor, n: int):
-    """(outputs, per-sample losses) of samples [:n]; a loss that refuses the pair names the argument and
-    its whole shape (not the probe's slice)."""
-    out = base(x[:n])
+    """(outputs, per-sample losses) of samples [:n], the arguments named where they do not fit: integer
+    inputs the model cannot take, targets a built-in loss refuses (with their whole shape, not the
+    probe's slice). A custom loss's own errors pass through."""
+    try:
+        out = base(x[:n])
+    except (RuntimeError, TypeError, IndexError) as e:
+        if x.is_floating_point():
+            raise
+        raise TypeError(f"{name}[0] (inputs): the model fails on these {x.dtype} inputs ({e}); integer inputs "
+                        f"are token ids (in range) for an nn.Embedding, other features must be floating point"
+                        ) from e
     try:
         return out, task.loss(out, y[:n])
     except (ValueError, TypeError, RuntimeError) as e:
+        if type(task) not in (MSETask, CrossEntropyTask):
+            raise
         hint = ""
-        if type(task).__name__ == "MSETask" and out.dim() > 1 and out.shape[-1] > 1:
+        if type(task) is MSETask and out.dim() > 1 and out.shape[-1] > 1:
             hint = "; for class labels use loss='cross_entropy'"
-        raise type(e)(f"{name}[1] (targets): shape {tuple(y.shape)} ({y.dtype}) does not fit the model's outputs "
-                      f"(shape {tuple(out.shape[1:])} per sample) under loss {task!r}: {e}{hint}") from e
+        raise ValueError(f"{name}[1] (targets): shape {tuple(y.shape)} ({y.dtype}) does not fit the model's outputs "
+                         f"(shape {tuple(out.shape[1:])} per sample) under loss {task!r}: {e}{hint}") from e
 
 
 def _rng_states(device: torch.device) -> list:
@@ -746,28 +769,37 @@ def _rng_states(device: torch.device) -> list:
     return states
 
 
-def _probe_training(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, names: list) -> list:
-    """One training-mode forward and backward of two samples; the names of the parameters the loss does
-    not reach (``torch.optim`` skips those: no weight decay, no momentum; so does further training).
-    Refuses forwards that draw random numbers (each run would need the sequential protocol's global
-    generator state) or update buffers (running statistics, power iterations: each run would need its
-    own copy). The global generators and the buffers are left as they were."""
-    buffers = {n: (b.clone(), b._version) for n, b in base.named_buffers()}  # an in-place write bumps _version
-    params = dict(base.named_parameters())
-    device = x.device
+@contextlib.contextmanager
+def _watch_rng(device: torch.device):
+    """Yields a list that holds, after the block, whether the block drew from the global generators
+    (CPU, and the device's); their states are restored."""
+    drew = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         before = _rng_states(device)
+        yield drew
+        drew.append(any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device))))
+
+
+def _check_training_forward(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuses a training-mode forward (of two samples) that draws random numbers (each run would need
+    the sequential protocol's global generator state) or writes a buffer (running statistics, power
+    iterations: each run would need its own copy), in place (the version counter moves, even to the
+    same values) or through ``.data`` or a new tensor (the values move). Generators and buffers are
+    left as they were."""
+    saved = {n: (b, b.clone(), b._version) for n, b in base.named_buffers()}
+    with torch.no_grad(), _watch_rng(x.device) as drew:
         base.train()
-        with torch.enable_grad():
-            _, loss = _probe_loss(base, task, "train", x, y, 2)
-            grads = torch.autograd.grad(loss.sum(), [params[n] for n in names], allow_unused=True)
-        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device)))
-    changed = [n for n, b in base.named_buffers() if b._version != buffers[n][1]]  # even if to the same values
+        _probe_loss(base, task, "train", x, y, 2)
+        base.eval()
+    changed = []
+    for n, b in base.named_buffers():
+        was, values, version = saved[n]
+        if (b is was and b._version != version) or not torch.equal(b, values):
+            changed.append(n)
     with torch.no_grad():
         for n in changed:
-            base.get_buffer(n).copy_(buffers[n][0])
-    base.eval()
-    if drew:
+            base.get_buffer(n).copy_(saved[n][1])
+    if drew[0]:
         raise ValueError("model: its training-mode forward draws random numbers (e.g. F.dropout); the runs "
                          "would depend on the global generator, not only on their seeds: remove the random "
                          "ops or make them depend on self.training")
@@ -775,7 +807,19 @@ def _probe_training(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tenso
         raise ValueError(f"model: its training-mode forward updates the buffers {', '.join(changed)} (running "
                          f"statistics, power iterations, ...); further training shares buffers between the "
                          f"runs: train without those updates (e.g. track_running_stats=False)")
-    return [n for n, g in zip(names, grads) if g is None]
+
+
+def _wide_losses(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the test losses can be computed in float64 from the outputs (see :func:`_test_loss`):
+    always for the built-in losses, for a custom one if it takes float64 outputs of a test sample."""
+    if type(task) in (MSETask, CrossEntropyTask):
+        return True
+    with torch.no_grad():
+        try:
+            loss = task.loss(_f64(base(x[:1])), _f64(y[:1]))
+        except (RuntimeError, TypeError, ValueError):
+            return False
+    return loss.dtype == torch.float64
 
 
 def _autograd_on(fn):
@@ -801,10 +845,11 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     Args:
         model: the final model θ* (an nn.Module; not modified). Its per-sample losses must not depend on
             the other samples of a batch (no BatchNorm in training, no Dropout), and its training
-            forward must neither draw random numbers nor update buffers (both refused). Parameters the
-            training loss does not reach are not updated, as ``torch.optim`` skips them (no weight decay).
+            forward must neither draw random numbers nor update buffers (both refused). Parameters no
+            training sample's loss reaches are not updated, as ``torch.optim`` skips them (no weight
+            decay); one reached by some samples only is updated every step (see docs/DESIGN.md).
         train, test: ``(inputs, targets)`` pairs; inputs ``[N, ...]`` floating point (cast to ``dtype``)
-            or integer indices (token ids; generic path), targets ``[N]`` (class indices for
+            or int64/int32 indices (token ids; generic path), targets ``[N]`` (class indices for
             "cross_entropy", reals for "mse"; ``[N, 1]`` also for "mse").
         loo_indices: distinct training indices in [0, N) to leave out (model 1 + j leaves out the j-th).
         seeds: distinct non-negative integer seeds (one generator per run, see the module docstring).
@@ -890,6 +935,7 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
 
     base = copy.deepcopy(model).to(device=device, dtype=dtype)
     problems = [f"{name}: {why}" for name, _, why in batch_dependent_modules(base)]  # trained in train mode
+    problems += [f"{name}: sparse=True (dense gradients are batched)" for name in sparse_embeddings(base)]
     if problems:
         raise ValueError("model: the sequential protocol cannot be batched for it: " + "; ".join(problems))
     x_tr, x_te = (x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype) for x in (x_tr, x_te))
@@ -900,13 +946,12 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                     ("test[1] (targets)", y_te)):  # after the cast: float64 data may overflow float32
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{name}: expected finite values in {dtype}, got NaN or Inf")
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.no_grad(), _watch_rng(device) as drew:
         base.eval()  # validates model/targets/loss compatibility on two samples
-        before = _rng_states(device)
         logits, probe = _probe_loss(base, task, "train", x_tr, y_tr, 2)
         _probe_loss(base, task, "test", x_te, y_te, 1)
-        if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device))):
-            raise ValueError("model: its eval-mode forward draws random numbers; the test losses would be random")
+    if drew[0]:
+        raise ValueError("model: its eval-mode forward draws random numbers; the test losses would be random")
     if probe.shape != (2,):
         raise ValueError(f"loss: expected one loss per sample, got shape {tuple(probe.shape)} for 2 samples")
     if isinstance(task, CrossEntropyTask):  # all labels, once (the training steps index without checks)
@@ -920,11 +965,14 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     for name, t in list(base.named_parameters()) + list(base.named_buffers()):
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"model: {name} holds NaN or Inf (in {dtype})")
-    worst_loss, worst_sample = _check_start(base, task, x_tr, y_tr, dtype, max_memory)
-    unused = set(_probe_training(base, task, x_tr, y_tr, [n for n, _ in named]))
+    _check_training_forward(base, task, x_tr, y_tr)
+    worst_loss, worst_sample, unused = _check_start(base, task, x_tr, y_tr, dtype, max_memory, [n for n, _ in named])
     if len(unused) == len(named):
         raise ValueError("model: no trainable parameter gets a gradient from the training loss")
+    for n in unused:  # trained as frozen: functional_call takes them from base, which must not track them
+        base.get_parameter(n).requires_grad_(False)
     named = [(n, p) for n, p in named if n not in unused]
+    wide = _wide_losses(base, task, x_te, y_te)
 
     mlp = mlp_layers(base)
     if not isinstance(mlp, str) and (x_tr.dim() != 2 or not x_tr.is_floating_point()):
@@ -1015,18 +1063,19 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
             sched = _Schedule(N, batch_size, mode, epochs, steps, eval_steps, seeds_c, loo_c, dtype, device)
             partial = None if ckpt is None else _Partial(ckpt.with_name(_PARTIAL_NAME),
                                                          json.dumps(config, sort_keys=True), pairs_c)
-            out = _train_chunk(base, named, mlp if use_fused else None, sched, task, x_tr, y_tr, x_te, y_te,
-                               optimizer, lr, momentum, weight_decay, betas, eps, bar, partial)
+            out = _train_chunk(base, named, mlp if use_fused else None, sched, task, wide, x_tr, y_tr, x_te,
+                               y_te, optimizer, lr, momentum, weight_decay, betas, eps, bar, partial)
             # losses are float64; one past the training dtype's range counts as overflowed, as it would
-            # have in that dtype
-            top = torch.finfo(dtype).max
-            if not all_finite(out[0]) or float(out[0].abs().max()) > top:  # before any step: not the lr
+            # have in that dtype (NaN compares false: out of range too)
+            in_range = out.abs() <= torch.finfo(dtype).max
+            if not bool(in_range[0].all()):  # before any step: not the learning rate
                 raise ValueError(f"model: the test losses of the given model (t = 0) are not finite in {dtype}; "
                                  "check the model's outputs and the test data")
-            if not all_finite(out) or float(out.abs().max()) > top:
-                bad = torch.nonzero(~(out.abs() <= top).all(0).all(0))[0].item()
+            if not bool(in_range.all()):
+                bad = torch.nonzero(~in_range.all(0).all(0))[0].item()
                 r, j = pairs_c[bad]
-                raise ValueError(f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
+                raise FurtherTrainingDivergedError(
+                                 f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
                                  f"model {j} ({'full data' if j == 0 else f'leaving out {loo_indices[j - 1]}'}) "
                                  f"with lr={lr}; lower the learning rate, or check the scale of the data (the "
                                  f"largest training loss at the given model: {worst_loss:.3g}, sample {worst_sample})")
@@ -1046,8 +1095,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     return FurtherTrainingResult(losses, eval_points, eval_unit, loo_indices, seeds, config)
 
 
-def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_te, optimizer, lr, momentum,
-                 weight_decay, betas, eps, bar, partial: _Partial | None = None) -> torch.Tensor:
+def _train_chunk(base, named, mlp, sched: _Schedule, task, wide, x_tr, y_tr, x_te, y_te, optimizer, lr,
+                 momentum, weight_decay, betas, eps, bar, partial: _Partial | None = None) -> torch.Tensor:
     """Train the chunk's models (from ``partial``'s saved state where it has one, saving to it as it
     goes); test losses [n_evals, n_test, M]."""
     M, dtype, device = sched.M, sched.dtype, x_tr.device
@@ -1071,7 +1120,7 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
         evals, start = list(saved["evals"].to(device)), saved["global_step"]
     else:
         with torch.no_grad():
-            evals.append(engine.test_losses(x_te, y_te, task).T)
+            evals.append(engine.test_losses(x_te, y_te, task, wide).T)
     for s, (idx, w, active, evaluate, n_active) in enumerate(sched.steps(count=bar is not None, start=start),
                                                              start + 1):
         if mlp is not None:
@@ -1083,7 +1132,7 @@ def _train_chunk(base, named, mlp, sched: _Schedule, task, x_tr, y_tr, x_te, y_t
         with torch.no_grad():
             update(flat.theta, flat.grad, step, s1, s2, active)
             if evaluate:
-                evals.append(engine.test_losses(x_te, y_te, task).T)
+                evals.append(engine.test_losses(x_te, y_te, task, wide).T)
                 if partial is not None and partial.due():
                     partial.save(s, dict(theta=flat.theta, state1=s1, state2=s2, step=step, evals=torch.stack(evals)))
         if bar is not None:

@@ -91,8 +91,7 @@ def _check_batch(model, task, inputs, targets, wrt) -> tuple[Task, list[ParamSlo
     if training:  # per-sample gradients of a batch-coupled or randomly masked forward mean nothing
         name, why = training[0]
         raise ValueError(f"model: {name} is in training mode ({why}); call model.eval() first")
-    sparse = [name or "model" for name, m in model.named_modules()
-              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad]
+    sparse = sparse_embeddings(model)
     if sparse:
         raise ValueError(f"model: {sparse[0]} has sparse=True; per-sample gradients are dense rows: "
                          f"construct it with sparse=False")
@@ -109,6 +108,12 @@ def batch_dependent_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]
         elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             out.append((name or "model", m, f"{type(m).__name__}(p={m.p}) draws random masks"))
     return out
+
+
+def sparse_embeddings(model: nn.Module) -> list[str]:
+    """Names of the trainable nn.Embedding/EmbeddingBag modules with sparse=True (sparse gradients)."""
+    return [name or "model" for name, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad]
 
 
 def _evaluate(task: Task, model_out, targets, wrt: str) -> torch.Tensor:

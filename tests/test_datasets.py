@@ -132,3 +132,10 @@ def test_constant_regression_target_refused(tmp_path):
     path.write_text("a,b,y\n" + "".join(f"{k},{k % 3},2.5\n" for k in range(40)))
     with pytest.raises(DatasetError, match="target 'y': constant on the training split"):
         load_csv(path, "y")
+
+
+def test_csv_fractional_labels_among_text_stay_apart(tmp_path):
+    path = tmp_path / "d.csv"
+    labels = ["cat", "dog", "cat", "dog", "1.2", "1.7"]
+    path.write_text("a,b,y\n" + "".join(f"{k},{k % 3},{labels[k % 6]}\n" for k in range(42)))
+    assert load_csv(path, "y", task="classification").n_classes == 4

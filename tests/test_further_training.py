@@ -924,3 +924,146 @@ def test_float32_runs_resolve_the_gold_of_confident_points():
     assert (size > 0).all() and (g32.abs().amax(1) > 0).all()
     cos = torch.nn.functional.cosine_similarity(g32, g64, dim=1)
     assert (size > 1e-8).sum() >= 6 and cos[size > 1e-8].min() > 0.999
+
+
+class _Branch(nn.Module):
+    """Per-sample control flow: ``b`` is reached only by samples with x[0] <= 0 (not the first two)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 1), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return torch.cat([(self.a if xi[0] > 0 else self.b)(xi[None]) for xi in x]).squeeze(-1)
+
+
+def test_parameter_reached_by_some_samples_is_trained():
+    """Which parameters the loss reaches is decided over the whole training set (a two-sample probe
+    took ``b`` for unused, and the first batch reaching it crashed)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 3, generator=g)
+    X[:2, 0] = X[:2, 0].abs() + 0.1
+    X[2:, 0] = -X[2:, 0].abs() - 0.1
+    Y, Xt, Yt = torch.randn(8, generator=g), -torch.rand(3, 3, generator=g) - 0.1, torch.randn(3, generator=g)
+    model = _Branch().double()
+    kw = dict(epochs=2, lr=0.1, batch_size=4)
+    ref = sequential(model, (X, Y), (Xt, Yt), [1, 4], [0], **kw)
+    with pytest.warns(Warning):  # vmap cannot batch the branch: one model at a time
+        res = further_train(model, (X, Y), (Xt, Yt), [1, 4], [0], dtype=torch.float64, progress=False, **kw)
+    assert res.config["parameters"] == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    assert rel(res.losses, ref) < 1e-10
+
+
+class _ScaledOutput(Task):
+    """A custom loss holding a float32 tensor: it cannot take float64 outputs."""
+
+    def __init__(self):
+        self.P = torch.tensor([[1.0], [2.0], [0.5]])
+
+    def output(self, model_out, targets):
+        return (model_out @ self.P).squeeze(-1)
+
+    def phi(self, f, targets):
+        return (f - targets) ** 2
+
+
+def test_custom_loss_without_float64_is_evaluated_in_the_training_dtype():
+    train, test = data("mse", n=9, n_test=3)
+    res = further_train(mlp(out=3), train, test, [0], [0], epochs=1, lr=0.05, batch_size=4, loss=_ScaledOutput(),
+                        path="generic", progress=False)
+    assert res.losses.dtype == torch.float64 and torch.isfinite(res.losses).all()
+
+
+class _DataWrite(nn.Module):
+    """A buffer written through .data (its version counter does not move)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+        self.register_buffer("avg", torch.zeros(5))
+
+    def forward(self, x):
+        if self.training:
+            self.avg.data.mul_(0.5).add_(x.mean(0), alpha=0.5)
+        return self.lin(x - self.avg)
+
+
+class _Rebuilt(nn.Module):
+    """A buffer re-assigned, to the same values, every training forward: harmless, accepted."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(5, 1)
+        self.register_buffer("scale", torch.ones(5))
+
+    def forward(self, x):
+        if self.training:
+            self.scale = torch.ones(5, dtype=self.scale.dtype)
+        return self.lin(x * self.scale)
+
+
+class _RandomEval(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.lin(x + (0 if self.training else 1e-3 * torch.randn_like(x)))
+
+
+class _Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.lin(x.detach()).detach().requires_grad_() * 1.0
+
+
+def test_buffer_writes_and_randomness_by_value_and_version():
+    train, test = data("mse", n=9, n_test=3)
+    kw = dict(epochs=2, lr=0.1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="updates the buffers avg"):
+        further_train(_DataWrite(), train, test, [0], [0], **kw)
+    with pytest.raises(ValueError, match="eval-mode forward draws random numbers"):
+        further_train(_RandomEval(), train, test, [0], [0], **kw)
+    with pytest.raises(ValueError, match="no trainable parameter gets a gradient from the training loss"):
+        further_train(_Detached(), train, test, [0], [0], **kw)
+    model = _Rebuilt().double()
+    ref = sequential(model, train, test, [0, 3], [0], epochs=2, lr=0.1, batch_size=4)
+    res = further_train(model, train, test, [0, 3], [0], dtype=torch.float64, **kw)
+    assert rel(res.losses, ref) < 1e-10
+
+
+def test_integer_inputs_are_token_ids_only():
+    train, test = data("mse")
+    kw = dict(epochs=1, lr=0.1, batch_size=4, progress=False)
+    with pytest.raises(TypeError, match=r"train\[0\] \(inputs\): expected a floating-point tensor .*got torch.uint8"):
+        further_train(mlp(), (train[0].to(torch.uint8), train[1]), test, [0], [0], **kw)
+    ints = (train[0] * 3).to(torch.int64)
+    with pytest.raises(TypeError, match=r"train\[0\] \(inputs\): the model fails on these torch.int64 inputs"):
+        further_train(mlp(), (ints, train[1]), (ints[:3], test[1][:3]), [0], [0], **kw)
+    sparse = nn.Sequential(nn.Embedding(11, 4, sparse=True), nn.Flatten(), nn.Linear(20, 1))
+    tokens = torch.randint(0, 11, (23, 5))
+    with pytest.raises(ValueError, match="0: sparse=True"):
+        further_train(sparse, (tokens, train[1]), (tokens[:3], test[1][:3]), [0], [0], **kw)
+
+
+def test_checkpoint_and_result_formats(tmp_path):
+    """A checkpoint of the previous format (losses in the training dtype) is refused; a saved result of
+    it loads, widened to float64."""
+    train, test = data("mse")
+    kw = dict(epochs=1, lr=0.1, batch_size=4, progress=False)
+    res = further_train(mlp(), train, test, [0], [0], checkpoint_dir=tmp_path / "c", **kw)
+    ckpt = tmp_path / "c" / "further_training.pt"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save(dict(state, format=1, losses=state["losses"].float()), ckpt)
+    with pytest.raises(ValueError, match=r"checkpoint_dir: .* was written by another version .*format 1"):
+        further_train(mlp(), train, test, [0], [0], checkpoint_dir=tmp_path / "c", **kw)
+    res.save(tmp_path / "r.pt")
+    state = torch.load(tmp_path / "r.pt", weights_only=True)
+    torch.save(dict(state, format=1, losses=state["losses"].float()), tmp_path / "r1.pt")
+    old = FurtherTrainingResult.load(tmp_path / "r1.pt")
+    assert old.losses.dtype == torch.float64 and torch.allclose(old.losses, res.losses, rtol=1e-6)

@@ -496,3 +496,25 @@ def test_lissa_self_influence_climbs_the_scale_ladder_for_every_chunk():
     one = fk.attribute_scores("lissa", m, "mse", (x, y), self_influence=True, max_memory=1, **opts)  # one per chunk
     assert full.info["lissa"]["scale"] == one.info["lissa"]["scale"] == 1000
     assert rel(one.self_influence, full.scores.diagonal()) < 1e-12
+
+
+def test_datainf_parameter_blocks_on_conv_bias_free_and_uncovered_layers():
+    """blocks="parameter" on a Conv2d with bias (T > 1 positions), a bias-free Linear and a LayerNorm
+    (uncovered: materialized gradients): each parameter tensor its own block, names as in the model."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.LayerNorm(8),
+                          nn.Linear(8, 1, bias=False)).double().eval()
+    train = (randn(15, 1, 4, 4, dtype=torch.float64, seed=4), randn(15, dtype=torch.float64, seed=5))
+    test = (randn(4, 1, 4, 4, dtype=torch.float64, seed=6), randn(4, dtype=torch.float64, seed=7))
+    sc = fk.attribute_scores("datainf", model, "mse", train, test, blocks="parameter")
+    g_tr, g_te = per_sample_grads(model, "mse", *train), per_sample_grads(model, "mse", *test)
+    ref, col = 0, 0
+    for name, p in model.named_parameters():
+        gl, gz = g_tr[:, col:col + p.numel()], g_te[:, col:col + p.numel()]
+        col += p.numel()
+        sq, lam = (gl ** 2).sum(1), float((gl ** 2).mean(1).mean()) / 10
+        assert sc.info["lambdas"][name] == pytest.approx(lam, rel=1e-10)
+        K = gl @ gz.T
+        ref = ref + (K - (gl @ gl.T) @ (K / (lam + sq)[:, None]) / 15) / lam
+    assert sorted(sc.info["lambdas"]) == sorted(n for n, _ in model.named_parameters())
+    assert rel(sc.scores, ref) < 1e-10

@@ -91,12 +91,15 @@ def _blocks(model, task, x, y, max_memory, per: str):
         return blocks, per_sample
     out = []
     for item, block in blocks:
-        if isinstance(block, tuple) and item.has_bias:
-            a, s = block
-            out += [(_Part(f"{item.name}.weight", item.d_out * item.d_in), (a[..., :-1], s)),
-                    (_Part(f"{item.name}.bias", item.d_out), (a[..., -1:], s))]
-        else:
+        if not isinstance(block, tuple):  # an uncovered parameter: its own block already
             out.append((item, block))
+            continue
+        a, s = block
+        weight = _Part(f"{item.name}.weight", item.d_out * item.d_in)
+        if item.has_bias:
+            out += [(weight, (a[..., :-1].contiguous(), s)), (_Part(f"{item.name}.bias", item.d_out), (a[..., -1:], s))]
+        else:
+            out.append((weight, block))
     return out, per_sample
 
 

@@ -37,27 +37,29 @@ _DTYPES = (torch.float32, torch.float64)
 _OP = op("ensemble_step")
 
 
-def adam_corrections(lr: float, betas: tuple[float, float], t_max: int) -> torch.Tensor:
-    """float64 [t_max + 1, 2]: row t = (lr / (1 − β1^t), (1 − β2^t) ** 0.5), in Python floats as
-    torch.optim's single-tensor Adam computes them (tensor pow and ``lr / x`` differ by an ulp at some
-    steps); row 0 (no step yet) is zeros."""
-    rows = [(0.0, 0.0)] + [(lr / (1 - betas[0] ** t), (1 - betas[1] ** t) ** 0.5) for t in range(1, t_max + 1)]
-    return torch.tensor(rows, dtype=torch.float64)
+def adam_corrections(lr: float, betas: tuple[float, float], steps) -> torch.Tensor:
+    """float64 [len(steps), 2]: per step number t, (lr / (1 − β1^t), (1 − β2^t) ** 0.5) in Python floats
+    as torch.optim's single-tensor Adam computes them (tensor pow and ``lr / x`` differ by an ulp at
+    some steps); zeros for t = 0 (no step yet)."""
+    return torch.tensor([(lr / (1 - betas[0] ** t), (1 - betas[1] ** t) ** 0.5) if t > 0 else (0.0, 0.0)
+                         for t in steps], dtype=torch.float64)
 
 
 def model_coefficients(step: torch.Tensor, active: torch.Tensor | None, optimizer: str, lr: float,
                        betas: tuple[float, float], corrections: torch.Tensor | None = None) -> torch.Tensor:
     """Per-model float64 table [M, 3]: (active, a, b) with SGD a = 1 on a model's first step (b unused),
-    Adam(W) (a, b) = row ``step`` of ``corrections`` (:func:`adam_corrections` on step's device; None:
-    built here up to the largest step, a device sync)."""
+    Adam(W) (a, b) = row ``step`` of ``corrections`` (``adam_corrections(lr, betas, range(T + 1))`` on
+    step's device), or, without it, :func:`adam_corrections` of the distinct step numbers (a device
+    sync)."""
     coef = torch.zeros(step.shape[0], 3, dtype=torch.float64, device=step.device)
     coef[:, 0] = 1.0 if active is None else active.to(torch.float64)
     if optimizer == "sgd":
         coef[:, 1] = (step == 1).to(torch.float64)
-    else:
-        if corrections is None:
-            corrections = adam_corrections(lr, betas, int(step.max())).to(step.device)
+    elif corrections is not None:
         coef[:, 1:] = corrections[step]
+    else:
+        distinct, inverse = torch.unique(step, return_inverse=True)
+        coef[:, 1:] = adam_corrections(lr, betas, distinct.tolist()).to(step.device)[inverse]
     return coef
 
 
@@ -204,8 +206,8 @@ class EnsembleStepper:
     def __init__(self, optimizer: str, lr: float, momentum: float, weight_decay: float, betas, eps: float, *,
                  segments: Sequence[int], device, dtype: torch.dtype = torch.float32, backend: str | None = None,
                  max_step: int | None = None):
-        """``max_step``: the largest step number any model will reach (Adam's bias-correction table is
-        built for it once, on the device); None: as the steps come (a device sync per step)."""
+        """``max_step``: the largest step number any model will reach (Adam's bias corrections are
+        tabulated up to it once, on the device); None: computed per call (a device sync per step)."""
         self.optimizer, self.lr, self.betas = check_choice("optimizer", optimizer, OPTIMIZERS), lr, tuple(betas)
         self.max_step, self._corrections = max_step, None
         self.hp = hyperparameters(optimizer, lr, momentum, weight_decay, self.betas, eps)
@@ -225,13 +227,9 @@ class EnsembleStepper:
             if needed and (t is None or t.numel() != n):
                 raise ValueError(f"{name}: expected {n} entries for {self.optimizer!r}, got "
                                  f"{'None' if t is None else t.numel()}")
-        corrections = None
-        if self.optimizer != "sgd":
-            need = self.max_step if self.max_step is not None else int(step.max())
-            if self._corrections is None or self._corrections.shape[0] <= need:
-                self._corrections = adam_corrections(self.lr, self.betas, need).to(step.device)
-            corrections = self._corrections
-        coef = model_coefficients(step, active, self.optimizer, self.lr, self.betas, corrections)
+        if self.optimizer != "sgd" and self.max_step is not None and self._corrections is None:
+            self._corrections = adam_corrections(self.lr, self.betas, range(self.max_step + 1)).to(step.device)
+        coef = model_coefficients(step, active, self.optimizer, self.lr, self.betas, self._corrections)
         self.impl.fn(params.view(-1), grads.view(-1), None if state1 is None else state1.view(-1),
                      None if state2 is None else state2.view(-1), coef, self.segments, self.optimizer, self.hp)
 

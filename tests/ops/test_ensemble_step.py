@@ -148,3 +148,13 @@ def test_adam_step_size_is_torch_optims_float_division():
     coef = model_coefficients(t, None, "adam", lr, betas)
     assert coef[:, 1].tolist() == [lr / (1 - betas[0] ** s) for s in range(1, 201)]
     assert coef[:, 2].tolist() == [(1 - betas[1] ** s) ** 0.5 for s in range(1, 201)]
+
+
+def test_adam_corrections_without_a_table_take_the_distinct_steps():
+    """The public op (no step table) computes the corrections of the distinct step numbers only: at step
+    10^6 as cheap as at step 1, and equal to the tabulated ones."""
+    lr, betas = 0.01, (0.8, 0.99)
+    step = torch.tensor([1_000_000, 3, 1_000_000, 0])
+    coef = model_coefficients(step, None, "adam", lr, betas)
+    table = {t: (lr / (1 - betas[0] ** t), (1 - betas[1] ** t) ** 0.5) if t else (0.0, 0.0) for t in (0, 3, 10**6)}
+    assert coef[:, 1:].tolist() == [list(table[t]) for t in step.tolist()]

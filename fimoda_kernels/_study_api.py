@@ -15,6 +15,11 @@ def _pkg():
     return fimoda_kernels
 
 
+def further_training_diverged() -> type:
+    """The exception further_train raises when a run's test loss leaves the dtype's range."""
+    return _pkg().FurtherTrainingDivergedError
+
+
 def method_names() -> tuple[str, ...]:
     return tuple(_pkg().METHODS)
 

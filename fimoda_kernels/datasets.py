@@ -209,8 +209,8 @@ def load_csv(path: str | os.PathLike, target: str, drop: Sequence[str] = (), tas
                                f"{str(y[frac[0]])!r} (use --task regression, or text labels)")
         if len(numeric) == len(y):  # numeric labels sort numerically
             y = np.array(values)
-        else:  # mixed with text: "1" and "1.0" are one class
-            y = np.array([str(int(values[k])) if values[k] is not None and values[k] == int(values[k]) else v
-                          for k, v in enumerate(y.tolist())])
+        else:  # mixed with text: a number is one class however it is written ("1", "1.0"; "1.5", "1.50")
+            y = np.array([v if values[k] is None else str(int(values[k])) if values[k] == int(values[k])
+                          else repr(values[k]) for k, v in enumerate(y.tolist())])
     name = os.path.splitext(os.path.basename(path))[0]
     return split_standardize(name, X, y, task, feature_names=features, target_name=target, dtype=dtype)

@@ -39,7 +39,6 @@ import torch
 from . import _study_api as api
 from ._validate import all_finite, check_choice, check_float, check_int
 from .datasets import EMBEDDED_DATASETS, Dataset, load_csv, load_embedded
-from .further_training import FurtherTrainingDivergedError
 from .models import TrainingDivergedError, build_model, default_training, evaluate_model, task_for, train_final_model
 
 __all__ = ["StudyConfig", "StudyConfigError", "StudyResult", "run_study"]
@@ -463,7 +462,7 @@ def _gold_stage(config, data, model, final_key, final_lr, stages, train, test):
                                        mode=config.mode, dtype=DTYPES[config.dtype],
                                        device=torch.device(config.device), checkpoint_dir=ckpt,
                                        loss=task_for(data.ds), progress=config.progress)
-        except FurtherTrainingDivergedError as e:  # it names lr; the setting is the study's
+        except api.further_training_diverged() as e:  # it names lr; the setting is the study's
             raise StudyRunError(f"further training: {e} (--further-lr)") from e
         result.save(path)
         shutil.rmtree(ckpt, ignore_errors=True)  # the saved result supersedes the resume checkpoints

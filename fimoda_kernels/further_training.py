@@ -99,9 +99,10 @@ class FurtherTrainingResult:
     """Test losses of a further-training study.
 
     Attributes:
-        losses: ``[n_evals, n_test, n_loo + 1, n_seeds]`` float64 (evaluated in float64 from the
-            outputs whatever the training dtype); model 0 is the full-data run, model 1 + j leaves
-            out ``loo_indices[j]``; seed axis in the order of ``seeds``.
+        losses: ``[n_evals, n_test, n_loo + 1, n_seeds]`` float64 (computed in float64 from the
+            outputs whatever the training dtype, except for a custom loss that refuses float64 outputs;
+            results saved by the previous format are widened on load); model 0 is the full-data run,
+            model 1 + j leaves out ``loo_indices[j]``; seed axis in the order of ``seeds``.
         eval_points: the epoch (or step) number of each evaluation, 0 (the given model) first.
         eval_unit: "epoch" or "step".
         loo_indices, seeds: as passed.
@@ -688,33 +689,57 @@ def _model_code_id(model: nn.Module) -> str:
 
 def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, dtype, max_memory: int,
                  names: list) -> tuple[float, int, list]:
-    """One training-mode pass over the training set at the given model: its loss gradient must be
+    """One training-mode pass over the training set at the given model, in chunks of samples whose
+    forward and backward fit ``max_memory`` (at most 4096). Refuses a forward that draws random numbers
+    (each run of the sequential protocol would need its own global generator state) or writes a buffer
+    (running statistics, power iterations, caches: each run would need its own copy), in place (the
+    version counter moves, even to the same values), through ``.data`` (the values move) or by
+    assigning a new tensor; generators and buffers are left as they were. Then the loss gradient must be
     finite (badly scaled data, a finite input whose loss or gradient overflows the dtype, is named here,
     not blamed on the learning rate later). Returns the largest training loss and its sample, for the
     divergence message, and the parameters of ``names`` that no training sample's loss reaches
     (``torch.optim`` skips a parameter without ``.grad``: no weight decay, no momentum; so does further
-    training). Chunks of samples whose forward and backward fit ``max_memory`` (at most 4096)."""
+    training)."""
     named = dict(base.named_parameters())
     params = [named[n] for n in names]
     per_sample = torch.empty((), dtype=dtype).element_size() * (3 * activation_numel(base, x) + x[0].numel())
     chunk = max(1, min(4096, max_memory // per_sample))
-    worst, reached = (float("-inf"), 0), [False] * len(params)
-    base.train()
-    for a in range(0, x.shape[0], chunk):
-        with torch.enable_grad():
-            loss = task.loss(base(x[a:a + chunk]), y[a:a + chunk])
-            grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
-        reached = [r or g is not None for r, g in zip(reached, grads)]
-        if not all_finite(loss):
-            bad = a + int((~torch.isfinite(loss)).nonzero()[0])
-            raise ValueError(f"train: the loss of training sample {bad} at the given model is not finite in "
-                             f"{dtype}; check the scale of the training data")
-        if not all(all_finite(g) for g in grads if g is not None):
-            raise ValueError(f"train: the loss gradient of training samples {a}–{min(x.shape[0], a + chunk) - 1} "
-                             f"at the given model is not finite in {dtype}; check the scale of the training data")
-        top = int(loss.argmax())
-        worst = max(worst, (float(loss[top].detach()), a + top))
-    base.eval()
+    worst, reached, bad_loss, bad_grad = (float("-inf"), 0), [False] * len(params), None, None
+    saved = {n: (b, b.clone(), b._version) for n, b in base.named_buffers()}
+    with _watch_rng(x.device) as drew:
+        base.train()
+        for a in range(0, x.shape[0], chunk):
+            with torch.enable_grad():
+                _, loss = _probe_loss(base, task, "train", x[a:], y[a:], chunk, first=a)
+                grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+            reached = [r or g is not None for r, g in zip(reached, grads)]
+            if bad_loss is None and not all_finite(loss):
+                bad_loss = a + int((~torch.isfinite(loss)).nonzero()[0])
+            if bad_grad is None and not all(all_finite(g) for g in grads if g is not None):
+                bad_grad = (a, min(x.shape[0], a + chunk) - 1)
+            top = int(loss.argmax())
+            worst = max(worst, (float(loss[top].detach()), a + top))
+        base.eval()
+    changed = [n for n, b in base.named_buffers()
+               if b is not saved[n][0] or b._version != saved[n][2] or not torch.equal(b, saved[n][1])]
+    for n in changed:
+        setattr(base.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], saved[n][0])
+        with torch.no_grad():
+            saved[n][0].copy_(saved[n][1])
+    if drew[0]:
+        raise ValueError("model: its training-mode forward draws random numbers (e.g. F.dropout); the runs "
+                         "would depend on the global generator, not only on their seeds: remove the random "
+                         "ops or make them depend on self.training")
+    if changed:
+        raise ValueError(f"model: its training-mode forward updates the buffers {', '.join(changed)} (running "
+                         f"statistics, power iterations, caches, ...); further training shares buffers between "
+                         f"the runs: train without those updates (e.g. track_running_stats=False)")
+    if bad_loss is not None:
+        raise ValueError(f"train: the loss of training sample {bad_loss} at the given model is not finite in "
+                         f"{dtype}; check the scale of the training data")
+    if bad_grad is not None:
+        raise ValueError(f"train: the loss gradient of training samples {bad_grad[0]}–{bad_grad[1]} at the given "
+                         f"model is not finite in {dtype}; check the scale of the training data")
     return worst[0], worst[1], [n for n, r in zip(names, reached) if not r]
 
 
@@ -738,18 +763,24 @@ def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(t.clone() if t.is_inference() else t.detach() for t in (x, y))
 
 
-def _probe_loss(base: nn.Module, task: Task, name: str, x: torch.Tensor, y: torch.Tensor, n: int):
-    """(outputs, per-sample losses) of samples [:n], the arguments named where they do not fit: integer
-    inputs the model cannot take, targets a built-in loss refuses (with their whole shape, not the
-    probe's slice). A custom loss's own errors pass through."""
+def _probe_loss(base: nn.Module, task: Task, name: str, x: torch.Tensor, y: torch.Tensor, n: int,
+                first: int = 0):
+    """(outputs, per-sample losses) of samples [:n] of ``x, y`` (samples ``first``.. of the argument
+    ``name``), the argument named where it does not fit: integer inputs the model cannot take or that
+    index past an embedding, targets a built-in loss refuses (with their whole shape, not the slice). A
+    custom loss's own errors pass through."""
     try:
         out = base(x[:n])
-    except (RuntimeError, TypeError, IndexError) as e:
+    except IndexError as e:
+        if x.is_floating_point():
+            raise
+        raise ValueError(f"{name}[0] (inputs): samples {first}–{first + x[:n].shape[0] - 1}: {e} (token ids "
+                         f"past an embedding's size?)") from e
+    except (RuntimeError, TypeError) as e:
         if x.is_floating_point():
             raise
         raise TypeError(f"{name}[0] (inputs): the model fails on these {x.dtype} inputs ({e}); integer inputs "
-                        f"are token ids (in range) for an nn.Embedding, other features must be floating point"
-                        ) from e
+                        f"are token ids for an nn.Embedding, other features must be floating point") from e
     try:
         return out, task.loss(out, y[:n])
     except (ValueError, TypeError, RuntimeError) as e:
@@ -780,46 +811,25 @@ def _watch_rng(device: torch.device):
         drew.append(any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device))))
 
 
-def _check_training_forward(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Refuses a training-mode forward (of two samples) that draws random numbers (each run would need
-    the sequential protocol's global generator state) or writes a buffer (running statistics, power
-    iterations: each run would need its own copy), in place (the version counter moves, even to the
-    same values) or through ``.data`` or a new tensor (the values move). Generators and buffers are
-    left as they were."""
-    saved = {n: (b, b.clone(), b._version) for n, b in base.named_buffers()}
-    with torch.no_grad(), _watch_rng(x.device) as drew:
-        base.train()
-        _probe_loss(base, task, "train", x, y, 2)
+def _wide_losses(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, dtype) -> bool:
+    """Whether the test losses are computed in float64 from the outputs (see :func:`_test_loss`): for
+    the built-in losses, and for a custom one that takes float64 outputs of the whole test set (else, in
+    float32 training, a warning). Every test input goes through the model once here (so a bad one is
+    named now, not at the first evaluation)."""
+    with torch.no_grad():
         base.eval()
-    changed = []
-    for n, b in base.named_buffers():
-        was, values, version = saved[n]
-        if (b is was and b._version != version) or not torch.equal(b, values):
-            changed.append(n)
-    with torch.no_grad():
-        for n in changed:
-            base.get_buffer(n).copy_(saved[n][1])
-    if drew[0]:
-        raise ValueError("model: its training-mode forward draws random numbers (e.g. F.dropout); the runs "
-                         "would depend on the global generator, not only on their seeds: remove the random "
-                         "ops or make them depend on self.training")
-    if changed:
-        raise ValueError(f"model: its training-mode forward updates the buffers {', '.join(changed)} (running "
-                         f"statistics, power iterations, ...); further training shares buffers between the "
-                         f"runs: train without those updates (e.g. track_running_stats=False)")
-
-
-def _wide_losses(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether the test losses can be computed in float64 from the outputs (see :func:`_test_loss`):
-    always for the built-in losses, for a custom one if it takes float64 outputs of a test sample."""
-    if type(task) in (MSETask, CrossEntropyTask):
-        return True
-    with torch.no_grad():
+        out, _ = _probe_loss(base, task, "test", x, y, x.shape[0])
+        if type(task) in (MSETask, CrossEntropyTask):
+            return True
         try:
-            loss = task.loss(_f64(base(x[:1])), _f64(y[:1]))
+            wide = task.loss(_f64(out), _f64(y)).dtype == torch.float64
         except (RuntimeError, TypeError, ValueError):
-            return False
-    return loss.dtype == torch.float64
+            wide = False
+    if not wide and dtype != torch.float64:
+        warnings.warn(f"further_train: loss {task!r} does not take float64 outputs; the test losses are computed "
+                      f"in {dtype}, whose rounding limits the gold scores of confidently predicted points",
+                      stacklevel=4)
+    return wide
 
 
 def _autograd_on(fn):
@@ -847,7 +857,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
             the other samples of a batch (no BatchNorm in training, no Dropout), and its training
             forward must neither draw random numbers nor update buffers (both refused). Parameters no
             training sample's loss reaches are not updated, as ``torch.optim`` skips them (no weight
-            decay); one reached by some samples only is updated every step (see docs/DESIGN.md).
+            decay); one reached by some samples only is updated every step, which differs from
+            ``torch.optim`` with momentum, weight decay or Adam(W) (see docs/DESIGN.md).
         train, test: ``(inputs, targets)`` pairs; inputs ``[N, ...]`` floating point (cast to ``dtype``)
             or int64/int32 indices (token ids; generic path), targets ``[N]`` (class indices for
             "cross_entropy", reals for "mse"; ``[N, 1]`` also for "mse").
@@ -868,7 +879,8 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         checkpoint_dir: where to checkpoint after each chunk, and inside a chunk every 10 minutes at an
             evaluation point (and resume from); None: no checkpoint.
         loss: "mse" (ℓ = (f − y)², nn.MSELoss per sample), "cross_entropy" (nn.CrossEntropyLoss per
-            sample) or a :class:`~fimoda_kernels.tasks.Task` (its ``loss`` gives per-sample losses).
+            sample) or a :class:`~fimoda_kernels.tasks.Task` (its ``loss`` gives per-sample losses; test
+            losses are computed from float64 outputs when it takes them, else in ``dtype``, with a warning).
         progress: True for a tqdm bar (models·steps/s), False for none, or a callable receiving a
             dict(done=, total=, chunk=, chunks=) after each chunk (an exception raised there stops the
             run after the chunk's checkpoint).
@@ -965,14 +977,11 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
     for name, t in list(base.named_parameters()) + list(base.named_buffers()):
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"model: {name} holds NaN or Inf (in {dtype})")
-    _check_training_forward(base, task, x_tr, y_tr)
     worst_loss, worst_sample, unused = _check_start(base, task, x_tr, y_tr, dtype, max_memory, [n for n, _ in named])
     if len(unused) == len(named):
         raise ValueError("model: no trainable parameter gets a gradient from the training loss")
-    for n in unused:  # trained as frozen: functional_call takes them from base, which must not track them
-        base.get_parameter(n).requires_grad_(False)
     named = [(n, p) for n, p in named if n not in unused]
-    wide = _wide_losses(base, task, x_te, y_te)
+    wide = _wide_losses(base, task, x_te, y_te, dtype)
 
     mlp = mlp_layers(base)
     if not isinstance(mlp, str) and (x_tr.dim() != 2 or not x_tr.is_floating_point()):

@@ -136,6 +136,6 @@ def test_constant_regression_target_refused(tmp_path):
 
 def test_csv_fractional_labels_among_text_stay_apart(tmp_path):
     path = tmp_path / "d.csv"
-    labels = ["cat", "dog", "cat", "dog", "1.2", "1.7"]
-    path.write_text("a,b,y\n" + "".join(f"{k},{k % 3},{labels[k % 6]}\n" for k in range(42)))
-    assert load_csv(path, "y", task="classification").n_classes == 4
+    labels = ["cat", "dog", "cat", "dog", "1.2", "1.7", "1.20"]
+    path.write_text("a,b,y\n" + "".join(f"{k},{k % 3},{labels[k % 7]}\n" for k in range(42)))
+    assert load_csv(path, "y", task="classification").n_classes == 4  # "1.2" and "1.20" are one class

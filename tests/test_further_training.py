@@ -598,14 +598,19 @@ def test_non_finite_model_is_not_blamed_on_lr():
         further_train(model, train, test, [0], [0], epochs=1, lr=0.1, batch_size=4, progress=False)
     x_te = test[0].clone()
     x_te[2] = 1e30  # finite parameters and training losses, a test loss that overflows
-    with pytest.raises(ValueError, match=r"model: the test losses of the given model \(t = 0\)"):
+    with pytest.raises(ValueError, match=r"model: the test losses of the given model \(t = 0\)") as info:
         further_train(nn.Sequential(nn.Linear(5, 1)), train, (x_te, test[1]), [0], [0], epochs=1, lr=0.1,
                       batch_size=4, progress=False)
+    from fimoda_kernels import FurtherTrainingDivergedError
+
+    assert not isinstance(info.value, FurtherTrainingDivergedError)  # not the learning rate's fault
 
 
 def test_divergence_is_an_error():
+    from fimoda_kernels import FurtherTrainingDivergedError
+
     train, test = data("mse")
-    with pytest.raises(ValueError, match="diverged"):
+    with pytest.raises(FurtherTrainingDivergedError, match="diverged"):
         further_train(mlp(), train, test, [0], [0], epochs=3, lr=1e6, batch_size=4, progress=False)
     x = train[0].clone()
     x[5, 0] = 1e17  # finite loss and gradient at the start, which no learning rate survives
@@ -968,11 +973,30 @@ class _ScaledOutput(Task):
         return (f - targets) ** 2
 
 
-def test_custom_loss_without_float64_is_evaluated_in_the_training_dtype():
+class _Seen(MSETask):
+    """The built-in MSE as a custom loss, recording the dtypes of the outputs it is given."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def loss(self, model_out, targets):
+        self.seen.add(model_out.dtype)
+        return super().loss(model_out, targets)
+
+
+def test_custom_losses_and_float64_evaluation():
+    """A custom loss that takes float64 outputs is evaluated in float64 under float32 training; one that
+    refuses them in float32, with a warning; both equal the sequential protocol."""
     train, test = data("mse", n=9, n_test=3)
-    res = further_train(mlp(out=3), train, test, [0], [0], epochs=1, lr=0.05, batch_size=4, loss=_ScaledOutput(),
-                        path="generic", progress=False)
-    assert res.losses.dtype == torch.float64 and torch.isfinite(res.losses).all()
+    kw = dict(epochs=1, lr=0.05, batch_size=4)
+    task = _Seen()
+    further_train(mlp(), train, test, [0], [0], loss=task, progress=False, **kw)
+    assert torch.float64 in task.seen
+    model = mlp(out=3)
+    ref = sequential(model, train, test, [0], [0], loss=_ScaledOutput(), dtype=torch.float32, **kw)
+    with pytest.warns(UserWarning, match="does not take float64 outputs; the test losses are computed in torch.float32"):
+        res = further_train(model, train, test, [0], [0], loss=_ScaledOutput(), path="generic", progress=False, **kw)
+    assert res.losses.dtype == torch.float64 and rel(res.losses, ref) < 1e-5
 
 
 class _DataWrite(nn.Module):
@@ -990,18 +1014,45 @@ class _DataWrite(nn.Module):
 
 
 class _Rebuilt(nn.Module):
-    """A buffer re-assigned, to the same values, every training forward: harmless, accepted."""
+    """A buffer re-assigned every training forward: to the same values (``cache=False``), or to a cache
+    of the parameters that the eval forward reads (each run would need its own)."""
 
-    def __init__(self):
+    def __init__(self, cache):
         super().__init__()
         torch.manual_seed(0)
-        self.lin = nn.Linear(5, 1)
+        self.lin, self.cache = nn.Linear(5, 1), cache
         self.register_buffer("scale", torch.ones(5))
 
     def forward(self, x):
         if self.training:
-            self.scale = torch.ones(5, dtype=self.scale.dtype)
+            self.scale = (self.lin.weight[0] * 0 + 1).detach() if self.cache else torch.ones(5, dtype=x.dtype)
         return self.lin(x * self.scale)
+
+
+class _Refill(nn.Module):
+    """A buffer written in place to the values it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+        self.register_buffer("one", torch.ones(5))
+
+    def forward(self, x):
+        if self.training:
+            self.one.fill_(1.0)
+        return self.lin(x * self.one)
+
+
+class _LateRandom(nn.Module):
+    """Random numbers for some samples only (none of the first two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+
+    def forward(self, x):
+        noise = torch.cat([torch.randn(1, 5) if bool(xi[0] > 1.5) else torch.zeros(1, 5) for xi in x])
+        return self.lin(x + (1e-3 * noise.to(x.dtype) if self.training else 0))
 
 
 class _RandomEval(nn.Module):
@@ -1022,19 +1073,23 @@ class _Detached(nn.Module):
         return self.lin(x.detach()).detach().requires_grad_() * 1.0
 
 
-def test_buffer_writes_and_randomness_by_value_and_version():
-    train, test = data("mse", n=9, n_test=3)
-    kw = dict(epochs=2, lr=0.1, batch_size=4, progress=False)
-    with pytest.raises(ValueError, match="updates the buffers avg"):
-        further_train(_DataWrite(), train, test, [0], [0], **kw)
-    with pytest.raises(ValueError, match="eval-mode forward draws random numbers"):
-        further_train(_RandomEval(), train, test, [0], [0], **kw)
-    with pytest.raises(ValueError, match="no trainable parameter gets a gradient from the training loss"):
-        further_train(_Detached(), train, test, [0], [0], **kw)
-    model = _Rebuilt().double()
-    ref = sequential(model, train, test, [0, 3], [0], epochs=2, lr=0.1, batch_size=4)
-    res = further_train(model, train, test, [0, 3], [0], dtype=torch.float64, **kw)
-    assert rel(res.losses, ref) < 1e-10
+@pytest.mark.parametrize("model,pattern", [
+    (_DataWrite(), "updates the buffers avg"),  # through .data: the version counter stays
+    (_Refill(), "updates the buffers one"),  # in place, same values
+    (_Rebuilt(cache=False), "updates the buffers scale"),  # a new tensor, same values
+    (_Rebuilt(cache=True), "updates the buffers scale"),  # a cache of the parameters
+    (_LateRandom(), "training-mode forward draws random numbers"),  # not in the first samples
+    (_RandomEval(), "eval-mode forward draws random numbers"),
+    (_Detached(), "no trainable parameter gets a gradient from the training loss"),
+])
+def test_buffer_writes_and_randomness_anywhere(model, pattern):
+    """Every sample of the training set goes through one watched training-mode pass."""
+    train, test = data("mse")
+    assert bool((train[0][2:, 0] > 1.5).any()) and not bool((train[0][:2, 0] > 1.5).any())
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=pattern):
+        further_train(model, train, test, [0], [0], epochs=2, lr=0.1, batch_size=4, progress=False)
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_integer_inputs_are_token_ids_only():

@@ -518,3 +518,9 @@ def test_datainf_parameter_blocks_on_conv_bias_free_and_uncovered_layers():
         ref = ref + (K - (gl @ gl.T) @ (K / (lam + sq)[:, None]) / 15) / lam
     assert sorted(sc.info["lambdas"]) == sorted(n for n, _ in model.named_parameters())
     assert rel(sc.scores, ref) < 1e-10
+
+
+def test_datainf_parameter_blocks_of_a_one_layer_model_are_named_as_its_parameters():
+    model = nn.Linear(3, 1).double().eval()
+    sc = fk.attribute_scores("datainf", model, "mse", _data(12), _data(3, seed=2), blocks="parameter")
+    assert sorted(sc.info["lambdas"]) == ["bias", "weight"]

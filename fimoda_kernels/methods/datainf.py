@@ -95,9 +95,10 @@ def _blocks(model, task, x, y, max_memory, per: str):
             out.append((item, block))
             continue
         a, s = block
-        weight = _Part(f"{item.name}.weight", item.d_out * item.d_in)
+        prefix = f"{item.name}." if item.name else ""  # a model that is one layer: "weight", "bias"
+        weight = _Part(f"{prefix}weight", item.d_out * item.d_in)
         if item.has_bias:
-            out += [(weight, (a[..., :-1].contiguous(), s)), (_Part(f"{item.name}.bias", item.d_out), (a[..., -1:], s))]
+            out += [(weight, (a[..., :-1].contiguous(), s)), (_Part(f"{prefix}bias", item.d_out), (a[..., -1:], s))]
         else:
             out.append((weight, block))
     return out, per_sample

@@ -151,8 +151,8 @@ def test_adam_step_size_is_torch_optims_float_division():
 
 
 def test_adam_corrections_without_a_table_take_the_distinct_steps():
-    """The public op (no step table) computes the corrections of the distinct step numbers only: at step
-    10^6 as cheap as at step 1, and equal to the tabulated ones."""
+    """The public op (no step table) computes the corrections of the distinct step numbers only (it
+    tabulated every step up to the largest, O(step) per call), equal to the tabulated values."""
     lr, betas = 0.01, (0.8, 0.99)
     step = torch.tensor([1_000_000, 3, 1_000_000, 0])
     coef = model_coefficients(step, None, "adam", lr, betas)

@@ -33,9 +33,10 @@ Both fast paths equal the generic path to rounding; ``op.path`` says which one r
 
 Dtypes: the products are computed in the model's dtype; ``V`` of another float dtype is converted
 and the result returned in V's dtype (float64 V with a float64 model is float64 throughout).
-Call ``model.eval()`` first (attribution is done in eval mode); the operator reads the parameter
-values at construction for the linear path and at every call for the generic path, so do not
-modify the model while using it.
+Call ``model.eval()`` first (attribution is done in eval mode) and do not modify the model while
+using the operator: it reads the parameter values at construction for the linear path, and for the
+generic path the Jacobians at every call but the GN weights φ'' at construction (a changed model
+would mix both).
 """
 from __future__ import annotations
 
@@ -224,7 +225,7 @@ class HVPOperator:
             if out.shape != V.shape or not out.is_contiguous():
                 raise ValueError(f"out: expected a contiguous tensor of shape {tuple(V.shape)} (as V), got shape "
                                  f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
-            if out.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
+            if V.numel() and out.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
                 raise ValueError("out: expected memory separate from V's (V is read while out is written)")
         idx = self._batch_indices(batch)
         one = V.dim() == 1

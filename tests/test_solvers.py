@@ -383,3 +383,12 @@ def test_solvers_at_float64_extremes_and_overflow():
     with pytest.raises(fk.LiSSADivergedError) as err:  # scale 1 < λ_max / 2: it diverges
         fk.lissa(op, v * 1e5, 50, 1.0, 0.0, batch_size=None, max_growth=None)
     assert abs(float(err.value.threshold[0]) / (1e3 * float((v * 1e5).norm()) * 1.0) - 1) < 1e-12
+
+
+def test_solvers_take_no_right_hand_sides(problem):
+    """v of shape [0, p]: an empty result (LiSSA's operator call with out= took the two empty tensors'
+    shared null pointer for overlapping memory)."""
+    model, x, y, G, _, V = problem
+    op = fk.gn_hvp(model, "mse", x, y)
+    for out in (fk.lissa(op, V[:0], depth=5, scale=50.0, damping=0.05), fk.cg(op, V[:0], damping=0.05)[0]):
+        assert out.shape == (0, G.shape[0])

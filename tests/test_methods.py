@@ -389,6 +389,10 @@ def test_ekfac_method_is_the_fitted_estimator(problem, strategy):
     # with damping far above the curvature, (G + λI)^{-1} ≈ I/λ: the scores approach Grad-Dot / λ
     big = fk.attribute("ekfac", model, task, train, test, strategy=strategy, damping=1e4)
     assert rel(big * 1e4, fk.attribute("grad_dot", model, task, train, test)) < 1e-3
+    # info: the λ each layer used, also the per-layer default
+    sc = fk.attribute_scores("ekfac", model, task, train, test, strategy=strategy, batch_size=16)
+    default = fk.EKFAC(model, task, strategy=strategy, dtype=torch.float64).fit(*train, batch_size=16)
+    assert sc.info["damping"] == dict(zip(default.layer_names, map(float, default.damping_values)))
 
 
 def test_ekfac_method_honours_backend_and_max_memory():
@@ -524,3 +528,11 @@ def test_datainf_parameter_blocks_of_a_one_layer_model_are_named_as_its_paramete
     model = nn.Linear(3, 1).double().eval()
     sc = fk.attribute_scores("datainf", model, "mse", _data(12), _data(3, seed=2), blocks="parameter")
     assert sorted(sc.info["lambdas"]) == ["bias", "weight"]
+
+
+def test_meta_inputs_are_named():
+    model, train = _mlp(), _data(6)
+    with pytest.raises(ValueError, match="train: targets are on the meta device"):
+        fk.attribute("grad_dot", model, "mse", (train[0], train[1].to("meta")), train)
+    with pytest.raises(ValueError, match="test: inputs are on the meta device"):
+        fk.attribute("grad_dot", model, "mse", train, (train[0].to("meta"), train[1]))

@@ -34,6 +34,8 @@ def as_pair(name: str, data) -> tuple[torch.Tensor, torch.Tensor]:
     if data[0].shape[0] == 0:
         raise ValueError(f"{name}: expected at least one sample, got 0")
     for what, t in zip(("inputs", "targets"), data):
+        if t.device.type == "meta":  # nothing to compute with (the finiteness check would fail obscurely)
+            raise ValueError(f"{name}: {what} are on the meta device; expected a device that computes")
         if t.dtype.is_floating_point and not all_finite(t):
             raise ValueError(f"{name}: {what} contain NaN or Inf")
     return data[0], data[1]

@@ -55,9 +55,15 @@ def _fitted(model, task, train, opts):
     return est.fit(train[0], train[1], batch_size=opts.batch_size, cache_bytes=opts.max_memory)
 
 
+def _info(est, opts) -> dict:
+    """The settings, and the λ each layer used (the 0.1·mean(Λ) heuristic resolves one per layer)."""
+    return {"curvature": opts.curvature, "strategy": opts.strategy,
+            "damping": {name: float(lam) for name, lam in zip(est.layer_names, est.damping_values)}}
+
+
 def ekfac(model, task, train, test, opts):
-    scores = _fitted(model, task, train, opts).scores(train[0], train[1], test[0], test[1])
-    return scores, {"curvature": opts.curvature, "strategy": opts.strategy}
+    est = _fitted(model, task, train, opts)
+    return est.scores(train[0], train[1], test[0], test[1]), _info(est, opts)
 
 
 def ekfac_self(model, task, train, opts):
@@ -68,4 +74,4 @@ def ekfac_self(model, task, train, opts):
     p = sum(t.numel() for t in flat_params(model))
     out = self_chunks(x.shape[0], opts.max_memory, 3 * p * est.dtype.itemsize,
                       lambda i, j: est.scores(x[i:j], y[i:j], x[i:j], y[i:j], batch_size=opts.batch_size).diagonal())
-    return out, {"curvature": opts.curvature, "strategy": opts.strategy}
+    return out, _info(est, opts)

@@ -693,8 +693,9 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
     forward and backward fit ``max_memory`` (at most 4096). Refuses a forward that draws random numbers
     (each run of the sequential protocol would need its own global generator state) or writes a buffer
     (running statistics, power iterations, caches: each run would need its own copy), in place (the
-    version counter moves, even to the same values), through ``.data`` (the values move) or by
-    assigning a new tensor; generators and buffers are left as they were. Then the loss gradient must be
+    version counter moves, even to the same values), through ``.data`` (the values move), by assigning
+    a new tensor or None, or by registering one (refused also when the write broke the pass itself; the
+    generators are restored, ``base`` is then discarded). Then the loss gradient must be
     finite (badly scaled data, a finite input whose loss or gradient overflows the dtype, is named here,
     not blamed on the learning rate later). Returns the largest training loss and its sample, for the
     divergence message, and the parameters of ``names`` that no training sample's loss reaches
@@ -705,35 +706,47 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
     per_sample = torch.empty((), dtype=dtype).element_size() * (3 * activation_numel(base, x) + x[0].numel())
     chunk = max(1, min(4096, max_memory // per_sample))
     worst, reached, bad_loss, bad_grad = (float("-inf"), 0), [False] * len(params), None, None
-    saved = {n: (b, b.clone(), b._version) for n, b in base.named_buffers()}
+    def buffers():  # None entries too: a buffer set to None, or registered later, is a write
+        return {f"{prefix}{'.' if prefix else ''}{k}": b for prefix, m in base.named_modules()
+                for k, b in m._buffers.items()}
+
+    saved = {n: (b, None if b is None else b.clone(), None if b is None else b._version)
+             for n, b in buffers().items()}
+    failure = None
     with _watch_rng(x.device) as drew:
         base.train()
-        for a in range(0, x.shape[0], chunk):
-            with torch.enable_grad():
-                _, loss = _probe_loss(base, task, "train", x[a:], y[a:], chunk, first=a)
-                grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
-            reached = [r or g is not None for r, g in zip(reached, grads)]
-            if bad_loss is None and not all_finite(loss):
-                bad_loss = a + int((~torch.isfinite(loss)).nonzero()[0])
-            if bad_grad is None and not all(all_finite(g) for g in grads if g is not None):
-                bad_grad = (a, min(x.shape[0], a + chunk) - 1)
-            top = int(loss.argmax())
-            worst = max(worst, (float(loss[top].detach()), a + top))
+        try:
+            for a in range(0, x.shape[0], chunk):
+                with torch.enable_grad():
+                    _, loss = _probe_loss(base, task, "train", x[a:], y[a:], chunk, first=a, whole=y)
+                    grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
+                reached = [r or g is not None for r, g in zip(reached, grads)]
+                if bad_loss is None and not all_finite(loss):
+                    bad_loss = a + int((~torch.isfinite(loss)).nonzero()[0])
+                if bad_grad is None and not all(all_finite(g) for g in grads if g is not None):
+                    bad_grad = (a, min(x.shape[0], a + chunk) - 1)
+                top = int(loss.argmax())
+                worst = max(worst, (float(loss[top].detach()), a + top))
+        except Exception as e:  # a buffer write or a random draw may be what broke it: say so first
+            failure = e
         base.eval()
-    changed = [n for n, b in base.named_buffers()
-               if b is not saved[n][0] or b._version != saved[n][2] or not torch.equal(b, saved[n][1])]
-    for n in changed:
-        setattr(base.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], saved[n][0])
-        with torch.no_grad():
-            saved[n][0].copy_(saved[n][1])
+    now = buffers()
+    def moved(n):
+        if n not in saved or n not in now or now[n] is not saved[n][0]:
+            return True  # registered, dropped, re-assigned or set to None
+        return now[n] is not None and (now[n]._version != saved[n][2] or not torch.equal(now[n], saved[n][1]))
+
+    changed = sorted(filter(moved, set(saved) | set(now)))
     if drew[0]:
         raise ValueError("model: its training-mode forward draws random numbers (e.g. F.dropout); the runs "
                          "would depend on the global generator, not only on their seeds: remove the random "
-                         "ops or make them depend on self.training")
+                         "ops or make them depend on self.training") from failure
     if changed:
         raise ValueError(f"model: its training-mode forward updates the buffers {', '.join(changed)} (running "
                          f"statistics, power iterations, caches, ...); further training shares buffers between "
-                         f"the runs: train without those updates (e.g. track_running_stats=False)")
+                         f"the runs: train without those updates (e.g. track_running_stats=False)") from failure
+    if failure is not None:
+        raise failure
     if bad_loss is not None:
         raise ValueError(f"train: the loss of training sample {bad_loss} at the given model is not finite in "
                          f"{dtype}; check the scale of the training data")
@@ -764,18 +777,26 @@ def _check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _probe_loss(base: nn.Module, task: Task, name: str, x: torch.Tensor, y: torch.Tensor, n: int,
-                first: int = 0):
+                first: int = 0, whole: torch.Tensor | None = None):
     """(outputs, per-sample losses) of samples [:n] of ``x, y`` (samples ``first``.. of the argument
-    ``name``), the argument named where it does not fit: integer inputs the model cannot take or that
-    index past an embedding, targets a built-in loss refuses (with their whole shape, not the slice). A
-    custom loss's own errors pass through."""
+    ``name``, whose targets are ``whole``, default ``y``), the argument named where it does not fit:
+    integer inputs the model cannot take or that index past an embedding (CPU: on CUDA that is a
+    device-side assert), targets a built-in loss refuses (with their whole shape). A custom loss's own
+    errors pass through, and so does running out of memory."""
     try:
         out = base(x[:n])
+    except torch.OutOfMemoryError:
+        raise
     except IndexError as e:
         if x.is_floating_point():
             raise
-        raise ValueError(f"{name}[0] (inputs): samples {first}–{first + x[:n].shape[0] - 1}: {e} (token ids "
-                         f"past an embedding's size?)") from e
+        sizes = [m.num_embeddings for m in base.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+        rows = (x[:n] < 0).flatten(1).any(1)
+        if sizes:
+            rows |= (x[:n] >= max(sizes)).flatten(1).any(1)
+        rows = (rows.nonzero().flatten()[:5] + first).tolist()
+        where = f"samples {rows}" if rows else f"samples {first}–{first + x[:n].shape[0] - 1}"
+        raise ValueError(f"{name}[0] (inputs): {where}: {e} (token ids past an embedding's size?)") from e
     except (RuntimeError, TypeError) as e:
         if x.is_floating_point():
             raise
@@ -783,12 +804,15 @@ def _probe_loss(base: nn.Module, task: Task, name: str, x: torch.Tensor, y: torc
                         f"are token ids for an nn.Embedding, other features must be floating point") from e
     try:
         return out, task.loss(out, y[:n])
+    except torch.OutOfMemoryError:
+        raise
     except (ValueError, TypeError, RuntimeError) as e:
         if type(task) not in (MSETask, CrossEntropyTask):
             raise
         hint = ""
         if type(task) is MSETask and out.dim() > 1 and out.shape[-1] > 1:
             hint = "; for class labels use loss='cross_entropy'"
+        y = y if whole is None else whole
         raise ValueError(f"{name}[1] (targets): shape {tuple(y.shape)} ({y.dtype}) does not fit the model's outputs "
                          f"(shape {tuple(out.shape[1:])} per sample) under loss {task!r}: {e}{hint}") from e
 
@@ -814,15 +838,20 @@ def _watch_rng(device: torch.device):
 def _wide_losses(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, dtype) -> bool:
     """Whether the test losses are computed in float64 from the outputs (see :func:`_test_loss`): for
     the built-in losses, and for a custom one that takes float64 outputs of the whole test set (else, in
-    float32 training, a warning). Every test input goes through the model once here (so a bad one is
-    named now, not at the first evaluation)."""
-    with torch.no_grad():
+    float32 training, a warning). Every test input goes through the model once here, in eval mode with
+    the generators watched (a bad input or a random draw is named now, not at the first evaluation)."""
+    with torch.no_grad(), _watch_rng(x.device) as drew:
         base.eval()
         out, _ = _probe_loss(base, task, "test", x, y, x.shape[0])
-        if type(task) in (MSETask, CrossEntropyTask):
-            return True
+    if drew[0]:
+        raise ValueError("model: its eval-mode forward draws random numbers; the test losses would be random")
+    if type(task) in (MSETask, CrossEntropyTask):
+        return True
+    with torch.no_grad():
         try:
             wide = task.loss(_f64(out), _f64(y)).dtype == torch.float64
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, ValueError):
             wide = False
     if not wide and dtype != torch.float64:

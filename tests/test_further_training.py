@@ -3,10 +3,12 @@ over the run's own per-epoch order (MATH.md §2), for both modes, SGD/Adam/AdamW
 classification, both gradient paths; eq. 13/17 by hand; save/load; checkpoint and resume; bad inputs."""
 import copy
 import logging
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
@@ -973,25 +975,32 @@ class _ScaledOutput(Task):
         return (f - targets) ** 2
 
 
-class _Seen(MSETask):
-    """The built-in MSE as a custom loss, recording the dtypes of the outputs it is given."""
-
-    def __init__(self):
-        self.seen = set()
+class _CE(Task):
+    """Cross-entropy as a custom loss."""
 
     def loss(self, model_out, targets):
-        self.seen.add(model_out.dtype)
-        return super().loss(model_out, targets)
+        return F.cross_entropy(model_out, targets, reduction="none")
 
 
 def test_custom_losses_and_float64_evaluation():
-    """A custom loss that takes float64 outputs is evaluated in float64 under float32 training; one that
-    refuses them in float32, with a warning; both equal the sequential protocol."""
+    """A custom loss that takes float64 outputs is evaluated in float64 under float32 training (no
+    warning): confident points' losses of ~1e-10 round to exactly 0 in float32; one that refuses
+    float64 outputs in float32, with a warning, equal to the sequential protocol."""
+    (X, _), (Xt, _) = data("ce", n=30, n_test=8)
+    confident = mlp(out=3)
+    with torch.no_grad():
+        confident[-1].weight.mul_(80)
+        confident[-1].bias.zero_()
+        Y, Yt = confident(X).argmax(1), confident(Xt).argmax(1)
+        in_f32 = F.cross_entropy(confident(Xt), Yt, reduction="none")
+    assert bool((in_f32 == 0).any())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = further_train(confident, (X, Y), (Xt, Yt), [0], [0], epochs=1, lr=0.01, batch_size=4, loss=_CE(),
+                            progress=False)
+        assert bool((res.losses[0] > 0).all())
     train, test = data("mse", n=9, n_test=3)
     kw = dict(epochs=1, lr=0.05, batch_size=4)
-    task = _Seen()
-    further_train(mlp(), train, test, [0], [0], loss=task, progress=False, **kw)
-    assert torch.float64 in task.seen
     model = mlp(out=3)
     ref = sequential(model, train, test, [0], [0], loss=_ScaledOutput(), dtype=torch.float32, **kw)
     with pytest.warns(UserWarning, match="does not take float64 outputs; the test losses are computed in torch.float32"):
@@ -1073,23 +1082,102 @@ class _Detached(nn.Module):
         return self.lin(x.detach()).detach().requires_grad_() * 1.0
 
 
-@pytest.mark.parametrize("model,pattern", [
-    (_DataWrite(), "updates the buffers avg"),  # through .data: the version counter stays
-    (_Refill(), "updates the buffers one"),  # in place, same values
-    (_Rebuilt(cache=False), "updates the buffers scale"),  # a new tensor, same values
-    (_Rebuilt(cache=True), "updates the buffers scale"),  # a cache of the parameters
-    (_LateRandom(), "training-mode forward draws random numbers"),  # not in the first samples
-    (_RandomEval(), "eval-mode forward draws random numbers"),
-    (_Detached(), "no trainable parameter gets a gradient from the training loss"),
+class _BreaksBackward(nn.Module):
+    """A buffer written in place after the loss used it: the backward fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+        self.register_buffer("s", torch.ones(()))
+
+    def forward(self, x):
+        out = self.lin(x).squeeze(-1) * self.s
+        if self.training:
+            self.s.add_(0.0)
+        return out
+
+
+class _LastBatch(nn.Module):
+    """Caches the last batch and reads it in the next forward: a shorter chunk fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+        self.register_buffer("last", None)
+
+    def forward(self, x):
+        shift = 0 if self.last is None else 0 * self.last
+        if self.training:
+            self.last = x.detach().clone()
+        return self.lin(x + shift)
+
+
+class _Dropped(nn.Module):
+    """Sets a buffer to None in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+        self.register_buffer("c", 2 * torch.ones(5))
+
+    def forward(self, x):
+        c = torch.ones(5, dtype=x.dtype) if self.c is None else self.c
+        if self.training:
+            self.c = None
+        return self.lin(x * c)
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (_DataWrite, "updates the buffers avg"),  # through .data: the version counter stays
+    (_Refill, "updates the buffers one"),  # in place, same values
+    (lambda: _Rebuilt(cache=False), "updates the buffers scale"),  # a new tensor, same values
+    (lambda: _Rebuilt(cache=True), "updates the buffers scale"),  # a cache of the parameters
+    (_BreaksBackward, "updates the buffers s"),  # the write broke the pass itself
+    (_LastBatch, "updates the buffers last"),  # registered as None, then assigned
+    (_Dropped, "updates the buffers c"),  # set to None
+    (_LateRandom, "training-mode forward draws random numbers"),  # not in the first samples
+    (_RandomEval, "eval-mode forward draws random numbers"),
+    (_Detached, "no trainable parameter gets a gradient from the training loss"),
 ])
-def test_buffer_writes_and_randomness_anywhere(model, pattern):
+def test_buffer_writes_and_randomness_anywhere(make, pattern):
     """Every sample of the training set goes through one watched training-mode pass."""
     train, test = data("mse")
     assert bool((train[0][2:, 0] > 1.5).any()) and not bool((train[0][:2, 0] > 1.5).any())
+    model = make()
     state = torch.get_rng_state()
     with pytest.raises(ValueError, match=pattern):
         further_train(model, train, test, [0], [0], epochs=2, lr=0.1, batch_size=4, progress=False)
     assert torch.equal(state, torch.get_rng_state())
+
+
+class _LateRandomEval(nn.Module):
+    """Random numbers in eval mode for test samples past the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+
+    def forward(self, x):
+        if self.training or x.shape[0] == 1:
+            return self.lin(x)
+        return self.lin(x + 1e-3 * torch.randn_like(x))
+
+
+def test_whole_test_set_checked_once():
+    """Every test input goes through the model before training: randomness past the first test sample
+    and token ids out of range are named then."""
+    train, test = data("mse")
+    kw = dict(epochs=1, lr=0.1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="eval-mode forward draws random numbers"):
+        further_train(_LateRandomEval(), train, test, [0], [0], **kw)
+    g = torch.Generator().manual_seed(4)
+    X, Xt = torch.randint(0, 11, (12, 5), generator=g), torch.randint(0, 11, (4, 5), generator=g)
+    Xt[2, 1] = 11
+    with pytest.raises(ValueError, match=r"test\[0\] \(inputs\): samples \[2\]: index out of range"):
+        further_train(_Bag(), (X, train[1][:12]), (Xt, test[1][:4]), [0], [0], **kw)
+    X[7, 0] = 40
+    with pytest.raises(ValueError, match=r"train\[0\] \(inputs\): samples \[7\]: index out of range"):
+        further_train(_Bag(), (X, train[1][:12]), (Xt, test[1][:4]), [0], [0], **kw)
 
 
 def test_integer_inputs_are_token_ids_only():

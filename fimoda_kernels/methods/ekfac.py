@@ -58,7 +58,7 @@ def _fitted(model, task, train, opts):
 def _info(est, opts) -> dict:
     """The settings, and the λ each layer used (the 0.1·mean(Λ) heuristic resolves one per layer)."""
     return {"curvature": opts.curvature, "strategy": opts.strategy,
-            "damping": {name: float(lam) for name, lam in zip(est.layer_names, est.damping_values)}}
+            "damping": {name or "model": float(lam) for name, lam in zip(est.layer_names, est.damping_values)}}
 
 
 def ekfac(model, task, train, test, opts):

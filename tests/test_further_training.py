@@ -1008,48 +1008,32 @@ def test_custom_losses_and_float64_evaluation():
     assert res.losses.dtype == torch.float64 and rel(res.losses, ref) < 1e-5
 
 
-class _DataWrite(nn.Module):
-    """A buffer written through .data (its version counter does not move)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 1)
-        self.register_buffer("avg", torch.zeros(5))
-
-    def forward(self, x):
-        if self.training:
-            self.avg.data.mul_(0.5).add_(x.mean(0), alpha=0.5)
-        return self.lin(x - self.avg)
+_WRITES = {  # how the training forward writes buffer b
+    "data": lambda m, x: m.b.data.mul_(0.5).add_(x.mean(0), alpha=0.5),  # its version counter stays
+    "refill": lambda m, x: m.b.fill_(1.0),  # in place, to the values it holds
+    "same": lambda m, x: setattr(m, "b", torch.ones(5, dtype=x.dtype)),  # a new tensor, same values
+    "cache": lambda m, x: setattr(m, "b", (m.lin.weight[0] * 0 + 1).detach()),  # a cache of the parameters
+    "after_use": lambda m, x: m.b.add_(0.0),  # after the loss used it: the backward fails
+    "last_batch": lambda m, x: setattr(m, "b", x.detach().clone()),  # registered as None; shorter chunks fail
+    "none": lambda m, x: setattr(m, "b", None),  # set to None
+}
 
 
-class _Rebuilt(nn.Module):
-    """A buffer re-assigned every training forward: to the same values (``cache=False``), or to a cache
-    of the parameters that the eval forward reads (each run would need its own)."""
+class _BufferWrite(nn.Module):
+    """A Linear whose training forward writes its buffer ``b`` (the way ``how`` names)."""
 
-    def __init__(self, cache):
+    def __init__(self, how):
         super().__init__()
         torch.manual_seed(0)
-        self.lin, self.cache = nn.Linear(5, 1), cache
-        self.register_buffer("scale", torch.ones(5))
+        self.lin, self.how = nn.Linear(5, 1), how
+        self.register_buffer("b", None if how == "last_batch" else torch.ones(5))
 
     def forward(self, x):
+        b = torch.ones(5, dtype=x.dtype) if self.b is None else self.b
+        out = self.lin(x * b) * b[..., :1]
         if self.training:
-            self.scale = (self.lin.weight[0] * 0 + 1).detach() if self.cache else torch.ones(5, dtype=x.dtype)
-        return self.lin(x * self.scale)
-
-
-class _Refill(nn.Module):
-    """A buffer written in place to the values it holds."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 1)
-        self.register_buffer("one", torch.ones(5))
-
-    def forward(self, x):
-        if self.training:
-            self.one.fill_(1.0)
-        return self.lin(x * self.one)
+            _WRITES[self.how](self, x)
+        return out
 
 
 class _LateRandom(nn.Module):
@@ -1082,59 +1066,8 @@ class _Detached(nn.Module):
         return self.lin(x.detach()).detach().requires_grad_() * 1.0
 
 
-class _BreaksBackward(nn.Module):
-    """A buffer written in place after the loss used it: the backward fails."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 1)
-        self.register_buffer("s", torch.ones(()))
-
-    def forward(self, x):
-        out = self.lin(x).squeeze(-1) * self.s
-        if self.training:
-            self.s.add_(0.0)
-        return out
-
-
-class _LastBatch(nn.Module):
-    """Caches the last batch and reads it in the next forward: a shorter chunk fails."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 1)
-        self.register_buffer("last", None)
-
-    def forward(self, x):
-        shift = 0 if self.last is None else 0 * self.last
-        if self.training:
-            self.last = x.detach().clone()
-        return self.lin(x + shift)
-
-
-class _Dropped(nn.Module):
-    """Sets a buffer to None in training."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 1)
-        self.register_buffer("c", 2 * torch.ones(5))
-
-    def forward(self, x):
-        c = torch.ones(5, dtype=x.dtype) if self.c is None else self.c
-        if self.training:
-            self.c = None
-        return self.lin(x * c)
-
-
 @pytest.mark.parametrize("make,pattern", [
-    (_DataWrite, "updates the buffers avg"),  # through .data: the version counter stays
-    (_Refill, "updates the buffers one"),  # in place, same values
-    (lambda: _Rebuilt(cache=False), "updates the buffers scale"),  # a new tensor, same values
-    (lambda: _Rebuilt(cache=True), "updates the buffers scale"),  # a cache of the parameters
-    (_BreaksBackward, "updates the buffers s"),  # the write broke the pass itself
-    (_LastBatch, "updates the buffers last"),  # registered as None, then assigned
-    (_Dropped, "updates the buffers c"),  # set to None
+    *[(lambda how=how: _BufferWrite(how), "updates the buffers b") for how in _WRITES],
     (_LateRandom, "training-mode forward draws random numbers"),  # not in the first samples
     (_RandomEval, "eval-mode forward draws random numbers"),
     (_Detached, "no trainable parameter gets a gradient from the training loss"),

@@ -727,6 +727,8 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
                     bad_grad = (a, min(x.shape[0], a + chunk) - 1)
                 top = int(loss.argmax())
                 worst = max(worst, (float(loss[top].detach()), a + top))
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:  # a buffer write or a random draw may be what broke it: say so first
             failure = e
         base.eval()
@@ -791,9 +793,10 @@ def _probe_loss(base: nn.Module, task: Task, name: str, x: torch.Tensor, y: torc
         if x.is_floating_point():
             raise
         sizes = [m.num_embeddings for m in base.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-        rows = (x[:n] < 0).flatten(1).any(1)
+        ids = x[:n].reshape(x[:n].shape[0], -1)  # [N] inputs (one token each) too
+        rows = (ids < 0).any(1)
         if sizes:
-            rows |= (x[:n] >= max(sizes)).flatten(1).any(1)
+            rows |= (ids >= max(sizes)).any(1)
         rows = (rows.nonzero().flatten()[:5] + first).tolist()
         where = f"samples {rows}" if rows else f"samples {first}–{first + x[:n].shape[0] - 1}"
         raise ValueError(f"{name}[0] (inputs): {where}: {e} (token ids past an embedding's size?)") from e

@@ -1014,7 +1014,7 @@ _WRITES = {  # how the training forward writes buffer b
     "same": lambda m, x: setattr(m, "b", torch.ones(5, dtype=x.dtype)),  # a new tensor, same values
     "cache": lambda m, x: setattr(m, "b", (m.lin.weight[0] * 0 + 1).detach()),  # a cache of the parameters
     "after_use": lambda m, x: m.b.add_(0.0),  # after the loss used it: the backward fails
-    "last_batch": lambda m, x: setattr(m, "b", x.detach().clone()),  # registered as None; shorter chunks fail
+    "last_batch": lambda m, x: setattr(m, "b", x.detach().clone()),  # registered as None, then assigned
     "none": lambda m, x: setattr(m, "b", None),  # set to None
 }
 
@@ -1084,14 +1084,14 @@ def test_buffer_writes_and_randomness_anywhere(make, pattern):
 
 
 class _LateRandomEval(nn.Module):
-    """Random numbers in eval mode for test samples past the first."""
+    """Random numbers in eval mode for batches of more than two samples (so past the two-sample probe)."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(5, 1)
 
     def forward(self, x):
-        if self.training or x.shape[0] == 1:
+        if self.training or x.shape[0] <= 2:
             return self.lin(x)
         return self.lin(x + 1e-3 * torch.randn_like(x))
 
@@ -1111,6 +1111,9 @@ def test_whole_test_set_checked_once():
     X[7, 0] = 40
     with pytest.raises(ValueError, match=r"train\[0\] \(inputs\): samples \[7\]: index out of range"):
         further_train(_Bag(), (X, train[1][:12]), (Xt, test[1][:4]), [0], [0], **kw)
+    one = nn.Sequential(nn.Embedding(11, 1), nn.Flatten(0))  # one token per sample: inputs [N]
+    with pytest.raises(ValueError, match=r"train\[0\] \(inputs\): samples \[7\]: index out of range"):
+        further_train(one, (X[:, 0], train[1][:12]), (Xt[:, 0], test[1][:4]), [0], [0], **kw)
 
 
 def test_integer_inputs_are_token_ids_only():

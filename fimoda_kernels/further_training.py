@@ -78,6 +78,8 @@ __all__ = ["further_train", "FurtherTrainingResult", "FurtherTrainingDivergedErr
 class FurtherTrainingDivergedError(ValueError):
     """A run's test loss left the training dtype's range: the learning rate (or the data's scale)."""
 
+
+_EVAL_RANDOM = "model: its eval-mode forward draws random numbers; the test losses would be random"
 _FORMAT = 2  # 2: losses in float64 (1: in the training dtype; results still load, checkpoints do not resume)
 _RESULT_FORMATS = (1, 2)
 _CHECKPOINT_NAME = "further_training.pt"
@@ -706,6 +708,7 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
     per_sample = torch.empty((), dtype=dtype).element_size() * (3 * activation_numel(base, x) + x[0].numel())
     chunk = max(1, min(4096, max_memory // per_sample))
     worst, reached, bad_loss, bad_grad = (float("-inf"), 0), [False] * len(params), None, None
+
     def buffers():  # None entries too: a buffer set to None, or registered later, is a write
         return {f"{prefix}{'.' if prefix else ''}{k}": b for prefix, m in base.named_modules()
                 for k, b in m._buffers.items()}
@@ -733,6 +736,7 @@ def _check_start(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
             failure = e
         base.eval()
     now = buffers()
+
     def moved(n):
         if n not in saved or n not in now or now[n] is not saved[n][0]:
             return True  # registered, dropped, re-assigned or set to None
@@ -847,7 +851,7 @@ def _wide_losses(base: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, 
         base.eval()
         out, _ = _probe_loss(base, task, "test", x, y, x.shape[0])
     if drew[0]:
-        raise ValueError("model: its eval-mode forward draws random numbers; the test losses would be random")
+        raise ValueError(_EVAL_RANDOM)
     if type(task) in (MSETask, CrossEntropyTask):
         return True
     with torch.no_grad():
@@ -991,11 +995,10 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{name}: expected finite values in {dtype}, got NaN or Inf")
     with torch.no_grad(), _watch_rng(device) as drew:
-        base.eval()  # validates model/targets/loss compatibility on two samples
+        base.eval()  # model/targets/loss compatibility on two samples (the test set: _wide_losses)
         logits, probe = _probe_loss(base, task, "train", x_tr, y_tr, 2)
-        _probe_loss(base, task, "test", x_te, y_te, 1)
     if drew[0]:
-        raise ValueError("model: its eval-mode forward draws random numbers; the test losses would be random")
+        raise ValueError(_EVAL_RANDOM)
     if probe.shape != (2,):
         raise ValueError(f"loss: expected one loss per sample, got shape {tuple(probe.shape)} for 2 samples")
     if isinstance(task, CrossEntropyTask):  # all labels, once (the training steps index without checks)
@@ -1116,10 +1119,10 @@ def further_train(model: nn.Module, train, test, loo_indices, seeds, epochs: int
                 bad = torch.nonzero(~in_range.all(0).all(0))[0].item()
                 r, j = pairs_c[bad]
                 raise FurtherTrainingDivergedError(
-                                 f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
-                                 f"model {j} ({'full data' if j == 0 else f'leaving out {loo_indices[j - 1]}'}) "
-                                 f"with lr={lr}; lower the learning rate, or check the scale of the data (the "
-                                 f"largest training loss at the given model: {worst_loss:.3g}, sample {worst_sample})")
+                    f"lr: further training diverged (non-finite test loss) for seed {seeds[r]}, "
+                    f"model {j} ({'full data' if j == 0 else f'leaving out {loo_indices[j - 1]}'}) "
+                    f"with lr={lr}; lower the learning rate, or check the scale of the data (the "
+                    f"largest training loss at the given model: {worst_loss:.3g}, sample {worst_sample})")
             out = out.cpu()  # one device-to-host copy per chunk, not one per model
             for m, (r, j) in enumerate(pairs_c):
                 losses[:, :, j, r] = out[:, :, m]
